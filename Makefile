@@ -1,0 +1,40 @@
+# Two commands on a fresh machine: `make curate` and `make test`. Both create the virtual
+# environment first (once: a second `make` does not reinstall unless pyproject/constraints change).
+
+PYTHON   ?= python3
+VENV     ?= .venv
+URL_LIST ?=
+DATASET  ?= $(if $(URL_LIST),laion-subset,embedded)
+OUTPUT   ?= output/$(DATASET)
+CONFIG   ?=
+ARGS     ?=
+PY        = $(VENV)/bin/python
+STAMP     = $(VENV)/.installed
+
+.PHONY: help setup curate query test clean
+
+help:
+	@echo "make curate [DATASET=embedded|laion-subset] [URL_LIST=file] [OUTPUT=dir] [CONFIG=toml] [ARGS=...]"
+	@echo "make query SQL='select ...' [OUTPUT=dir]"
+	@echo "make test"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+curate: $(STAMP)
+	$(PY) -m pipeline curate --dataset $(DATASET) --output $(OUTPUT) \
+		$(if $(URL_LIST),--url-list $(URL_LIST)) $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
+
+query: $(STAMP)
+	$(PY) -m pipeline query --output $(OUTPUT) "$(SQL)"
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf output

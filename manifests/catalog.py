@@ -1,0 +1,76 @@
+"""The DuckDB catalog of a run: one view per stage over its Parquet parts, and ``samples``.
+
+The catalog holds only views (no data), so it is cheap to rebuild after every stage and always
+reflects the parts on disk. It is built under a temporary name and renamed into place, so a
+reader never opens a half-written catalog.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from manifests.store import RunLayout, tmp_sibling
+
+# The order in which stages join into `samples`; download first, it has every input sample.
+STAGE_ORDER = ("download", "ocr", "parrot", "clip_score")
+
+
+def _quote(path: Path) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def build_catalog(layout: RunLayout) -> Path:
+    """(Re)create ``<root>/catalog.duckdb`` with a view per stage present and a ``samples`` view."""
+    stages = [s for s in STAGE_ORDER if s in layout.stages_present()]
+    stages += [s for s in layout.stages_present() if s not in stages]
+    target = layout.catalog_path
+    tmp = tmp_sibling(target)
+    try:
+        con = duckdb.connect(str(tmp))
+        try:
+            for stage in stages:
+                glob = layout.stage_dir(stage).resolve() / "part-*.parquet"
+                con.execute(f'create view "{stage}" as select * from read_parquet({_quote(glob)}, union_by_name=true)')
+            if "download" in stages:
+                joins = " ".join(f'left join "{s}" using (uid)' for s in stages if s != "download")
+                con.execute(f'create view samples as select * from download {joins}')
+        finally:
+            con.close()
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return target
+
+
+def run_query(catalog: Path, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Run SQL against a catalog (read-only) and return (column names, rows)."""
+    if not catalog.exists():
+        raise FileNotFoundError(f"no catalog at {catalog}: run `make curate` (or `python -m pipeline curate`) first")
+    con = duckdb.connect(str(catalog), read_only=True)
+    try:
+        result = con.execute(sql)
+        columns = [d[0] for d in result.description] if result.description else []
+        return columns, result.fetchall()
+    finally:
+        con.close()
+
+
+def format_table(columns: list[str], rows: list[tuple[Any, ...]], max_width: int = 60) -> str:
+    """A plain-text table, for the CLI."""
+
+    def cell(value: Any) -> str:
+        text = "NULL" if value is None else str(value)
+        return text if len(text) <= max_width else text[: max_width - 1] + "…"
+
+    cells = [[cell(v) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    return "\n".join(out)

@@ -1,0 +1,50 @@
+"""The pyarrow schema of every manifest, in one module, with a version.
+
+Later stages add columns keyed by ``uid``; they never rewrite an earlier stage's columns. Column
+names are unique across stages (provenance columns carry the stage's prefix) so that the catalog's
+``samples`` view can join every stage on ``uid`` without clashes.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+
+# The URL list as planned: the run's frozen input, so reruns see the same samples in the same shards.
+INPUT = pa.schema(
+    [
+        pa.field("uid", pa.string(), nullable=False),
+        pa.field("url", pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("input_row", pa.int64(), nullable=False),
+    ]
+)
+
+DOWNLOAD = pa.schema(
+    [
+        pa.field("uid", pa.string(), nullable=False),
+        pa.field("url", pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("status", pa.string(), nullable=False),  # "ok" | "failed"
+        pa.field("error_kind", pa.string()),  # short reason class, null when ok
+        pa.field("error", pa.string()),  # the downloader's or decoder's message, null when ok
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("key", pa.string()),  # WebDataset __key__ inside shards/<shard>.tar
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("original_width", pa.int32()),
+        pa.field("original_height", pa.int32()),
+        pa.field("sha256", pa.string()),  # of the downloaded bytes
+        pa.field("download_engine", pa.string()),  # e.g. "img2dataset 1.47.0"
+        pa.field("downloaded_at", pa.timestamp("s", tz="UTC")),
+    ]
+)
+
+STAGE_SCHEMAS: dict[str, pa.Schema] = {"download": DOWNLOAD}
+
+
+def schema_for(stage: str) -> pa.Schema:
+    """The schema of a stage's manifest, stamped with the schema version in its metadata."""
+    return STAGE_SCHEMAS[stage].with_metadata({"schema_version": SCHEMA_VERSION, "stage": stage})

@@ -1,0 +1,163 @@
+"""Command line: ``python -m pipeline {curate,query,datasets} ...``.
+
+Every problem the user can fix (bad config, bad URL list, busy port) is one line on stderr and
+exit code 2; a run that could not finish every shard exits 1 and says which shards to rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+from pipeline.config import ConfigError, load_config
+
+EPILOG = """examples:
+  python -m pipeline curate                                  # embedded offline dataset -> output/embedded
+  python -m pipeline curate --dataset laion-subset --url-list my.parquet --output out/laion
+  python -m pipeline query "select status, error_kind, count(*) from download group by all"
+  python -m pipeline query --output out/laion "select * from samples limit 5"
+"""
+
+
+def _default_output(dataset: str) -> str:
+    return str(Path("output") / dataset)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description="Curate CLIP training data: download with img2dataset into WebDataset shards, "
+        "write Parquet manifests and a DuckDB catalog over them, on a local or remote Ray.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    curate = sub.add_parser(
+        "curate",
+        help="run the curation DAG for a dataset (resumable: finished shards are skipped)",
+        description="Run the curation DAG for one dataset into one output folder. Rerunning with the "
+        "same output does only the work that is missing.",
+    )
+    curate.add_argument(
+        "--dataset",
+        default=None,
+        help="name of a dataset in the config (see `datasets`); default: 'embedded', or 'laion-subset' "
+        "when --url-list is given",
+    )
+    curate.add_argument("--url-list", default="", help="parquet/csv/jsonl of URLs and captions, path or fsspec URL")
+    curate.add_argument("--url-column", default=None, help="name of the URL column in the list (default: url)")
+    curate.add_argument(
+        "--caption-column", default=None, help="name of the caption column in the list (default: caption)"
+    )
+    curate.add_argument("--output", default=None, help="output folder of the run (default: output/<dataset>)")
+    curate.add_argument("--config", default=None, help="TOML file merged over pipeline/default.toml")
+    curate.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray on this machine)",
+    )
+    curate.add_argument("--port", type=int, default=None, help="port of the embedded dataset's server on 127.0.0.1")
+    curate.add_argument("--samples", type=int, default=None, help="number of generated samples (embedded dataset)")
+    curate.add_argument("--shard-size", type=int, default=None, help="samples per downloaded shard")
+    curate.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
+
+    query = sub.add_parser(
+        "query",
+        help="run SQL on a run's DuckDB catalog and print the result",
+        description="Run one SQL statement against <output>/catalog.duckdb (views: one per stage, "
+        "and `samples` joining them on uid).",
+    )
+    query.add_argument("sql", help='the SQL, e.g. "select status, count(*) from download group by 1"')
+    query.add_argument("--output", default=_default_output("embedded"), help="the run's output folder")
+
+    datasets = sub.add_parser("datasets", help="list the datasets the config knows")
+    datasets.add_argument("--config", default=None, help="TOML file merged over pipeline/default.toml")
+    return parser
+
+
+def cmd_curate(args: argparse.Namespace) -> int:
+    from manifests.catalog import build_catalog
+    from manifests.store import RunLayout
+    from pipeline.datasets import open_source
+    from pipeline.download_runner import plan_download, run_download
+    from pipeline.ray_runtime import ray_session
+    from pipeline.summary import download_summary
+
+    config = load_config(args.config)
+    dataset_name = args.dataset or ("laion-subset" if args.url_list else "embedded")
+    dataset = config.dataset(dataset_name)
+    overrides = {
+        k: v
+        for k, v in {
+            "port": args.port,
+            "samples": args.samples,
+            "url_column": args.url_column,
+            "caption_column": args.caption_column,
+        }.items()
+        if v is not None
+    }
+    if overrides:
+        dataset = dataclasses.replace(dataset, **overrides)
+        dataset.validate()
+    download = config.download
+    if args.shard_size is not None:
+        download = dataclasses.replace(download, shard_size=args.shard_size)
+        download.validate()
+    layout = RunLayout(Path(args.output or _default_output(dataset_name)))
+    source = open_source(dataset, url_list=args.url_list, slow_seconds=download.timeout_s + 2.0)
+    source.fingerprint()  # reads and checks a URL list now, before Ray starts: bad input fails fast
+
+    started = time.monotonic()
+    work = plan_download(source, layout, download)
+    if work.todo:
+        with ray_session(args.address) as where:
+            print(f"curate {dataset_name} -> {layout.root}  ({where})", file=sys.stderr)
+            report = run_download(source, layout, download, work, progress=not args.no_progress)
+    else:
+        report = work.report
+    build_catalog(layout)
+    print(download_summary(layout, report, time.monotonic() - started))
+    if report.shards_failed:
+        return 1
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from manifests.catalog import format_table, run_query
+    from manifests.store import RunLayout
+
+    layout = RunLayout(Path(args.output))
+    try:
+        columns, rows = run_query(layout.catalog_path, args.sql)
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from None
+    except duckdb.Error as err:
+        raise ConfigError(f"query failed: {err}") from None
+    print(format_table(columns, rows))
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    for name, ds in sorted(config.datasets.items()):
+        print(f"{name:16s} {ds.source:9s} {ds.description}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"curate": cmd_curate, "query": cmd_query, "datasets": cmd_datasets}
+    try:
+        return handlers[args.command](args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume; finished shards are kept", file=sys.stderr)
+        return 130

@@ -1,0 +1,149 @@
+"""Configuration in one typed place.
+
+The defaults live in `pipeline/default.toml`; a user's TOML (``--config``) is merged over them
+key by key. Unknown keys and wrong types are errors with the key's dotted name, because a
+misspelt option that is silently ignored costs a whole curation run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+DEFAULT_CONFIG_PATH = Path(__file__).with_name("default.toml")
+
+
+class ConfigError(ValueError):
+    """A configuration or input problem the user must fix; printed as one line, exit code 2."""
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    """How the download stage calls img2dataset's downloader for each shard."""
+
+    shard_size: int = 64
+    thread_count: int = 16
+    timeout_s: float = 2.0
+    retries: int = 0
+    image_size: int = 512
+    resize_mode: str = "keep_ratio_largest"
+    encode_quality: int = 95
+    max_image_pixels: int = 40_000_000
+    cpus_per_task: float = 1.0
+
+    def validate(self) -> None:
+        _require(self.shard_size >= 1, "download.shard_size must be >= 1")
+        _require(self.thread_count >= 1, "download.thread_count must be >= 1")
+        _require(self.timeout_s > 0, "download.timeout_s must be > 0")
+        _require(self.retries >= 0, "download.retries must be >= 0")
+        _require(self.image_size >= 16, "download.image_size must be >= 16")
+        _require(
+            self.resize_mode in {"no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"},
+            f"download.resize_mode {self.resize_mode!r} is not an img2dataset resize mode",
+        )
+        _require(self.max_image_pixels > 0, "download.max_image_pixels must be > 0")
+        _require(self.cpus_per_task > 0, "download.cpus_per_task must be > 0")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """A named dataset: the embedded offline generator, or a URL list (path or fsspec URL)."""
+
+    name: str
+    description: str = ""
+    source: str = "url_list"  # "embedded" | "url_list"
+    url_list: str = ""
+    url_column: str = "url"
+    caption_column: str = "caption"
+    samples: int = 320
+    seed: int = 0
+    port: int = 8710
+
+    def validate(self) -> None:
+        _require(
+            self.source in {"embedded", "url_list"},
+            f"datasets.{self.name}.source must be 'embedded' or 'url_list', not {self.source!r}",
+        )
+        if self.source == "embedded":
+            _require(self.samples >= 1, f"datasets.{self.name}.samples must be >= 1")
+            _require(0 <= self.port < 65536, f"datasets.{self.name}.port must be a TCP port")
+
+
+@dataclass(frozen=True)
+class Config:
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    datasets: dict[str, DatasetConfig] = field(default_factory=dict)
+
+    def dataset(self, name: str) -> DatasetConfig:
+        if name not in self.datasets:
+            known = ", ".join(sorted(self.datasets))
+            raise ConfigError(f"unknown dataset {name!r}; known datasets: {known}")
+        return self.datasets[name]
+
+    def validate(self) -> None:
+        self.download.validate()
+        for dataset in self.datasets.values():
+            dataset.validate()
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _build(cls: type, values: dict[str, Any], where: str, **fixed: Any) -> Any:
+    """Instantiate a config dataclass, refusing unknown keys and wrong scalar types by name."""
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)} - set(fixed)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in [{where}]: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    kwargs: dict[str, Any] = dict(fixed)
+    for key, value in values.items():
+        expected = hints[key]
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if expected in (int, float, str, bool) and (
+            not isinstance(value, expected) or (expected is int and isinstance(value, bool))
+        ):
+            raise ConfigError(f"{where}.{key} must be {expected.__name__}, got {value!r}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Load the defaults, merge a user's TOML over them, and validate."""
+    with open(DEFAULT_CONFIG_PATH, "rb") as f:
+        data = tomllib.load(f)
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                user = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+        data = _merge(data, user)
+    unknown_sections = sorted(set(data) - {"download", "datasets"})
+    if unknown_sections:
+        raise ConfigError(f"unknown section(s) in config: {', '.join(unknown_sections)}")
+    datasets = {
+        name: _build(DatasetConfig, values, f"datasets.{name}", name=name)
+        for name, values in data.get("datasets", {}).items()
+    }
+    config = Config(download=_build(DownloadConfig, data.get("download", {}), "download"), datasets=datasets)
+    config.validate()
+    return config

@@ -1,0 +1,127 @@
+"""The dataset registry: turns a named dataset of the config into URL rows (and a server, if any).
+
+Two sources: ``embedded`` (generated offline, served on 127.0.0.1 for the duration of the
+download, ground truth kept in a sidecar file the stages never read) and ``url_list`` (a user's
+parquet/csv/jsonl, path or fsspec URL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.config import ConfigError, DatasetConfig
+from pipeline.datasets.url_list import read_url_list
+
+EMBEDDED_GENERATOR_VERSION = "1"
+
+
+@dataclass
+class DatasetSource:
+    """What the runner needs from a dataset: an identity, its URL rows, and a way to serve them."""
+
+    config: DatasetConfig
+    url_list: str = ""
+    slow_seconds: float = 4.0
+    _samples: list[Any] | None = field(default=None, repr=False)
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.config.source == "embedded"
+
+    def fingerprint(self) -> str:
+        """Identifies the input, so a rerun into the same output can tell it is the same list."""
+        if self.is_embedded:
+            ident = {
+                "generator": EMBEDDED_GENERATOR_VERSION,
+                "samples": self.config.samples,
+                "seed": self.config.seed,
+                "port": self.config.port,
+            }
+            return "embedded:" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+        table = self.load_urls()
+        digest = hashlib.sha256()
+        for column in ("url", "caption"):
+            for chunk in table.column(column).chunks:
+                for buf in chunk.buffers():
+                    if buf is not None:
+                        digest.update(buf)
+        return "url_list:" + digest.hexdigest()[:16]
+
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.port}"
+
+    def _embedded_samples(self) -> list[Any]:
+        if self._samples is None:
+            from pipeline.datasets.embedded import generate
+
+            self._samples = generate(self.config.samples, self.config.seed)
+        return self._samples
+
+    def load_urls(self) -> pa.Table:
+        """The URL rows (url, caption) in input order."""
+        if self.is_embedded:
+            from pipeline.datasets.embedded import EmbeddedServer
+
+            unstarted = EmbeddedServer(self._embedded_samples(), port=self.config.port)
+            unstarted.base_url = self.base_url()  # rows depend only on the address, not a live server
+            rows = unstarted.url_rows()
+            return pa.table({"url": [r["url"] for r in rows], "caption": [r["caption"] for r in rows]})
+        if not hasattr(self, "_table"):
+            self._table = read_url_list(
+                self.url_list or self.config.url_list, self.config.url_column, self.config.caption_column
+            )
+        return self._table
+
+    def ground_truth(self) -> pa.Table | None:
+        """Ground truth of the embedded dataset (None for URL lists)."""
+        if not self.is_embedded:
+            return None
+        from pipeline.datasets.embedded import ground_truth_table
+
+        return ground_truth_table(self._embedded_samples(), self.base_url())
+
+    @contextlib.contextmanager
+    def serve(self) -> Iterator[None]:
+        """Serve the embedded dataset on 127.0.0.1 while the block runs (no-op for URL lists)."""
+        if not self.is_embedded:
+            yield
+            return
+        from pipeline.datasets.embedded import EmbeddedServer
+
+        try:
+            server = EmbeddedServer(self._embedded_samples(), port=self.config.port, slow_seconds=self.slow_seconds)
+            server.__enter__()
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise ConfigError(
+                    f"port {self.config.port} on 127.0.0.1 is in use, so the embedded dataset cannot be served; "
+                    f"set datasets.{self.config.name}.port in a --config file or pass --port"
+                ) from None
+            raise
+        try:
+            yield
+        finally:
+            server.__exit__(None, None, None)
+
+
+def open_source(config: DatasetConfig, url_list: str = "", slow_seconds: float = 4.0) -> DatasetSource:
+    """The source for a named dataset; a URL list given on the command line overrides the config's."""
+    if config.source == "url_list" and not (url_list or config.url_list):
+        raise ConfigError(
+            f"dataset {config.name!r} needs a URL list: pass URL_LIST=<parquet|csv|jsonl> to make "
+            "(or --url-list), with url and caption columns"
+        )
+    return DatasetSource(config=config, url_list=url_list, slow_seconds=slow_seconds)
+
+
+def ground_truth_path(root: Path) -> Path:
+    return root / "ground_truth.parquet"

@@ -1,0 +1,188 @@
+"""Runs the download stage on Ray: plan shards, skip the done ones, commit each shard atomically.
+
+A shard is downloaded by one Ray task (declared CPUs, retried if its worker dies) into a private
+temporary folder; the task then renames the tar and img2dataset's sidecar files into
+``shards/`` and writes the shard's manifest part last. The part is the completion marker: a
+killed run leaves at most temporaries and a tar without a part, and the rerun redoes exactly those
+shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from manifests.schemas import INPUT
+from manifests.store import RunLayout, move_into_place, remove_stale_temporaries, write_table_atomic
+from pipeline.config import ConfigError, DownloadConfig
+from pipeline.datasets import DatasetSource, ground_truth_path
+from stages.download import DownloadStage
+
+STALL_SECONDS = 600.0  # no shard finished for this long: fail with the pending shards named
+
+
+def make_uid(url: str, caption: str) -> str:
+    """Stable, content-derived sample id: first 128 bits of sha256(url, caption), hex."""
+    return hashlib.sha256(f"{url}\n{caption}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def shard_name(index: int) -> str:
+    return f"{index:06d}"
+
+
+def plan_shards(urls: pa.Table, shard_size: int) -> tuple[pa.Table, int]:
+    """Assign uids and shards in input order; exact (url, caption) repeats are planned once.
+
+    Returns the plan (schema INPUT) and how many repeated rows were left out.
+    """
+    uids: list[str] = []
+    rows: list[int] = []
+    seen: set[str] = set()
+    for i, (url, caption) in enumerate(zip(urls.column("url").to_pylist(), urls.column("caption").to_pylist())):
+        uid = make_uid(url or "", caption or "")
+        if uid in seen:
+            continue
+        seen.add(uid)
+        uids.append(uid)
+        rows.append(i)
+    kept = urls.take(pa.array(rows, pa.int64()))
+    shards = [shard_name(j // shard_size) for j in range(len(rows))]
+    plan = pa.table(
+        {"uid": uids, "url": kept.column("url"), "caption": kept.column("caption"), "shard": shards, "input_row": rows},
+        schema=INPUT,
+    )
+    return plan, urls.num_rows - len(rows)
+
+
+@dataclass
+class DownloadReport:
+    shards_total: int = 0
+    shards_already_done: int = 0
+    shards_run: int = 0
+    shards_failed: dict[str, str] = field(default_factory=dict)
+    samples_run: int = 0
+    duplicates_dropped: int = 0
+    seconds: float = 0.0
+
+
+def _download_shard_task(config: DownloadConfig, shard: str, rows: pa.Table, root: str) -> dict[str, int]:
+    """Body of one Ray task: download, commit files, write the manifest part last."""
+    layout = RunLayout(Path(root))
+    work = layout.shards_dir / f".tmp-{shard}-{uuid.uuid4().hex[:8]}"
+    try:
+        result = DownloadStage(config).run_shard(rows, shard, work)
+        move_into_place(result.tar_path, layout.shards_dir / f"{shard}.tar")
+        move_into_place(result.sidecar_parquet, layout.shards_dir / f"{shard}.parquet")
+        move_into_place(result.stats_path, layout.shards_dir / f"{shard}_stats.json")
+        write_table_atomic(result.manifest, layout.part_path("download", shard))
+        return dict(Counter(result.manifest.column("status").to_pylist()))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def freeze_input(source: DatasetSource, layout: RunLayout, shard_size: int) -> tuple[pa.Table, int]:
+    """The run's plan: made once and stored, then reused so that reruns see the same shards."""
+    meta_path = layout.input_path.with_name("dataset.json")
+    fingerprint = source.fingerprint()
+    if layout.input_path.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta["fingerprint"] != fingerprint:
+            raise ConfigError(
+                f"output {layout.root} already holds a run of another input ({meta['dataset']}, "
+                f"{meta['fingerprint']}); choose another OUTPUT/--output or delete that folder"
+            )
+        return pq.read_table(layout.input_path), int(meta.get("duplicates_dropped", 0))
+    plan, duplicates = plan_shards(source.load_urls(), shard_size)
+    write_table_atomic(plan, layout.input_path)
+    gt = source.ground_truth()
+    if gt is not None:
+        write_table_atomic(gt, ground_truth_path(layout.root))
+    meta = {
+        "dataset": source.config.name,
+        "fingerprint": fingerprint,
+        "shard_size": shard_size,
+        "samples": plan.num_rows,
+        "duplicates_dropped": duplicates,
+    }
+    tmp = meta_path.with_name(".tmp-dataset.json")
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(meta_path)
+    return plan, duplicates
+
+
+@dataclass
+class DownloadPlan:
+    plan: pa.Table
+    todo: list[str]
+    report: DownloadReport
+
+
+def plan_download(source: DatasetSource, layout: RunLayout, config: DownloadConfig) -> DownloadPlan:
+    """Freeze the input and find the shards that still need downloading (no Ray needed)."""
+    layout.shards_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(layout.shards_dir)
+    plan, duplicates = freeze_input(source, layout, config.shard_size)
+    shards = sorted(set(plan.column("shard").to_pylist()))
+    done = layout.done_shards("download")
+    todo = [s for s in shards if s not in done]
+    report = DownloadReport(
+        shards_total=len(shards), shards_already_done=len(shards) - len(todo), duplicates_dropped=duplicates
+    )
+    return DownloadPlan(plan=plan, todo=todo, report=report)
+
+
+def run_download(
+    source: DatasetSource, layout: RunLayout, config: DownloadConfig, work: DownloadPlan, progress: bool = True
+) -> DownloadReport:
+    """Download every shard of ``work.todo`` on Ray (which must be up), one task per shard."""
+    import ray
+    from tqdm import tqdm
+
+    started = time.monotonic()
+    plan, todo, report = work.plan, work.todo, work.report
+    if not todo:
+        return report
+
+    stage = DownloadStage(config)
+    task = ray.remote(_download_shard_task).options(
+        num_cpus=stage.resources.cpus, max_retries=2, retry_exceptions=False, name="download_shard"
+    )
+    with source.serve():
+        pending = {}
+        for shard in todo:
+            rows = plan.filter(pc.equal(plan.column("shard"), shard))
+            pending[task.remote(config, shard, rows, str(layout.root.resolve()))] = (shard, rows.num_rows)
+        bar = tqdm(total=sum(n for _, n in pending.values()), unit="sample", desc="download", disable=not progress)
+        last_progress = time.monotonic()
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=5.0)
+            if not ready:
+                if time.monotonic() - last_progress > STALL_SECONDS:
+                    names = ", ".join(sorted(s for s, _ in pending.values()))
+                    for ref in pending:
+                        ray.cancel(ref, force=True)
+                    raise RuntimeError(f"download stalled: no shard finished in {STALL_SECONDS:.0f} s; pending: {names}")
+                continue
+            last_progress = time.monotonic()
+            for ref in ready:
+                shard, n = pending.pop(ref)
+                try:
+                    ray.get(ref)
+                    report.shards_run += 1
+                    report.samples_run += n
+                except Exception as err:  # noqa: BLE001 - one shard's failure must not sink the others
+                    report.shards_failed[shard] = f"{type(err).__name__}: {str(err).splitlines()[-1][:300]}"
+                bar.update(n)
+        bar.close()
+    report.seconds = time.monotonic() - started
+    return report
