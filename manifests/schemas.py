@@ -42,7 +42,28 @@ DOWNLOAD = pa.schema(
     ]
 )
 
-STAGE_SCHEMAS: dict[str, pa.Schema] = {"download": DOWNLOAD}
+# A text region's quad: 4 points clockwise from top-left, each [x, y] in pixels of the stored image.
+QUAD = pa.list_(pa.list_(pa.float32(), 2), 4)
+
+OCR = pa.schema(
+    [
+        pa.field("uid", pa.string(), nullable=False),
+        pa.field("ocr_status", pa.string(), nullable=False),  # "ok" | "failed" (decode or model error)
+        pa.field("ocr_error", pa.string()),
+        pa.field("n_regions", pa.int32()),
+        pa.field("text_area_ratio", pa.float32()),  # area of the union of text quads / image area
+        pa.field("quads", pa.list_(QUAD)),  # one per region
+        pa.field("texts", pa.list_(pa.string())),  # recognised text per region
+        pa.field("confidences", pa.list_(pa.float32())),  # recognition confidence per region
+        pa.field("ocr_text", pa.string()),  # texts joined by " ", for search and parrot scoring
+        pa.field("ocr_engine", pa.string()),  # e.g. "easyocr 1.7.2 craft+english_g2"
+        pa.field("ocr_device", pa.string()),  # "cpu" | "cuda:0"
+        pa.field("ocr_precision", pa.string()),  # "int8-dynamic" | "fp32" | "fp16"
+        pa.field("ocr_detector_size", pa.int32()),  # longest side fed to the detector
+    ]
+)
+
+STAGE_SCHEMAS: dict[str, pa.Schema] = {"download": DOWNLOAD, "ocr": OCR}
 
 
 def schema_for(stage: str) -> pa.Schema:
