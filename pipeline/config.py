@@ -49,6 +49,31 @@ class DownloadConfig:
 
 
 @dataclass(frozen=True)
+class OcrConfig:
+    """Text-region detection and recognition (stages/ocr.py, models/ocr.py)."""
+
+    engine: str = "easyocr"  # "easyocr" (CRAFT + english_g2, torch) | "rapidocr" (PP-OCRv4, onnxruntime)
+    device: str = "auto"  # "auto" (GPU when torch sees one) | "cpu" | "cuda"
+    batch_size: int = 8  # images per process_batch call (one batched detector forward)
+    replicas: int = 1  # model actors; each loads the model once
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.25  # used only on GPU; fractional packs replicas on one GPU
+    detector_size: int = 512  # longest image side fed to the text detector, pixels
+    min_confidence: float = 0.0  # regions recognised below this confidence are dropped
+    quantize: bool = True  # easyocr's dynamic int8 quantisation on CPU (recorded as ocr_precision)
+
+    def validate(self) -> None:
+        _require(self.engine in {"easyocr", "rapidocr"}, f"ocr.engine must be easyocr or rapidocr, not {self.engine!r}")
+        _require(self.device in {"auto", "cpu", "cuda"}, f"ocr.device must be auto, cpu or cuda, not {self.device!r}")
+        _require(self.batch_size >= 1, "ocr.batch_size must be >= 1")
+        _require(self.replicas >= 1, "ocr.replicas must be >= 1")
+        _require(self.cpus_per_replica > 0, "ocr.cpus_per_replica must be > 0")
+        _require(0 < self.gpus_per_replica <= 1, "ocr.gpus_per_replica must be in (0, 1]")
+        _require(64 <= self.detector_size <= 4096, "ocr.detector_size must be within 64..4096")
+        _require(0 <= self.min_confidence <= 1, "ocr.min_confidence must be within 0..1")
+
+
+@dataclass(frozen=True)
 class DatasetConfig:
     """A named dataset: the embedded offline generator, or a URL list (path or fsspec URL)."""
 
@@ -75,6 +100,7 @@ class DatasetConfig:
 @dataclass(frozen=True)
 class Config:
     download: DownloadConfig = field(default_factory=DownloadConfig)
+    ocr: OcrConfig = field(default_factory=OcrConfig)
     datasets: dict[str, DatasetConfig] = field(default_factory=dict)
 
     def dataset(self, name: str) -> DatasetConfig:
@@ -85,6 +111,7 @@ class Config:
 
     def validate(self) -> None:
         self.download.validate()
+        self.ocr.validate()
         for dataset in self.datasets.values():
             dataset.validate()
 
@@ -137,13 +164,17 @@ def load_config(path: str | Path | None = None) -> Config:
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
         data = _merge(data, user)
-    unknown_sections = sorted(set(data) - {"download", "datasets"})
+    unknown_sections = sorted(set(data) - {"download", "ocr", "datasets"})
     if unknown_sections:
         raise ConfigError(f"unknown section(s) in config: {', '.join(unknown_sections)}")
     datasets = {
         name: _build(DatasetConfig, values, f"datasets.{name}", name=name)
         for name, values in data.get("datasets", {}).items()
     }
-    config = Config(download=_build(DownloadConfig, data.get("download", {}), "download"), datasets=datasets)
+    config = Config(
+        download=_build(DownloadConfig, data.get("download", {}), "download"),
+        ocr=_build(OcrConfig, data.get("ocr", {}), "ocr"),
+        datasets=datasets,
+    )
     config.validate()
     return config

@@ -1,0 +1,1 @@
+"""Model wrappers (OCR, CLIP): load once, run on batches; stages call them and write columns."""
