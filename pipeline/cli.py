@@ -85,7 +85,9 @@ def cmd_curate(args: argparse.Namespace) -> int:
     from pipeline.datasets import open_source
     from pipeline.download_runner import plan_download, run_download
     from pipeline.ray_runtime import ray_session
-    from pipeline.summary import download_summary
+    from pipeline.dag import PER_SAMPLE_STAGES
+    from pipeline.sample_runner import SampleReport, run_per_sample, shards_missing
+    from pipeline.summary import download_summary, samples_summary
 
     config = load_config(args.config)
     dataset_name = args.dataset or ("laion-subset" if args.url_list else "embedded")
@@ -113,15 +115,19 @@ def cmd_curate(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     work = plan_download(source, layout, download)
-    if work.todo:
+    specs = PER_SAMPLE_STAGES
+    samples = SampleReport()
+    report = work.report
+    if work.todo or shards_missing(layout, specs):
         with ray_session(args.address) as where:
             print(f"curate {dataset_name} -> {layout.root}  ({where})", file=sys.stderr)
             report = run_download(source, layout, download, work, progress=not args.no_progress)
-    else:
-        report = work.report
+            build_catalog(layout)
+            samples = run_per_sample(layout, config, specs, progress=not args.no_progress)
     build_catalog(layout)
     print(download_summary(layout, report, time.monotonic() - started))
-    if report.shards_failed:
+    print(samples_summary(layout, samples, [s.name for s in specs]))
+    if report.shards_failed or samples.incomplete_shards:
         return 1
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from manifests.catalog import run_query
 from manifests.store import RunLayout
 from pipeline.download_runner import DownloadReport
+from pipeline.sample_runner import SampleReport
 
 
 def download_summary(layout: RunLayout, report: DownloadReport, seconds: float) -> str:
@@ -39,3 +40,57 @@ def download_summary(layout: RunLayout, report: DownloadReport, seconds: float) 
     lines.append(f"   shards: {layout.shards_dir}   catalog: {catalog}")
     lines.append(f'   try: python -m pipeline query --output {layout.root} "select * from samples limit 5"')
     return "\n".join(lines)
+
+
+def samples_summary(layout: RunLayout, report: SampleReport, stages: list[str]) -> str:
+    """Per-stage work of this run, what the manifests hold, and OCR accuracy where ground truth exists."""
+    catalog = layout.catalog_path
+    lines = []
+    rate = report.samples / report.seconds if report.seconds > 0 else 0.0
+    if report.samples:
+        lines.append(f"== per-sample stages: {report.samples} images in {report.seconds:.1f} s ({rate:.2f} images/s)")
+    else:
+        lines.append("== per-sample stages: every shard already done (resumed run)")
+    for name in stages:
+        st = report.stages.get(name)
+        if st is not None and st.shards_run:
+            lines.append(
+                f"   {name:10s} {st.shards_run} shard(s) now, {st.shards_already_done} already done, "
+                f"{st.samples} samples, {st.failed} failed"
+            )
+    for shard, why in sorted(report.incomplete_shards.items()):
+        lines.append(f"   SHARD {shard} INCOMPLETE ({why}); rerun the same command to retry it")
+    if "ocr" in layout.stages_present():
+        _, rows = run_query(
+            catalog,
+            "select count(*), count(*) filter (where n_regions > 0), avg(text_area_ratio), "
+            "count(*) filter (where ocr_status <> 'ok'), any_value(ocr_engine), any_value(ocr_device), "
+            "any_value(ocr_precision) from ocr",
+        )
+        n, with_text, area, failed, engine, device, precision = rows[0]
+        if n:
+            lines.append(
+                f"   ocr: {with_text}/{n} images with text ({100 * with_text / n:.1f}%), mean text area "
+                f"{100 * (area or 0):.1f}%, {failed} failed; {engine} on {device} ({precision})"
+            )
+        accuracy = ocr_accuracy_lines(layout)
+        if accuracy:
+            lines.append("   ocr accuracy vs ground truth: " + accuracy)
+    return "\n".join(lines)
+
+
+def ocr_accuracy_lines(layout: RunLayout) -> str | None:
+    """OCR accuracy against the embedded dataset's ground truth, or None where there is none."""
+    from pipeline.datasets import ground_truth_path
+
+    gt_path = ground_truth_path(layout.root)
+    if not gt_path.exists() or "ocr" not in layout.stages_present():
+        return None
+    import pyarrow.parquet as pq
+
+    from pipeline.ocr_accuracy import score_ocr
+
+    accuracy = score_ocr(
+        pq.read_table(layout.stage_dir("ocr")), pq.read_table(layout.stage_dir("download")), pq.read_table(gt_path)
+    )
+    return accuracy.format().replace("\n", "; ")

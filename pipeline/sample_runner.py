@@ -1,0 +1,218 @@
+"""Runs the per-sample stages (decode -> ocr -> ...) as one streaming Ray Data pipeline.
+
+Each downloaded shard is read once and each image decoded once; model stages run as actor pools
+(``map_batches`` with the CPUs, GPUs, batch size and replicas the stage declares), so a model
+loads once per replica. Only small result columns come back to the driver, which writes one
+manifest part per shard per stage, atomically, as soon as the shard's last sample arrives. Shards
+whose parts exist are skipped; a shard missing only some stages runs only those.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from manifests.schemas import schema_for
+from manifests.store import RunLayout, write_table_atomic
+from pipeline.config import Config
+from pipeline.dag import StageSpec
+
+_NO_IMAGE = np.zeros((0, 0, 3), np.uint8)  # Ray Data columns cannot hold None among arrays
+
+
+@dataclass
+class StageReport:
+    shards_run: int = 0
+    shards_already_done: int = 0
+    samples: int = 0
+    failed: int = 0
+
+
+@dataclass
+class SampleReport:
+    stages: dict[str, StageReport] = field(default_factory=dict)
+    seconds: float = 0.0
+    samples: int = 0
+    incomplete_shards: dict[str, str] = field(default_factory=dict)
+
+
+def ok_counts(layout: RunLayout) -> dict[str, int]:
+    """Samples per shard that were downloaded (so are in the tar): what each stage must cover."""
+    folder = layout.stage_dir("download")
+    if not folder.is_dir():
+        return {}
+    table = pq.read_table(folder, columns=["shard", "status"])
+    counts = {s: 0 for s in table.column("shard").unique().to_pylist()}
+    ok = table.filter(pc.equal(table.column("status"), "ok"))
+    for shard, n in zip(*[c.to_pylist() for c in ok.group_by("shard").aggregate([("status", "count")]).columns]):
+        counts[shard] = n
+    return counts
+
+
+def read_shard(item: dict[str, Any]) -> list[dict[str, Any]]:
+    """All samples of one WebDataset tar: uid (from the json), key, caption, encoded image."""
+    samples: dict[str, dict[str, Any]] = defaultdict(dict)
+    with tarfile.open(item["tar"]) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.partition(".")
+            samples[key][ext] = tar.extractfile(member).read()
+    rows = []
+    for key, parts in samples.items():
+        meta = json.loads(parts.get("json", b"{}"))
+        rows.append(
+            {
+                "uid": meta.get("uid"),
+                "shard": item["shard"],
+                "key": key,
+                "caption": parts.get("txt", b"").decode("utf-8", "replace"),
+                "jpg": parts.get("jpg", b""),
+            }
+        )
+    return rows
+
+
+def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Decode each image once, to RGB uint8; a failure is a row with a reason, not an exception."""
+    from PIL import Image
+
+    images, errors = [], []
+    for data in batch["jpg"]:
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                images.append(np.asarray(image.convert("RGB")))
+            errors.append(None)
+        except Exception as err:  # noqa: BLE001 - any decode failure is recorded per row
+            images.append(_NO_IMAGE)
+            errors.append(f"decode failed: {type(err).__name__}: {err}")
+    out = {k: v for k, v in batch.items() if k != "jpg"}
+    out["image"] = images
+    out["decode_error"] = errors
+    return out
+
+
+class StageActor:
+    """One replica of a stage in a Ray Data actor pool: set up once, then called per batch."""
+
+    def __init__(self, spec: StageSpec, config: Config) -> None:
+        self.stage = spec.make(config)
+        self.stage.setup()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        inputs = {k: list(v) for k, v in batch.items()}
+        inputs["image"] = [None if a is None or a.size == 0 else a for a in batch["image"]]
+        produced = self.stage.process_batch(inputs)
+        out: dict[str, Any] = dict(batch)
+        for column, values in produced.items():
+            if column != "uid":
+                out[column] = values
+        return out
+
+
+def _stage_table(batch: pa.Table, stage: str) -> pa.Table:
+    schema = schema_for(stage)
+    columns = [batch.column(f.name).cast(f.type) if f.name in batch.column_names else pa.nulls(batch.num_rows, f.type)
+               for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def run_per_sample(
+    layout: RunLayout, config: Config, specs: tuple[StageSpec, ...], progress: bool = True
+) -> SampleReport:
+    """Run every per-sample stage on every shard that lacks its part. Ray must be up."""
+    import ray
+    from tqdm import tqdm
+
+    from stages.base import Resources
+
+    started = time.monotonic()
+    report = SampleReport(stages={s.name: StageReport() for s in specs})
+    counts = ok_counts(layout)
+    groups: dict[tuple[str, ...], list[str]] = defaultdict(list)
+    for shard in sorted(counts):
+        missing = tuple(s.name for s in specs if not layout.part_path(s.name, shard).exists())
+        for s in specs:
+            if s.name not in missing:
+                report.stages[s.name].shards_already_done += 1
+        if missing:
+            groups[missing].append(shard)
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    gpus_available = ray.cluster_resources().get("GPU", 0) > 0
+
+    for missing, shards in groups.items():
+        run_specs = [s for s in specs if s.name in missing]
+        empty = [s for s in shards if counts[s] == 0]
+        for shard in empty:  # nothing downloaded: an empty part says "done" all the same
+            for spec in run_specs:
+                write_table_atomic(schema_for(spec.name).empty_table(), layout.part_path(spec.name, shard))
+                report.stages[spec.name].shards_run += 1
+        shards = [s for s in shards if counts[s] > 0]
+        if not shards:
+            continue
+        items = [{"shard": s, "tar": str((layout.shards_dir / f"{s}.tar").resolve())} for s in shards]
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(read_shard)
+        ds = ds.map_batches(decode_batch, batch_size=16, batch_format="numpy")
+        for spec in run_specs:
+            stage = spec.make(config)
+            res: Resources = stage.resources(gpus_available)
+            ds = ds.map_batches(
+                StageActor,
+                fn_constructor_args=(spec, config),
+                batch_size=res.batch_size,
+                batch_format="numpy",
+                concurrency=res.replicas,
+                num_cpus=res.cpus,
+                num_gpus=res.gpus or None,
+            )
+        ds = ds.drop_columns(["image"])
+
+        expected = {s: counts[s] for s in shards}
+        pending: dict[str, list[pa.Table]] = defaultdict(list)
+        arrived: dict[str, int] = defaultdict(int)
+        bar = tqdm(total=sum(expected.values()), unit="img", desc="+".join(missing), disable=not progress)
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for shard in batch.column("shard").unique().to_pylist():
+                rows = batch.filter(pc.equal(batch.column("shard"), shard))
+                pending[shard].append(rows)
+                arrived[shard] += rows.num_rows
+                bar.update(rows.num_rows)
+                if arrived[shard] == expected[shard]:
+                    whole = pa.concat_tables(pending.pop(shard), promote_options="permissive")
+                    for spec in run_specs:
+                        table = _stage_table(whole, spec.name)
+                        write_table_atomic(table, layout.part_path(spec.name, shard))
+                        stage_report = report.stages[spec.name]
+                        stage_report.shards_run += 1
+                        stage_report.samples += table.num_rows
+                        status_col = f"{spec.name}_status"
+                        if status_col in table.column_names:
+                            stage_report.failed += int(pc.sum(pc.not_equal(table.column(status_col), "ok")).as_py() or 0)
+                    report.samples += whole.num_rows
+        bar.close()
+        for shard, got in arrived.items():
+            if got != expected[shard]:
+                report.incomplete_shards[shard] = f"expected {expected[shard]} samples, the tar gave {got}"
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def shards_missing(layout: RunLayout, specs: tuple[StageSpec, ...]) -> list[str]:
+    """Downloaded shards that lack a part of at least one of ``specs`` (cheap: no Ray)."""
+    return [s for s in ok_counts(layout) if any(not layout.part_path(x.name, s).exists() for x in specs)]
+
