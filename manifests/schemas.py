@@ -63,7 +63,36 @@ OCR = pa.schema(
     ]
 )
 
-STAGE_SCHEMAS: dict[str, pa.Schema] = {"download": DOWNLOAD, "ocr": OCR}
+PARROT = pa.schema(
+    [
+        pa.field("uid", pa.string(), nullable=False),
+        pa.field("parrot_status", pa.string(), nullable=False),  # "ok" | "failed"
+        pa.field("caption_words", pa.list_(pa.string())),  # normalised caption words (stop words per config)
+        pa.field("parroted_words", pa.list_(pa.string())),  # caption words spelled in the image (fuzzy)
+        pa.field("n_caption_words", pa.int32()),
+        pa.field("parrot_score", pa.float32()),  # fuzzy CoTR: share of caption words spelled; 0 without text
+        pa.field("parrot_score_exact", pa.float32()),  # CoTR with exact word matches only
+        pa.field("is_parrot", pa.bool_()),  # caption mostly spells the image's text (score >= threshold)
+        pa.field("parrot_params", pa.string()),  # the normalisation/matching parameters used, as JSON
+    ]
+)
+
+CLIP_SCORE = pa.schema(
+    [
+        pa.field("uid", pa.string(), nullable=False),
+        pa.field("clip_status", pa.string(), nullable=False),  # "ok" | "failed"
+        pa.field("clip_error", pa.string()),
+        pa.field("clip_score", pa.float32()),  # cosine(image embedding, caption embedding)
+        pa.field("clip_score_masked", pa.float32()),  # same, every detected text region filled (T-MARS)
+        pa.field("clip_n_masked", pa.int32()),  # text regions masked
+        pa.field("clip_model", pa.string()),  # model name + pretrained tag or checkpoint file + sha256 prefix
+        pa.field("clip_weights_meaningful", pa.bool_()),  # False for randomly initialised weights
+        pa.field("clip_device", pa.string()),
+        pa.field("clip_precision", pa.string()),
+    ]
+)
+
+STAGE_SCHEMAS: dict[str, pa.Schema] = {"download": DOWNLOAD, "ocr": OCR, "parrot": PARROT, "clip_score": CLIP_SCORE}
 
 
 def schema_for(stage: str) -> pa.Schema:

@@ -74,6 +74,48 @@ class OcrConfig:
 
 
 @dataclass(frozen=True)
+class ParrotConfig:
+    """Parrot-caption scoring (stages/parrot.py): how caption words are matched to OCR words."""
+
+    stop_words: str = "english"  # "english" (a fixed built-in list) | "none"
+    fuzzy_max_distance: int = 1  # edit distance at which a caption word still counts as spelled
+    fuzzy_min_length: int = 4  # words shorter than this must match exactly (short words collide)
+    min_word_length: int = 1  # caption words shorter than this are ignored
+    parrot_threshold: float = 0.5  # is_parrot when parrot_score >= this
+
+    def validate(self) -> None:
+        _require(self.stop_words in {"english", "none"}, "parrot.stop_words must be 'english' or 'none'")
+        _require(self.fuzzy_max_distance >= 0, "parrot.fuzzy_max_distance must be >= 0")
+        _require(self.fuzzy_min_length >= 1, "parrot.fuzzy_min_length must be >= 1")
+        _require(self.min_word_length >= 1, "parrot.min_word_length must be >= 1")
+        _require(0 < self.parrot_threshold <= 1, "parrot.parrot_threshold must be within (0, 1]")
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """CLIP scoring (stages/clip_score.py, models/clip.py) with open_clip."""
+
+    model: str = "ViT-S-32"  # any open_clip model name
+    pretrained: str = ""  # "" = random init (scores NOT meaningful); an open_clip tag; or a checkpoint file
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    batch_size: int = 32
+    replicas: int = 1
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.5
+    precision: str = "fp32"  # "fp32" | "amp" (autocast fp16/bf16 on GPU)
+    seed: int = 0  # seed of the random init, so offline scores are reproducible
+
+    def validate(self) -> None:
+        _require(bool(self.model), "clip.model must name an open_clip model")
+        _require(self.device in {"auto", "cpu", "cuda"}, f"clip.device must be auto, cpu or cuda, not {self.device!r}")
+        _require(self.batch_size >= 1, "clip.batch_size must be >= 1")
+        _require(self.replicas >= 1, "clip.replicas must be >= 1")
+        _require(self.cpus_per_replica > 0, "clip.cpus_per_replica must be > 0")
+        _require(0 < self.gpus_per_replica <= 1, "clip.gpus_per_replica must be in (0, 1]")
+        _require(self.precision in {"fp32", "amp"}, "clip.precision must be fp32 or amp")
+
+
+@dataclass(frozen=True)
 class DatasetConfig:
     """A named dataset: the embedded offline generator, or a URL list (path or fsspec URL)."""
 
@@ -101,6 +143,8 @@ class DatasetConfig:
 class Config:
     download: DownloadConfig = field(default_factory=DownloadConfig)
     ocr: OcrConfig = field(default_factory=OcrConfig)
+    parrot: ParrotConfig = field(default_factory=ParrotConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
     datasets: dict[str, DatasetConfig] = field(default_factory=dict)
 
     def dataset(self, name: str) -> DatasetConfig:
@@ -112,6 +156,8 @@ class Config:
     def validate(self) -> None:
         self.download.validate()
         self.ocr.validate()
+        self.parrot.validate()
+        self.clip.validate()
         for dataset in self.datasets.values():
             dataset.validate()
 
@@ -164,7 +210,7 @@ def load_config(path: str | Path | None = None) -> Config:
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
         data = _merge(data, user)
-    unknown_sections = sorted(set(data) - {"download", "ocr", "datasets"})
+    unknown_sections = sorted(set(data) - {"download", "ocr", "parrot", "clip", "datasets"})
     if unknown_sections:
         raise ConfigError(f"unknown section(s) in config: {', '.join(unknown_sections)}")
     datasets = {
@@ -174,6 +220,8 @@ def load_config(path: str | Path | None = None) -> Config:
     config = Config(
         download=_build(DownloadConfig, data.get("download", {}), "download"),
         ocr=_build(OcrConfig, data.get("ocr", {}), "ocr"),
+        parrot=_build(ParrotConfig, data.get("parrot", {}), "parrot"),
+        clip=_build(ClipConfig, data.get("clip", {}), "clip"),
         datasets=datasets,
     )
     config.validate()
