@@ -92,6 +92,28 @@ CLIP_SCORE = pa.schema(
     ]
 )
 
+# selections/<policy>.parquet: the decision, one row per downloaded-ok sample (DataComp: decide, then materialise)
+SELECTION = pa.schema(
+    [
+        pa.field("uid", pa.string(), nullable=False),
+        pa.field("policy", pa.string(), nullable=False),
+        pa.field("kept", pa.bool_(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),  # why kept or dropped, readable
+    ]
+)
+
+# curated/<policy>/manifest.parquet: lineage of the resharded samples, uid -> new shard/key
+CURATED = pa.schema(
+    [
+        pa.field("uid", pa.string(), nullable=False),
+        pa.field("policy", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),  # new shard name, curated/<policy>/<shard>.tar
+        pa.field("key", pa.string(), nullable=False),  # new __key__
+        pa.field("source_shard", pa.string(), nullable=False),
+        pa.field("source_key", pa.string(), nullable=False),
+    ]
+)
+
 STAGE_SCHEMAS: dict[str, pa.Schema] = {"download": DOWNLOAD, "ocr": OCR, "parrot": PARROT, "clip_score": CLIP_SCORE}
 
 
