@@ -11,7 +11,7 @@ ARGS     ?=
 PY        = $(VENV)/bin/python
 STAMP     = $(VENV)/.installed
 
-.PHONY: help setup curate query test clean
+.PHONY: help setup curate query test browser clean
 
 help:
 	@echo "make curate [DATASET=embedded|laion-subset] [URL_LIST=file] [OUTPUT=dir] [CONFIG=toml] [ARGS=...]"
@@ -33,8 +33,13 @@ curate: $(STAMP)
 query: $(STAMP)
 	$(PY) -m pipeline query --output $(OUTPUT) "$(SQL)"
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q tests
+
+# Debian's Chromium renders the HTML report in the tests (headless). Installed once, if missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { echo "installing Debian's chromium for the report test"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 clean:
 	rm -rf output

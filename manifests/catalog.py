@@ -1,4 +1,5 @@
-"""The DuckDB catalog of a run: one view per stage over its Parquet parts, and ``samples``.
+"""The DuckDB catalog of a run: one view per stage over its Parquet parts, ``samples`` joining
+them on uid, ``selections`` (all policies) and ``selection_<policy>`` views, and ``curated``.
 
 The catalog holds only views (no data), so it is cheap to rebuild after every stage and always
 reflects the parts on disk. It is built under a temporary name and renamed into place, so a
@@ -23,6 +24,11 @@ def _quote(path: Path) -> str:
     return "'" + str(path).replace("'", "''") + "'"
 
 
+def _safe(name: str) -> str:
+    """A policy name as a plain identifier: no-parrot -> no_parrot."""
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
 def build_catalog(layout: RunLayout) -> Path:
     """(Re)create ``<root>/catalog.duckdb`` with a view per stage present and a ``samples`` view."""
     stages = [s for s in STAGE_ORDER if s in layout.stages_present()]
@@ -38,6 +44,17 @@ def build_catalog(layout: RunLayout) -> Path:
             if "download" in stages:
                 joins = " ".join(f'left join "{s}" using (uid)' for s in stages if s != "download")
                 con.execute(f'create view samples as select * from download {joins}')
+            selections = sorted(layout.selections_dir.glob("*.parquet")) if layout.selections_dir.is_dir() else []
+            if selections:
+                glob = layout.selections_dir.resolve() / "*.parquet"
+                con.execute(f"create view selections as select * from read_parquet({_quote(glob)})")
+                for path in selections:
+                    view = "selection_" + _safe(path.stem)
+                    con.execute(f'create view "{view}" as select * from read_parquet({_quote(path.resolve())})')
+            curated = sorted(layout.root.glob("curated/*/manifest.parquet"))
+            if curated:
+                glob = layout.root.resolve() / "curated" / "*" / "manifest.parquet"
+                con.execute(f"create view curated as select * from read_parquet({_quote(glob)})")
         finally:
             con.close()
         os.replace(tmp, target)

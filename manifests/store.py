@@ -36,6 +36,20 @@ class RunLayout:
     def catalog_path(self) -> Path:
         return self.root / "catalog.duckdb"
 
+    @property
+    def selections_dir(self) -> Path:
+        return self.root / "selections"
+
+    def selection_path(self, policy: str) -> Path:
+        return self.selections_dir / f"{policy}.parquet"
+
+    def curated_dir(self, policy: str) -> Path:
+        return self.root / "curated" / policy
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"
+
     def stage_dir(self, stage: str) -> Path:
         return self.root / "manifests" / stage
 

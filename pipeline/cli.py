@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import time
 from pathlib import Path
 
 from pipeline.config import ConfigError, load_config
@@ -63,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     curate.add_argument("--port", type=int, default=None, help="port of the embedded dataset's server on 127.0.0.1")
     curate.add_argument("--samples", type=int, default=None, help="number of generated samples (embedded dataset)")
     curate.add_argument("--shard-size", type=int, default=None, help="samples per downloaded shard")
+    curate.add_argument(
+        "--policies",
+        default=None,
+        help="comma-separated filter policies to select and reshard (default: the dataset's list in the config)",
+    )
     curate.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
 
     query = sub.add_parser(
@@ -74,20 +78,32 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("sql", help='the SQL, e.g. "select status, count(*) from download group by 1"')
     query.add_argument("--output", default=_default_output("embedded"), help="the run's output folder")
 
+    stats = sub.add_parser(
+        "stats",
+        help="parrot statistics of a run (share of text images, CoTR, parrot-score histogram, vs CLIP score)",
+        description="Parrot statistics of a run, computed with DuckDB over its manifests the way the "
+        "Parrot Captions paper measured LAION-2B.",
+    )
+    stats.add_argument("--output", default=_default_output("embedded"), help="the run's output folder")
+
+    accuracy = sub.add_parser(
+        "ocr-accuracy",
+        help="score a run's OCR manifest against ground truth (embedded dataset)",
+        description="Text-region precision/recall/F1 (polygon IoU >= 0.5), has-text accuracy and word "
+        "recall of the OCR stage against <output>/ground_truth.parquet.",
+    )
+    accuracy.add_argument("--output", default=_default_output("embedded"), help="the run's output folder")
+
     datasets = sub.add_parser("datasets", help="list the datasets the config knows")
     datasets.add_argument("--config", default=None, help="TOML file merged over pipeline/default.toml")
     return parser
 
 
 def cmd_curate(args: argparse.Namespace) -> int:
-    from manifests.catalog import build_catalog
     from manifests.store import RunLayout
+    from pipeline.curate import curate
     from pipeline.datasets import open_source
-    from pipeline.download_runner import plan_download, run_download
-    from pipeline.ray_runtime import ray_session
-    from pipeline.dag import PER_SAMPLE_STAGES
-    from pipeline.sample_runner import SampleReport, run_per_sample, shards_missing
-    from pipeline.summary import download_summary, samples_summary
+    from pipeline.summary import run_summary
 
     config = load_config(args.config)
     dataset_name = args.dataset or ("laion-subset" if args.url_list else "embedded")
@@ -109,27 +125,15 @@ def cmd_curate(args: argparse.Namespace) -> int:
     if args.shard_size is not None:
         download = dataclasses.replace(download, shard_size=args.shard_size)
         download.validate()
+    policies = tuple(p.strip() for p in args.policies.split(",") if p.strip()) if args.policies else dataset.policies
+    for name in policies:
+        config.policy(name)
     layout = RunLayout(Path(args.output or _default_output(dataset_name)))
     source = open_source(dataset, url_list=args.url_list, slow_seconds=download.timeout_s + 2.0)
     source.fingerprint()  # reads and checks a URL list now, before Ray starts: bad input fails fast
-
-    started = time.monotonic()
-    work = plan_download(source, layout, download)
-    specs = PER_SAMPLE_STAGES
-    samples = SampleReport()
-    report = work.report
-    if work.todo or shards_missing(layout, specs):
-        with ray_session(args.address) as where:
-            print(f"curate {dataset_name} -> {layout.root}  ({where})", file=sys.stderr)
-            report = run_download(source, layout, download, work, progress=not args.no_progress)
-            build_catalog(layout)
-            samples = run_per_sample(layout, config, specs, progress=not args.no_progress)
-    build_catalog(layout)
-    print(download_summary(layout, report, time.monotonic() - started))
-    print(samples_summary(layout, samples, [s.name for s in specs]))
-    if report.shards_failed or samples.incomplete_shards:
-        return 1
-    return 0
+    result = curate(source, layout, config, download, policies, address=args.address, progress=not args.no_progress)
+    print(run_summary(result))
+    return 0 if result.ok else 1
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -149,6 +153,30 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    from manifests.store import RunLayout
+    from pipeline.stats import parrot_stats
+
+    layout = RunLayout(Path(args.output))
+    present = layout.stages_present()
+    if not layout.catalog_path.exists() or "parrot" not in present or "ocr" not in present:
+        raise ConfigError(f"{layout.root} has no ocr and parrot manifests yet: run `make curate` first")
+    print(parrot_stats(layout).format())
+    return 0
+
+
+def cmd_ocr_accuracy(args: argparse.Namespace) -> int:
+    from manifests.store import RunLayout
+    from pipeline.summary import ocr_accuracy_lines
+
+    layout = RunLayout(Path(args.output))
+    text = ocr_accuracy_lines(layout)
+    if text is None:
+        raise ConfigError(f"{layout.root} has no ground_truth.parquet or no ocr manifest (embedded dataset runs have both)")
+    print(text.replace("; ", "\n"))
+    return 0
+
+
 def cmd_datasets(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     for name, ds in sorted(config.datasets.items()):
@@ -158,7 +186,13 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"curate": cmd_curate, "query": cmd_query, "datasets": cmd_datasets}
+    handlers = {
+        "curate": cmd_curate,
+        "query": cmd_query,
+        "stats": cmd_stats,
+        "ocr-accuracy": cmd_ocr_accuracy,
+        "datasets": cmd_datasets,
+    }
     try:
         return handlers[args.command](args)
     except ConfigError as err:

@@ -116,6 +116,35 @@ class ClipConfig:
 
 
 @dataclass(frozen=True)
+class PolicyConfig:
+    """A named filter policy: SQL rules over the catalog's ``samples`` view; kept when all hold.
+
+    Each rule is a DuckDB boolean expression evaluated per downloaded sample, and may use window
+    functions over the pool (``quantile_cont(x, 0.5) over ()``), so percentile policies stay SQL.
+    A rule that evaluates to NULL (a score is missing) counts as failed, with that as the reason.
+    """
+
+    name: str
+    description: str = ""
+    rules: dict[str, str] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _require(bool(self.rules), f"policies.{self.name} needs at least one rule (rules = {{ name = \"sql\" }})")
+        for rule, sql in self.rules.items():
+            _require(isinstance(sql, str) and sql.strip() != "", f"policies.{self.name}.rules.{rule} must be SQL text")
+
+
+@dataclass(frozen=True)
+class ReshardConfig:
+    """Materialising a policy's kept samples as new WebDataset shards."""
+
+    samples_per_shard: int = 64  # DataComp uses 10000; small here so the embedded run has several
+
+    def validate(self) -> None:
+        _require(self.samples_per_shard >= 1, "reshard.samples_per_shard must be >= 1")
+
+
+@dataclass(frozen=True)
 class DatasetConfig:
     """A named dataset: the embedded offline generator, or a URL list (path or fsspec URL)."""
 
@@ -128,6 +157,7 @@ class DatasetConfig:
     samples: int = 320
     seed: int = 0
     port: int = 8710
+    policies: tuple[str, ...] = ("all", "no-text", "no-parrot", "clip-threshold", "tmars", "combined")
 
     def validate(self) -> None:
         _require(
@@ -145,7 +175,14 @@ class Config:
     ocr: OcrConfig = field(default_factory=OcrConfig)
     parrot: ParrotConfig = field(default_factory=ParrotConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
+    reshard: ReshardConfig = field(default_factory=ReshardConfig)
+    policies: dict[str, PolicyConfig] = field(default_factory=dict)
     datasets: dict[str, DatasetConfig] = field(default_factory=dict)
+
+    def policy(self, name: str) -> PolicyConfig:
+        if name not in self.policies:
+            raise ConfigError(f"unknown policy {name!r}; known policies: {', '.join(sorted(self.policies))}")
+        return self.policies[name]
 
     def dataset(self, name: str) -> DatasetConfig:
         if name not in self.datasets:
@@ -158,8 +195,13 @@ class Config:
         self.ocr.validate()
         self.parrot.validate()
         self.clip.validate()
+        self.reshard.validate()
+        for policy in self.policies.values():
+            policy.validate()
         for dataset in self.datasets.values():
             dataset.validate()
+            for name in dataset.policies:
+                _require(name in self.policies, f"datasets.{dataset.name}.policies names unknown policy {name!r}")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -189,6 +231,12 @@ def _build(cls: type, values: dict[str, Any], where: str, **fixed: Any) -> Any:
         expected = hints[key]
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if expected == tuple[str, ...]:
+            if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise ConfigError(f"{where}.{key} must be a list of strings, got {value!r}")
+            value = tuple(value)
+        if expected == dict[str, str] and not isinstance(value, dict):
+            raise ConfigError(f"{where}.{key} must be a table of name = \"sql\", got {value!r}")
         if expected in (int, float, str, bool) and (
             not isinstance(value, expected) or (expected is int and isinstance(value, bool))
         ):
@@ -210,7 +258,7 @@ def load_config(path: str | Path | None = None) -> Config:
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
         data = _merge(data, user)
-    unknown_sections = sorted(set(data) - {"download", "ocr", "parrot", "clip", "datasets"})
+    unknown_sections = sorted(set(data) - {"download", "ocr", "parrot", "clip", "reshard", "policies", "datasets"})
     if unknown_sections:
         raise ConfigError(f"unknown section(s) in config: {', '.join(unknown_sections)}")
     datasets = {
@@ -222,6 +270,11 @@ def load_config(path: str | Path | None = None) -> Config:
         ocr=_build(OcrConfig, data.get("ocr", {}), "ocr"),
         parrot=_build(ParrotConfig, data.get("parrot", {}), "parrot"),
         clip=_build(ClipConfig, data.get("clip", {}), "clip"),
+        reshard=_build(ReshardConfig, data.get("reshard", {}), "reshard"),
+        policies={
+            name: _build(PolicyConfig, values, f"policies.{name}", name=name)
+            for name, values in data.get("policies", {}).items()
+        },
         datasets=datasets,
     )
     config.validate()

@@ -1,8 +1,8 @@
 """The DAG, declared in one place.
 
     download (img2dataset, one Ray task per shard)
-      -> [ decode -> ocr ]                 one streaming Ray Data pipeline per run,
-                                           each image read and decoded once
+      -> [ decode -> ocr -> parrot -> clip_score ]   one streaming Ray Data pipeline,
+                                                      each image read and decoded once
 Each per-sample stage writes its own manifest part per shard; a shard runs only the stages whose
 part is missing.
 """
@@ -31,7 +31,23 @@ def _ocr(config: Config) -> Any:
     return OcrStage(config.ocr)
 
 
-PER_SAMPLE_STAGES: tuple[StageSpec, ...] = (StageSpec("ocr", _ocr, reads=("image",)),)
+def _parrot(config: Config) -> Any:
+    from stages.parrot import ParrotStage
+
+    return ParrotStage(config.parrot)
+
+
+def _clip_score(config: Config) -> Any:
+    from stages.clip_score import ClipScoreStage
+
+    return ClipScoreStage(config.clip)
+
+
+PER_SAMPLE_STAGES: tuple[StageSpec, ...] = (
+    StageSpec("ocr", _ocr, reads=("image",)),
+    StageSpec("parrot", _parrot, reads=("caption", "texts", "n_regions", "ocr_status")),
+    StageSpec("clip_score", _clip_score, reads=("image", "caption", "quads", "n_regions")),
+)
 
 
 def per_sample_stage(name: str) -> StageSpec:

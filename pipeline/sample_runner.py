@@ -61,7 +61,11 @@ def ok_counts(layout: RunLayout) -> dict[str, int]:
 
 
 def read_shard(item: dict[str, Any]) -> list[dict[str, Any]]:
-    """All samples of one WebDataset tar: uid (from the json), key, caption, encoded image."""
+    """All samples of one WebDataset tar: uid (from the json), key, caption, encoded image.
+
+    Columns of stages already done for this shard (``item["parts"]``) are joined on uid, so a
+    later stage reads them instead of the earlier stage running again.
+    """
     samples: dict[str, dict[str, Any]] = defaultdict(dict)
     with tarfile.open(item["tar"]) as tar:
         for member in tar:
@@ -69,6 +73,10 @@ def read_shard(item: dict[str, Any]) -> list[dict[str, Any]]:
                 continue
             key, _, ext = member.name.partition(".")
             samples[key][ext] = tar.extractfile(member).read()
+    done: dict[str, dict[str, Any]] = defaultdict(dict)
+    for part in item.get("parts", []):
+        for row in pq.read_table(part).to_pylist():
+            done[row.pop("uid")].update(row)
     rows = []
     for key, parts in samples.items():
         meta = json.loads(parts.get("json", b"{}"))
@@ -79,6 +87,7 @@ def read_shard(item: dict[str, Any]) -> list[dict[str, Any]]:
                 "key": key,
                 "caption": parts.get("txt", b"").decode("utf-8", "replace"),
                 "jpg": parts.get("jpg", b""),
+                **done.get(meta.get("uid"), {}),
             }
         )
     return rows
@@ -165,7 +174,15 @@ def run_per_sample(
         shards = [s for s in shards if counts[s] > 0]
         if not shards:
             continue
-        items = [{"shard": s, "tar": str((layout.shards_dir / f"{s}.tar").resolve())} for s in shards]
+        done_before = [s.name for s in specs if s.name not in missing]
+        items = [
+            {
+                "shard": s,
+                "tar": str((layout.shards_dir / f"{s}.tar").resolve()),
+                "parts": [str(layout.part_path(name, s).resolve()) for name in done_before],
+            }
+            for s in shards
+        ]
         ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(read_shard)
         ds = ds.map_batches(decode_batch, batch_size=16, batch_format="numpy")
         for spec in run_specs:

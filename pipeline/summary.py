@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from manifests.catalog import run_query
 from manifests.store import RunLayout
 from pipeline.download_runner import DownloadReport
 from pipeline.sample_runner import SampleReport
+
+if TYPE_CHECKING:
+    from pipeline.curate import CurateResult
 
 
 def download_summary(layout: RunLayout, report: DownloadReport, seconds: float) -> str:
@@ -36,8 +41,7 @@ def download_summary(layout: RunLayout, report: DownloadReport, seconds: float) 
         lines.append(f"     {kind or '?':20s} {n:6d}   e.g. {url}: {error}")
     for shard, error in sorted(report.shards_failed.items()):
         lines.append(f"   SHARD {shard} FAILED ({error}); rerun the same command to retry it")
-    lines.append(f"   total time {seconds:.1f} s")
-    lines.append(f"   shards: {layout.shards_dir}   catalog: {catalog}")
+    lines.append(f"   shards: {layout.shards_dir}   catalog: {catalog}   (run took {seconds:.1f} s)")
     lines.append(f'   try: python -m pipeline query --output {layout.root} "select * from samples limit 5"')
     return "\n".join(lines)
 
@@ -76,6 +80,10 @@ def samples_summary(layout: RunLayout, report: SampleReport, stages: list[str]) 
         accuracy = ocr_accuracy_lines(layout)
         if accuracy:
             lines.append("   ocr accuracy vs ground truth: " + accuracy)
+    if "parrot" in layout.stages_present():
+        from pipeline.stats import parrot_stats
+
+        lines.append(parrot_stats(layout).format())
     return "\n".join(lines)
 
 
@@ -94,3 +102,22 @@ def ocr_accuracy_lines(layout: RunLayout) -> str | None:
         pq.read_table(layout.stage_dir("ocr")), pq.read_table(layout.stage_dir("download")), pq.read_table(gt_path)
     )
     return accuracy.format().replace("\n", "; ")
+
+
+def run_summary(result: "CurateResult") -> str:
+    """Everything a run did, from the manifests: download, per-sample stages, policies, output."""
+    layout = result.layout
+    lines = [download_summary(layout, result.download, result.seconds)]
+    if "ocr" in layout.stages_present() or result.samples.samples:
+        lines.append(samples_summary(layout, result.samples, ["ocr", "parrot", "clip_score"]))
+    if result.selections:
+        lines.append("== policies (kept / downloaded samples)")
+        resharded = {r.policy: r for r in result.reshards}
+        for sel in result.selections:
+            done = resharded.get(sel.policy)
+            how = f"resharded into {done.shards} shard(s)" if done is not None else "curated shards up to date"
+            lines.append(f"   {sel.policy:16s} {sel.kept:6d} / {sel.total:<6d} {how}   ({sel.description})")
+        lines.append(f"   curated shards: {layout.root / 'curated'}/<policy>/  (sizes.json, manifest.parquet)")
+    if result.report_path is not None:
+        lines.append(f"== report: {result.report_path}")
+    return "\n".join(lines)

@@ -9,6 +9,7 @@ import pytest
 
 SMALL_SAMPLES = 40
 SMALL_SHARD_SIZE = 12
+RESHARD_SIZE = 8
 
 
 def free_port() -> int:
@@ -33,10 +34,14 @@ def embedded_run(ray_local, tmp_path_factory) -> dict:
     """`curate` of a small embedded dataset, done once; tests read what it wrote."""
     from pipeline.cli import main
 
-    out = tmp_path_factory.mktemp("embedded") / "run"
+    base = tmp_path_factory.mktemp("embedded")
+    out = base / "run"
+    config = base / "config.toml"
+    config.write_text(f"[reshard]\nsamples_per_shard = {RESHARD_SIZE}\n")
     port = free_port()
     args = [
         "curate",
+        "--config", str(config),
         "--output", str(out),
         "--samples", str(SMALL_SAMPLES),
         "--shard-size", str(SMALL_SHARD_SIZE),
@@ -44,4 +49,4 @@ def embedded_run(ray_local, tmp_path_factory) -> dict:
         "--no-progress",
     ]
     assert main(args) == 0
-    return {"root": Path(out), "port": port, "args": args}
+    return {"root": Path(out), "port": port, "args": args, "config": config}
