@@ -38,13 +38,6 @@ class CurateResult:
         return not self.download.shards_failed and not self.samples.incomplete_shards
 
 
-def reshard_needed(layout: RunLayout, policy: str) -> bool:
-    """A policy's curated shards are stale when its completion marker is missing or older than its selection."""
-    marker = layout.curated_dir(policy) / "sizes.json"
-    selection = layout.selection_path(policy)
-    return not marker.exists() or marker.stat().st_mtime_ns < selection.stat().st_mtime_ns
-
-
 def curate(
     source: DatasetSource,
     layout: RunLayout,
@@ -54,7 +47,7 @@ def curate(
     address: str | None = None,
     progress: bool = True,
 ) -> CurateResult:
-    from pipeline.reshard_runner import reshard_policy
+    from pipeline.reshard_runner import is_up_to_date, reshard_policy
     from pipeline.report import write_report
 
     started = time.monotonic()
@@ -80,7 +73,7 @@ def curate(
         if result.ok:
             result.selections = select_policies(layout, config, policies)
             for policy in policies:
-                if reshard_needed(layout, policy):
+                if not is_up_to_date(layout, policy, config.reshard.samples_per_shard):
                     ensure_ray()
                     result.reshards.append(
                         reshard_policy(layout, policy, config.reshard.samples_per_shard, progress=progress)

@@ -1,0 +1,295 @@
+"""Runs the reshard stage on Ray: a policy's kept uids -> ``curated/<policy>/`` WebDataset shards.
+
+Decide, then materialise (DataComp). The plan is made on the driver from two small tables, the
+selection (kept uids) and the download manifest (uid -> source shard and key); the bytes are moved
+by one Ray task per output shard (``num_cpus=1``), each streaming its source tars.
+
+Order, chosen so a selection always gives the same shards:
+
+- kept uids are de-duplicated and sorted by uid (a DataComp subset is a sorted uid list; uids are
+  content hashes, so uid order is also a fair shuffle of the pool, and each output shard gets a
+  mix of source shards and of download times);
+- the sorted list is cut into output shards of ``samples_per_shard`` (``000000``, ``000001``, ...);
+- inside an output shard, samples are written by source shard, then in the source tar's member
+  order: that is what lets a task read each source tar once, sequentially, one sample at a time.
+  (Writing in uid order inside a shard would need random access into the source tars.)
+
+Commit protocol: each task writes its tar and Parquet sibling under temporary names and renames
+them; the driver then writes ``manifest.parquet`` (schema CURATED), ``reshard.json`` (the
+parameters, the selection's sha256) and finally ``sizes.json`` (open_clip's dataset-size file):
+``sizes.json`` is the completion marker. A policy is skipped when its marker exists, its selection
+is not newer than the marker, and the recorded selection hash and ``samples_per_shard`` still
+match; otherwise (a new selection, a killed run) the policy's folder is removed and redone whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from manifests.schemas import CURATED
+from manifests.store import TMP_PREFIX, RunLayout, tmp_sibling, write_table_atomic
+from stages.reshard import ReshardStage
+
+SIZES = "sizes.json"  # open_clip reads {"<shard>.tar": n} from the shards' folder; our completion marker
+MANIFEST = "manifest.parquet"
+PARAMS = "reshard.json"
+_POLICY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def shard_name(index: int) -> str:
+    return f"{index:06d}"
+
+
+@dataclass
+class ReshardReport:
+    """One policy's reshard. When ``skipped``, ``kept``/``shards`` describe what is already on disk."""
+
+    policy: str
+    kept: int = 0  # distinct kept uids = samples in curated/<policy>
+    shards: int = 0  # output shards (written, or present when skipped)
+    seconds: float = 0.0
+    bytes_written: int = 0  # by this call: tars, Parquet siblings, manifest, sizes.json (0 when skipped)
+    skipped: bool = False
+    duplicates_dropped: int = 0  # kept selection rows whose uid was already listed
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_written / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class ShardPlan:
+    shard: str
+    inputs: list[tuple[str, dict[str, str]]]  # (source tar, {source key: uid}), by source shard
+    samples: int
+
+
+@dataclass
+class ReshardPlan:
+    policy: str
+    samples_per_shard: int
+    selection_sha256: str
+    kept: int
+    duplicates_dropped: int
+    shards: list[ShardPlan] = field(default_factory=list)
+
+
+def _check_policy_name(layout: RunLayout, policy: str) -> Path:
+    """The policy's folder; refuse names that could point outside ``curated/`` (we rmtree it)."""
+    if not _POLICY_NAME.fullmatch(policy) or ".." in policy:
+        raise ValueError(f"policy name {policy!r}: use letters, digits, '.', '_' and '-' only")
+    folder = layout.curated_dir(policy)
+    if folder.parent != layout.root / "curated":
+        raise ValueError(f"policy {policy!r}: curated folder {folder} is not directly under {layout.root / 'curated'}")
+    return folder
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def plan_reshard(layout: RunLayout, policy: str, samples_per_shard: int) -> ReshardPlan:
+    """Which source samples go into which output shard (no Ray, no tar is opened).
+
+    A uid is kept when any of its selection rows says kept, and is planned once. Every kept uid
+    must be an ok row of the download manifest: a selection from another run is refused here,
+    before anything on disk is touched.
+    """
+    if samples_per_shard < 1:
+        raise ValueError("samples_per_shard must be >= 1")
+    selection_path = layout.selection_path(policy)
+    digest = _sha256(selection_path)
+    selection = pq.read_table(selection_path, columns=["uid", "kept"])
+    kept_rows = selection.filter(pc.equal(selection.column("kept"), True)).column("uid")
+    kept = pc.unique(kept_rows.combine_chunks())
+    duplicates = len(kept_rows) - len(kept)
+
+    download = pq.read_table(layout.stage_dir("download"), columns=["uid", "status", "shard", "key"])
+    download = download.filter(pc.and_(pc.equal(download.column("status"), "ok"), pc.is_valid(download.column("key"))))
+    joined = pa.table({"uid": kept}).join(download.select(["uid", "shard", "key"]), "uid", join_type="left outer")
+    if joined.num_rows != len(kept):
+        raise ValueError(f"download manifest of {layout.root} lists some kept uid more than once as ok")
+    missing = joined.filter(pc.is_null(joined.column("shard")))
+    if missing.num_rows:
+        examples = ", ".join(sorted(missing.column("uid").to_pylist())[:3])
+        raise ValueError(
+            f"selection {policy}: {missing.num_rows} kept uid(s) have no downloaded sample (e.g. {examples}); "
+            "is the selection from another run?"
+        )
+    joined = joined.sort_by("uid")  # byte-wise order of the uid strings: the same everywhere
+
+    uids = joined.column("uid").to_pylist()
+    source_shards = joined.column("shard").to_pylist()
+    source_keys = joined.column("key").to_pylist()
+    plan = ReshardPlan(policy, samples_per_shard, digest, len(uids), duplicates)
+    for index, start in enumerate(range(0, len(uids), samples_per_shard)):
+        by_source: dict[str, dict[str, str]] = {}
+        for i in range(start, min(start + samples_per_shard, len(uids))):
+            by_source.setdefault(source_shards[i], {})[source_keys[i]] = uids[i]
+        inputs = [
+            (str(layout.shards_dir / f"{s}.tar"), dict(sorted(by_source[s].items()))) for s in sorted(by_source)
+        ]
+        plan.shards.append(ShardPlan(shard_name(index), inputs, sum(len(k) for _, k in inputs)))
+    return plan
+
+
+def is_up_to_date(layout: RunLayout, policy: str, samples_per_shard: int) -> bool:
+    """Whether ``curated/<policy>`` is complete and was made from the current selection.
+
+    The mtime rule (selection not newer than ``sizes.json``) is what ``curate`` checks; the
+    recorded sha256 also catches a selection restored with an old mtime, and a changed
+    ``samples_per_shard`` means other shards.
+    """
+    folder = layout.curated_dir(policy)
+    marker, params_path, selection = folder / SIZES, folder / PARAMS, layout.selection_path(policy)
+    if not (marker.is_file() and params_path.is_file() and selection.is_file()):
+        return False
+    if selection.stat().st_mtime_ns > marker.stat().st_mtime_ns:
+        return False
+    try:
+        params = json.loads(params_path.read_text())
+    except ValueError:
+        return False
+    return params.get("samples_per_shard") == samples_per_shard and params.get("selection_sha256") == _sha256(selection)
+
+
+def _remove_policy_dir(layout: RunLayout, policy: str) -> None:
+    """Remove ``curated/<policy>`` so that no moment looks complete or half-present to a reader.
+
+    The completion marker goes first, then the manifest (the catalog's ``curated`` view globs
+    ``curated/*/manifest.parquet``), then the folder is renamed to a temporary name and deleted.
+    A symlink is unlinked, never followed.
+    """
+    folder = _check_policy_name(layout, policy)
+    curated_root = folder.parent
+    stale = re.compile(re.escape(f"{TMP_PREFIX}{policy}.") + r"[0-9a-f]{12}")
+    if curated_root.is_dir():  # what an earlier, killed removal left
+        for entry in curated_root.iterdir():
+            if stale.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        folder.unlink()
+        return
+    if not folder.exists():
+        return
+    (folder / SIZES).unlink(missing_ok=True)
+    (folder / MANIFEST).unlink(missing_ok=True)
+    trash = tmp_sibling(folder)
+    os.replace(folder, trash)
+    shutil.rmtree(trash)
+
+
+def _write_json_atomic(data: object, path: Path) -> None:
+    tmp = tmp_sibling(path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _reshard_shard_task(
+    policy: str, samples_per_shard: int, shard: str, inputs: list[tuple[str, dict[str, str]]], out_dir: str
+) -> tuple[pa.Table, int]:
+    """Body of one Ray task: one output shard, committed by rename inside the stage."""
+    result = ReshardStage(policy, samples_per_shard).run_shard(inputs, shard, Path(out_dir))
+    return result.manifest, result.bytes_written
+
+
+def reshard_policy(layout: RunLayout, policy: str, samples_per_shard: int, progress: bool = True) -> ReshardReport:
+    """Materialise ``selections/<policy>.parquet`` as ``curated/<policy>/`` (Ray must be up).
+
+    Skips a policy that is up to date (see :func:`is_up_to_date`); otherwise removes the policy's
+    old folder and writes every shard again, in parallel, one Ray task each.
+    """
+    started = time.monotonic()
+    folder = _check_policy_name(layout, policy)
+    if is_up_to_date(layout, policy, samples_per_shard):
+        sizes = json.loads((folder / SIZES).read_text())
+        params = json.loads((folder / PARAMS).read_text())
+        return ReshardReport(
+            policy,
+            kept=sum(sizes.values()),
+            shards=len(sizes),
+            seconds=time.monotonic() - started,
+            skipped=True,
+            duplicates_dropped=int(params.get("duplicates_dropped", 0)),
+        )
+
+    plan = plan_reshard(layout, policy, samples_per_shard)
+    _remove_policy_dir(layout, policy)
+    folder.mkdir(parents=True)
+    manifests = _run_shards(plan, folder, progress)
+
+    manifest = pa.concat_tables(manifests) if manifests else CURATED.empty_table()
+    write_table_atomic(manifest.cast(CURATED), folder / MANIFEST)
+    params = {
+        "policy": policy,
+        "samples_per_shard": samples_per_shard,
+        "selection_sha256": plan.selection_sha256,
+        "kept": plan.kept,
+        "shards": len(plan.shards),
+        "duplicates_dropped": plan.duplicates_dropped,
+        "order": "uid-sorted, cut every samples_per_shard; inside a shard by source shard, then source tar order",
+    }
+    _write_json_atomic(params, folder / PARAMS)
+    _write_json_atomic({f"{s.shard}.tar": s.samples for s in plan.shards}, folder / SIZES)  # last: the marker
+    return ReshardReport(
+        policy,
+        kept=plan.kept,
+        shards=len(plan.shards),
+        seconds=time.monotonic() - started,
+        bytes_written=sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),
+        duplicates_dropped=plan.duplicates_dropped,
+    )
+
+
+def _run_shards(plan: ReshardPlan, folder: Path, progress: bool) -> list[pa.Table]:
+    """One Ray task per output shard; the manifests in shard order. The first failure stops all."""
+    if not plan.shards:
+        return []
+    import ray
+    from tqdm import tqdm
+
+    if not ray.is_initialized():
+        raise RuntimeError("reshard_policy needs a running Ray session (ray.init or pipeline.ray_runtime.ray_session)")
+    task = ray.remote(_reshard_shard_task).options(num_cpus=1, max_retries=2, retry_exceptions=False, name="reshard_shard")
+    pending = {
+        task.remote(plan.policy, plan.samples_per_shard, s.shard, s.inputs, str(folder.resolve())): s for s in plan.shards
+    }
+    done: dict[str, pa.Table] = {}
+    bar = tqdm(total=plan.kept, unit="sample", desc=f"reshard {plan.policy}", disable=not progress)
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                shard = pending.pop(ref)
+                try:
+                    table, _size = ray.get(ref)
+                except Exception as err:
+                    for other in pending:
+                        ray.cancel(other)  # not force: a killed worker costs a restart
+                    message = str(err).strip().splitlines()[-1][:300] if str(err).strip() else type(err).__name__
+                    raise RuntimeError(f"reshard {plan.policy}: shard {shard.shard} failed: {message}") from err
+                if table.num_rows != shard.samples:
+                    raise RuntimeError(f"reshard {plan.policy}: shard {shard.shard} wrote {table.num_rows} of {shard.samples}")
+                done[shard.shard] = table
+                bar.update(shard.samples)
+    finally:
+        bar.close()
+    return [done[s.shard] for s in plan.shards]

@@ -1,0 +1,224 @@
+"""Reshard stage: copy the kept samples of a few source tars into one new WebDataset shard.
+
+DataComp's split of work: a policy *decides* (``selections/<policy>.parquet``), this stage
+*materialises*. It is Ray-free; ``pipeline.reshard_runner`` plans which source samples go into which
+output shard and runs one call of :meth:`ReshardStage.run_shard` per output shard as a Ray task.
+
+Why it looks the way it does:
+
+- Memory is bounded by construction: source tars are read member by member with ``tarfile`` (the
+  data of a member we do not keep is seeked over, never read), the list of headers ``tarfile``
+  accumulates is dropped after each member, and only the members of the current sample are held;
+  each sample is written out before the next one is read.
+- Bytes are copied unchanged (``.jpg`` and ``.txt`` and any other member img2dataset wrote); only
+  the ``.json`` is rewritten, to carry the new ``key`` and the lineage (``source_shard``,
+  ``source_key``). Images are never decoded, so resharding costs about a copy.
+- Output is reproducible: members are written by webdataset's own ``TarWriter`` (the writer
+  img2dataset uses) with a fixed mtime, owner and mode, so the same inputs give a byte-identical tar.
+- The tar and its Parquet sibling are written under temporary names and renamed when complete, so
+  an existing ``<shard>.tar`` is a whole one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Union
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+from webdataset.tariterators import base_plus_ext
+
+from manifests.schemas import CURATED
+from manifests.store import tmp_sibling
+
+# Fixed tar header fields: the same samples give the same bytes on any machine, any day.
+TAR_MTIME = 0  # an int: a float mtime makes tarfile add a PAX header (1 KiB) to every member
+TAR_OWNER = "curation"
+TAR_MODE = 0o444
+
+# The Parquet sibling of each output tar (``<shard>.parquet``), like img2dataset's per-shard table:
+# typed columns, one row per sample, in tar order.
+CURATED_SHARD = pa.schema(
+    [
+        pa.field("uid", pa.string(), nullable=False),
+        pa.field("key", pa.string(), nullable=False),  # __key__ in this tar
+        pa.field("caption", pa.string()),  # the .txt member, decoded
+        pa.field("width", pa.int32()),  # of the stored image, from img2dataset's json
+        pa.field("height", pa.int32()),
+        pa.field("source_shard", pa.string(), nullable=False),  # shards/<source_shard>.tar
+        pa.field("source_key", pa.string(), nullable=False),
+    ]
+)
+
+# Per source tar: the keys to keep, or a key -> uid mapping, which also checks each sample's uid.
+SourceKeys = Union[Collection[str], Mapping[str, str]]
+
+
+def key_width(samples_per_shard: int) -> int:
+    """Digits of the in-shard index in a key; img2dataset's rule (``ceil(log10(max(n, 2)))``)."""
+    return len(str(max(samples_per_shard, 2) - 1))
+
+
+def new_key(shard: str, index: int, samples_per_shard: int) -> str:
+    """Key of the ``index``-th sample of output ``shard``: img2dataset's scheme, unique in a policy."""
+    return f"{shard}{index:0{key_width(samples_per_shard)}d}"
+
+
+def iter_kept_samples(fileobj: BinaryIO, keep: Collection[str], name: str = "tar") -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield ``(key, {ext: bytes})`` for each kept sample, in tar order, holding one sample at a time.
+
+    ``fileobj`` must be seekable: members that are not kept are skipped by seeking past their data.
+    Samples are grouped as webdataset groups them (``base_plus_ext``: key = name up to the first dot
+    of the basename), and, like webdataset, a sample is consecutive members with the same key. A kept
+    key that shows up twice (or a sample with one extension twice) is an error: which copy to take
+    would be a guess.
+    """
+    yielded: set[str] = set()
+    key: str | None = None
+    members: dict[str, bytes] = {}
+    with tarfile.open(fileobj=fileobj, mode="r:") as tar:
+        while (info := tar.next()) is not None:
+            tar.members.clear()  # tarfile remembers every header it read; a long tar must not grow memory
+            if not info.isfile():
+                continue
+            member_key, ext = base_plus_ext(info.name)
+            if member_key != key:
+                if members:
+                    yield key, members  # type: ignore[misc]
+                    yielded.add(key)  # type: ignore[arg-type]
+                key, members = member_key, {}
+            if member_key is None or member_key not in keep:
+                continue
+            if member_key in yielded or ext in members:
+                raise ValueError(f"{name}: sample {member_key!r} appears twice (member {info.name!r})")
+            handle = tar.extractfile(info)
+            assert handle is not None  # a regular file
+            members[ext] = handle.read()
+        if members:
+            yield key, members  # type: ignore[misc]
+
+
+@dataclass
+class ShardReshard:
+    """What one output shard's reshard produced (files already renamed into place)."""
+
+    shard: str
+    tar_path: Path
+    parquet_path: Path
+    manifest: pa.Table  # schema manifests.schemas.CURATED, one row per sample in tar order
+    samples: int
+    bytes_written: int  # tar + Parquet sibling
+
+
+class ReshardStage:
+    """Writes one output shard of a policy from an ordered list of (source tar, kept keys)."""
+
+    name = "reshard"
+
+    def __init__(self, policy: str, samples_per_shard: int) -> None:
+        if samples_per_shard < 1:
+            raise ValueError("samples_per_shard must be >= 1")
+        self.policy = policy
+        self.samples_per_shard = samples_per_shard
+
+    def run_shard(self, inputs: Sequence[tuple[Path | str, SourceKeys]], shard: str, out_dir: Path) -> ShardReshard:
+        """Write ``out_dir/<shard>.tar`` and ``<shard>.parquet`` from ``inputs``; return its manifest.
+
+        Source tars are read in the order given, and inside each tar in the tar's own member order
+        (that is what lets each tar be streamed once); the ``i``-th sample written gets key
+        ``new_key(shard, i)``. Every listed key must be in its tar, else nothing is written.
+        """
+        tars = [Path(t).resolve() for t, _ in inputs]
+        if len(set(tars)) != len(tars):
+            raise ValueError(f"shard {shard}: a source tar is listed twice; give each tar's keys once")
+        total = sum(len(set(keys)) for _, keys in inputs)
+        if total > self.samples_per_shard:
+            raise ValueError(f"shard {shard}: {total} samples planned, more than samples_per_shard={self.samples_per_shard}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tar_path = out_dir / f"{shard}.tar"
+        parquet_path = out_dir / f"{shard}.parquet"
+        tmp_tar, tmp_parquet = tmp_sibling(tar_path), tmp_sibling(parquet_path)
+        rows: list[dict] = []
+        try:
+            with open(tmp_tar, "wb") as out:
+                # closed on error too, while ``out`` is open: else tarfile flushes into a closed file later
+                with wds.TarWriter(out, encoder=False, mtime=TAR_MTIME, user=TAR_OWNER, group=TAR_OWNER, mode=TAR_MODE) as writer:
+                    for source_tar, keys in inputs:
+                        self._copy_source(Path(source_tar), keys, shard, writer, rows)
+                out.flush()
+                os.fsync(out.fileno())
+            shard_table = pa.Table.from_pylist(rows, schema=CURATED_SHARD)
+            pq.write_table(shard_table, tmp_parquet, compression="zstd")
+            with open(tmp_parquet, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp_tar, tar_path)
+            os.replace(tmp_parquet, parquet_path)
+        finally:
+            tmp_tar.unlink(missing_ok=True)
+            tmp_parquet.unlink(missing_ok=True)
+        manifest = pa.table(
+            {
+                "uid": shard_table.column("uid"),
+                "policy": pa.array([self.policy] * len(rows), pa.string()),
+                "shard": pa.array([shard] * len(rows), pa.string()),
+                "key": shard_table.column("key"),
+                "source_shard": shard_table.column("source_shard"),
+                "source_key": shard_table.column("source_key"),
+            },
+            schema=CURATED,
+        )
+        size = tar_path.stat().st_size + parquet_path.stat().st_size
+        return ShardReshard(shard, tar_path, parquet_path, manifest, len(rows), size)
+
+    def _copy_source(self, source_tar: Path, keys: SourceKeys, shard: str, writer: wds.TarWriter, rows: list[dict]) -> None:
+        """Stream one source tar, writing its kept samples; raise if a listed key is missing."""
+        wanted = set(keys)
+        expected_uid = keys if isinstance(keys, Mapping) else None
+        source_shard = source_tar.name.removesuffix(".tar")
+        found: set[str] = set()
+        with open(source_tar, "rb") as f:
+            for source_key, members in iter_kept_samples(f, wanted, name=str(source_tar)):
+                found.add(source_key)
+                key = new_key(shard, len(rows), self.samples_per_shard)
+                sample, row = self._rewrite(members, key, source_shard, source_key, source_tar)
+                if expected_uid is not None and row["uid"] != expected_uid[source_key]:
+                    raise ValueError(
+                        f"{source_tar}: sample {source_key} holds uid {row['uid']}, "
+                        f"the download manifest says {expected_uid[source_key]}"
+                    )
+                writer.write(sample)
+                rows.append(row)
+        missing = wanted - found
+        if missing:
+            raise ValueError(f"{source_tar}: {len(missing)} planned sample(s) not in the tar, e.g. {sorted(missing)[:3]}")
+
+    @staticmethod
+    def _rewrite(
+        members: dict[str, bytes], key: str, source_shard: str, source_key: str, source_tar: Path
+    ) -> tuple[dict[str, bytes | str], dict]:
+        """The sample to write (bytes unchanged but the json) and its row of the Parquet sibling."""
+        if "json" not in members:
+            raise ValueError(f"{source_tar}: sample {source_key} has no .json member (need its uid)")
+        meta = json.loads(members["json"])
+        meta["key"] = key
+        meta["source_shard"] = source_shard
+        meta["source_key"] = source_key
+        sample: dict[str, bytes | str] = {"__key__": key, **members}
+        sample["json"] = json.dumps(meta, indent=4).encode("utf-8")  # img2dataset's formatting
+        caption = members["txt"].decode("utf-8", errors="replace") if "txt" in members else meta.get("caption")
+        row = {
+            "uid": meta["uid"],
+            "key": key,
+            "caption": caption,
+            "width": meta.get("width"),
+            "height": meta.get("height"),
+            "source_shard": source_shard,
+            "source_key": source_key,
+        }
+        return sample, row
