@@ -112,6 +112,12 @@ def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
     return out
 
 
+def _plain(values: Any) -> list[Any]:
+    """A column as plain Python values: Ray hands list columns back as numpy object arrays of
+    arrays, which it would pickle instead of storing as Arrow lists on the way out."""
+    return [v.tolist() if isinstance(v, np.ndarray) else v for v in values]
+
+
 class StageActor:
     """One replica of a stage in a Ray Data actor pool: set up once, then called per batch."""
 
@@ -123,11 +129,36 @@ class StageActor:
         inputs = {k: list(v) for k, v in batch.items()}
         inputs["image"] = [None if a is None or a.size == 0 else a for a in batch["image"]]
         produced = self.stage.process_batch(inputs)
-        out: dict[str, Any] = dict(batch)
+        out: dict[str, Any] = {
+            k: (v if k == "image" or v.dtype != object else _plain(v)) for k, v in batch.items()
+        }
         for column, values in produced.items():
             if column != "uid":
                 out[column] = values
         return out
+
+
+READ_CPUS = 0.25  # reading a tar and decoding JPEGs is light next to the model stages
+
+
+def fit_to_cluster(declared: dict[str, Any], cluster_cpus: float) -> float:
+    """Factor applied to every stage's CPU request so that all actor pools fit at once.
+
+    Every actor of a streaming pipeline must be placed for data to flow; on a small machine (2
+    cores, the CI box) the declared CPUs of OCR + CLIP + parrot exceed what exists and the pipeline
+    would wait forever. Requests are scheduling tokens (threads are set by each stage), so scaling
+    them down keeps the stages' proportions and lets them share the cores. On a cluster with room,
+    the factor is 1.
+    """
+    wanted = sum(r.cpus * r.replicas for r in declared.values()) + 2 * READ_CPUS
+    if wanted <= cluster_cpus:
+        return 1.0
+    scale = max(cluster_cpus - 2 * READ_CPUS, 0.1) / (wanted - 2 * READ_CPUS)
+    logging.getLogger(__name__).warning(
+        "stages declare %.2f CPUs but the cluster has %.0f: scaling requests by %.2f so all stages run", wanted,
+        cluster_cpus, scale,
+    )
+    return scale
 
 
 def _stage_table(batch: pa.Table, stage: str) -> pa.Table:
@@ -163,6 +194,7 @@ def run_per_sample(
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     gpus_available = ray.cluster_resources().get("GPU", 0) > 0
+    cluster_cpus = ray.cluster_resources().get("CPU", 1)
 
     for missing, shards in groups.items():
         run_specs = [s for s in specs if s.name in missing]
@@ -183,18 +215,19 @@ def run_per_sample(
             }
             for s in shards
         ]
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(read_shard)
-        ds = ds.map_batches(decode_batch, batch_size=16, batch_format="numpy")
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(read_shard, num_cpus=READ_CPUS)
+        ds = ds.map_batches(decode_batch, batch_size=16, batch_format="numpy", num_cpus=READ_CPUS)
+        declared = {spec.name: spec.make(config).resources(gpus_available) for spec in run_specs}
+        scale = fit_to_cluster(declared, cluster_cpus)
         for spec in run_specs:
-            stage = spec.make(config)
-            res: Resources = stage.resources(gpus_available)
+            res: Resources = declared[spec.name]
             ds = ds.map_batches(
                 StageActor,
                 fn_constructor_args=(spec, config),
                 batch_size=res.batch_size,
                 batch_format="numpy",
                 concurrency=res.replicas,
-                num_cpus=res.cpus,
+                num_cpus=res.cpus * scale,
                 num_gpus=res.gpus or None,
             )
         ds = ds.drop_columns(["image"])

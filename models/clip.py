@@ -1,0 +1,272 @@
+"""open_clip wrapper for CLIP scoring: load once, embed images and captions in batches, mask text.
+
+No Ray and no run paths: the CLIP-score stage owns those. Three things are decided here:
+
+- **Provenance.** A score means nothing without the weights that produced it, so the loaded model
+  carries a one-line ``description`` (model name + pretrained tag, or checkpoint path + sha256
+  prefix, or ``random-init(seed=N)``) and a ``meaningful`` flag. Offline runs have no pretrained
+  weights: the random init is seeded so its scores are at least reproducible, and a warning says
+  they are not meaningful.
+- **Precision.** fp32 everywhere by default; ``amp`` autocasts on CUDA only (bf16 where the GPU
+  supports it, else fp16). On CPU ``amp`` falls back to fp32 and the recorded precision says so.
+- **Text removal (T-MARS).** ``mask_text_regions`` fills every text quad with the mean colour of a
+  thin ring of pixels around it, so the CLIP score of the masked image measures what the image
+  shows rather than what it spells. OpenCV's Telea inpainting (what the Parrot Captions paper
+  used) is available as ``method="telea"``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+RANDOM_WEIGHTS_MESSAGE = (
+    "CLIP scores from randomly initialised weights are not meaningful; "
+    "set clip.pretrained to a tag or checkpoint"
+)
+MASK_RING_PX = 6  # width of the ring around a text quad whose mean colour fills it
+_warned_random = False
+
+
+class RandomWeightsWarning(UserWarning):
+    """CLIP weights are a seeded random init: scores are reproducible but carry no meaning."""
+
+
+def resolve_device(requested: str, cuda_available: bool) -> str:
+    """"auto" -> "cuda" when a GPU is visible else "cpu"; "cuda" without a GPU is a config error."""
+    if requested == "auto":
+        return "cuda" if cuda_available else "cpu"
+    if requested == "cuda" and not cuda_available:
+        raise ConfigError("clip.device is 'cuda' but no CUDA GPU is available; use 'auto' or 'cpu'")
+    if requested not in {"cpu", "cuda"}:
+        raise ConfigError(f"clip.device must be auto, cpu or cuda, not {requested!r}")
+    return requested
+
+
+def file_sha256(path: str, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class ClipModel:
+    """A loaded open_clip model with what is needed to score (image, caption) pairs."""
+
+    model: Any  # open_clip CLIP / CustomTextCLIP, eval mode, no grads
+    preprocess: Callable[[Any], Any]  # open_clip's eval transform: PIL image -> CHW float tensor
+    tokenizer: Callable[[Sequence[str]], Any]
+    device: str
+    precision: str  # what actually runs: "fp32" | "amp-bf16" | "amp-fp16"
+    description: str
+    meaningful: bool
+    batch_size: int = 32
+
+    def _autocast(self) -> Any:
+        import torch
+
+        if self.precision == "amp-bf16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.precision == "amp-fp16":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return nullcontext()
+
+    def encode_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """L2-normalised image embeddings, float32, one row per image, in batches."""
+        import torch
+        from PIL import Image
+
+        chunks = []
+        for start in range(0, len(images), self.batch_size):
+            part = images[start : start + self.batch_size]
+            pixels = torch.stack([self.preprocess(Image.fromarray(_as_rgb(im))) for im in part])
+            with torch.inference_mode(), self._autocast():
+                emb = self.model.encode_image(pixels.to(self.device))
+            chunks.append(_normalise(emb))
+        return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+
+    def encode_texts(self, captions: Sequence[str]) -> np.ndarray:
+        """L2-normalised caption embeddings, float32 (captions past the context are truncated)."""
+        import torch
+
+        chunks = []
+        for start in range(0, len(captions), self.batch_size):
+            tokens = self.tokenizer([c or "" for c in captions[start : start + self.batch_size]])
+            with torch.inference_mode(), self._autocast():
+                emb = self.model.encode_text(tokens.to(self.device))
+            chunks.append(_normalise(emb))
+        return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+
+    def encode_pairs(self, images: Sequence[np.ndarray], captions: Sequence[str]) -> np.ndarray:
+        """Cosine similarity of each image with its own caption (the CLIP score), float32."""
+        if len(images) != len(captions):
+            raise ValueError(f"{len(images)} images but {len(captions)} captions")
+        if not images:
+            return np.zeros(0, np.float32)
+        return cosine_rows(self.encode_images(images), self.encode_texts(captions))
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise dot product of unit vectors, clipped to [-1, 1] against rounding."""
+    return np.clip(np.einsum("ij,ij->i", a, b), -1.0, 1.0).astype(np.float32)
+
+
+def _normalise(emb: Any) -> np.ndarray:
+    """To float32 first, then unit length: fp16 outputs are re-normalised at full precision."""
+    x = emb.float().cpu().numpy()
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+    """HxWx3 uint8 whatever came in (grey, RGBA, non-contiguous)."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    elif image.shape[-1] == 4:
+        image = image[..., :3]
+    if image.dtype != np.uint8:
+        image = np.clip(image, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(image)
+
+
+def load_clip(
+    model: str,
+    pretrained: str,
+    device: str,
+    precision: str,
+    seed: int,
+    num_threads: int | None = None,
+    batch_size: int = 32,
+) -> ClipModel:
+    """Build an open_clip model through ``create_model_and_transforms`` (tag, file or random init).
+
+    ``device`` is "cpu" or "cuda" (resolve "auto" first with ``resolve_device``). ``num_threads``
+    sets torch's intra-op threads to the replica's CPU share, since torch would otherwise use
+    every core of the node and oversubscribe it when several actors share a machine.
+    """
+    global _warned_random
+    import open_clip
+    import torch
+
+    if num_threads is not None:
+        torch.set_num_threads(max(1, int(num_threads)))
+    pretrained = pretrained or ""
+    is_file = bool(pretrained) and os.path.isfile(pretrained)
+    if ":" not in model:  # a built-in name (not hf-hub:/local-dir:): fail with the fix in the message
+        if open_clip.get_model_config(model) is None:
+            raise ConfigError(f"clip.model {model!r} is not an open_clip model; see open_clip.list_models()")
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        if pretrained and not is_file and pretrained not in tags:
+            raise ConfigError(
+                f"clip.pretrained {pretrained!r} is neither a file nor an open_clip tag of {model} "
+                f"(its tags: {', '.join(tags) or 'none; e.g. ViT-B-32 has laion2b_s34b_b79k'})"
+            )
+    # Seed inside a forked RNG: the init is reproducible and the caller's RNG stream is untouched.
+    # Weights are initialised on the CPU and then moved, so the init is the same for every device.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net, _, preprocess = open_clip.create_model_and_transforms(
+            model, pretrained=pretrained or None, device=device
+        )
+    net.eval().requires_grad_(False)
+
+    if not pretrained:
+        description, meaningful = f"{model} random-init(seed={seed})", False
+        if not _warned_random:
+            _warned_random = True
+            logger.warning(RANDOM_WEIGHTS_MESSAGE)
+            warnings.warn(RANDOM_WEIGHTS_MESSAGE, RandomWeightsWarning, stacklevel=2)
+    elif is_file:
+        description, meaningful = f"{model} {pretrained} sha256:{file_sha256(pretrained)[:8]}", True
+    else:
+        description, meaningful = f"{model} {pretrained}", True
+
+    if precision == "amp" and device.startswith("cuda"):
+        actual = "amp-bf16" if torch.cuda.is_bf16_supported() else "amp-fp16"
+    else:
+        if precision == "amp":
+            logger.warning("clip.precision 'amp' needs CUDA; running fp32 on %s", device)
+        actual = "fp32"
+    return ClipModel(
+        model=net,
+        preprocess=preprocess,
+        tokenizer=open_clip.get_tokenizer(model),
+        device=device,
+        precision=actual,
+        description=description,
+        meaningful=meaningful,
+        batch_size=batch_size,
+    )
+
+
+# -- text removal --------------------------------------------------------------------------------
+
+
+def quad_points(quad: Any) -> np.ndarray:
+    """A quad (4 [x, y] points, lists or numpy object arrays) as a (4, 2) float array."""
+    points = np.array([np.asarray(p, dtype=np.float64).reshape(2) for p in quad], dtype=np.float64)
+    if points.ndim != 2 or points.shape[1] != 2 or len(points) < 3 or not np.isfinite(points).all():
+        raise ValueError(f"not a text quad: {quad!r}")
+    return points
+
+
+def mask_text_regions(
+    image: np.ndarray, quads: Sequence[Any] | None, ring_px: int = MASK_RING_PX, method: str = "mean"
+) -> np.ndarray:
+    """Hide every text quad: fill it with the mean colour of a ring around it (T-MARS).
+
+    The ring excludes all text quads, so a neighbouring line of text does not leak its colour into
+    the fill. Returns the input itself when there are no quads, else a modified copy.
+    ``method="telea"`` inpaints the quads with OpenCV instead (the Parrot Captions paper's choice).
+    """
+    import cv2
+
+    if quads is None or len(quads) == 0:
+        return image
+    if method not in {"mean", "telea"}:
+        raise ValueError(f"unknown masking method {method!r}; use 'mean' or 'telea'")
+    out = np.array(image, copy=True)
+    h, w = out.shape[:2]
+    polygons = [np.round(quad_points(q)).astype(np.int32) for q in quads]
+    text_mask = np.zeros((h, w), np.uint8)
+    cv2.fillPoly(text_mask, polygons, 1)
+    if method == "telea":
+        kernel = np.ones((3, 3), np.uint8)
+        dilated = cv2.dilate(text_mask, kernel, iterations=1)  # cover anti-aliased glyph edges
+        return cv2.inpaint(np.ascontiguousarray(out), dilated * 255, ring_px, cv2.INPAINT_TELEA)
+
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * ring_px + 1, 2 * ring_px + 1))
+    background = text_mask == 0
+    fallback = out[background].mean(axis=0) if background.any() else out.reshape(-1, out.shape[-1]).mean(axis=0)
+    for poly in polygons:
+        # Work inside the quad's bounding box grown by the ring: O(box), not O(image), per quad.
+        x0 = max(int(poly[:, 0].min()) - ring_px - 1, 0)
+        y0 = max(int(poly[:, 1].min()) - ring_px - 1, 0)
+        x1 = min(int(poly[:, 0].max()) + ring_px + 2, w)
+        y1 = min(int(poly[:, 1].max()) + ring_px + 2, h)
+        if x0 >= x1 or y0 >= y1:
+            continue  # entirely outside the image
+        region = np.zeros((y1 - y0, x1 - x0), np.uint8)
+        cv2.fillPoly(region, [poly - np.array([x0, y0], np.int32)], 1)
+        if not region.any():
+            continue
+        ring = (cv2.dilate(region, kernel) > 0) & background[y0:y1, x0:x1]
+        crop = out[y0:y1, x0:x1]
+        colour = crop[ring].mean(axis=0) if ring.any() else fallback
+        crop[region > 0] = np.round(colour).astype(out.dtype)
+    return out

@@ -1,0 +1,183 @@
+"""CLIP-score stage: cosine of image and caption embeddings, before and after hiding text (T-MARS).
+
+``clip_score`` rewards parrot captions (Parrot Captions: mean 0.336 with text vs 0.297 after text
+removal), so each sample also gets ``clip_score_masked``: the same score with every OCR text
+region filled by its surroundings' mean colour. Only images with text regions need the second
+image forward; for the others the masked score *is* the score (the same float, not a recompute).
+Each caption is embedded once and reused for both images.
+
+Row semantics (``clip_status`` is "ok" exactly when ``clip_score`` is present):
+- no decoded image -> "failed", the decode error in ``clip_error``;
+- a forward that raises for the batch is retried row by row, so a bad row fails alone;
+- OCR failed (or did not run), so the text regions are unknown -> "ok" with ``clip_score`` but
+  null ``clip_score_masked`` / ``clip_n_masked`` and the reason in ``clip_error``: equating the
+  masked score with the raw one would claim "no text" without evidence;
+- a quad that cannot be drawn (malformed geometry) likewise nulls only the masked score.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from models.clip import ClipModel, cosine_rows, load_clip, mask_text_regions, resolve_device
+from pipeline.config import ClipConfig
+from stages.base import Resources
+
+logger = logging.getLogger(__name__)
+
+_COLUMNS = (
+    "uid",
+    "clip_status",
+    "clip_error",
+    "clip_score",
+    "clip_score_masked",
+    "clip_n_masked",
+    "clip_model",
+    "clip_weights_meaningful",
+    "clip_device",
+    "clip_precision",
+)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class ClipScoreStage:
+    """Scores (image, caption) with open_clip, raw and with OCR text regions masked."""
+
+    name = "clip_score"
+
+    def __init__(self, config: ClipConfig) -> None:
+        self.config = config
+        self.clip: ClipModel | None = None
+
+    def resources(self, gpus_available: bool) -> Resources:
+        device = resolve_device(self.config.device, gpus_available)
+        return Resources(
+            cpus=self.config.cpus_per_replica,
+            gpus=self.config.gpus_per_replica if device == "cuda" else 0.0,
+            batch_size=self.config.batch_size,
+            replicas=self.config.replicas,
+        )
+
+    def setup(self) -> None:
+        """Load the model once per actor; torch threads follow the replica's CPU share."""
+        if self.clip is not None:
+            return
+        cfg = self.config
+        self.clip = load_clip(
+            cfg.model,
+            cfg.pretrained,
+            device=resolve_device(cfg.device, _cuda_available()),
+            precision=cfg.precision,
+            seed=cfg.seed,
+            num_threads=max(1, int(cfg.cpus_per_replica)),
+            batch_size=cfg.batch_size,
+        )
+
+    # -- batch ---------------------------------------------------------------------------------
+
+    def process_batch(self, batch: dict[str, list]) -> dict[str, list]:
+        """One CLIP_SCORE row per input row, same order."""
+        if self.clip is None:
+            self.setup()
+        clip = self.clip
+        assert clip is not None
+        n = len(batch["uid"])
+        images = _column(batch, "image", n)
+        captions = [c if c is not None else "" for c in _column(batch, "caption", n)]
+        decode_errors = _column(batch, "decode_error", n)
+        ocr_status = _column(batch, "ocr_status", n)
+        quads_col = _column(batch, "quads", n)
+
+        out: dict[str, list] = {c: [None] * n for c in _COLUMNS}
+        out["uid"] = [str(u) for u in batch["uid"]]
+        out["clip_model"] = [clip.description] * n
+        out["clip_weights_meaningful"] = [clip.meaningful] * n
+        out["clip_device"] = [clip.device] * n
+        out["clip_precision"] = [clip.precision] * n
+
+        # Per row: the masked image (None: same as original; "unknown": no masked score) and why.
+        ok_rows: list[int] = []
+        masked: dict[int, np.ndarray] = {}
+        for i in range(n):
+            if images[i] is None or np.asarray(images[i]).size == 0:
+                out["clip_status"][i] = "failed"
+                out["clip_error"][i] = decode_errors[i] or "no decoded image"
+                continue
+            ok_rows.append(i)
+            if ocr_status[i] is None or str(ocr_status[i]) != "ok":
+                out["clip_error"][i] = "masked score unavailable: OCR failed or did not run for this sample"
+                continue
+            quads = quads_col[i]
+            n_quads = 0 if quads is None else len(quads)
+            try:
+                if n_quads:
+                    masked[i] = mask_text_regions(images[i], quads)
+                out["clip_n_masked"][i] = n_quads
+            except Exception as err:  # noqa: BLE001 - a malformed quad costs this row's masked score only
+                out["clip_error"][i] = f"masked score unavailable: {type(err).__name__}: {err}"
+
+        scores = self._score(ok_rows, masked, images, captions, out)
+        for i, (raw, hidden) in scores.items():
+            out["clip_status"][i] = "ok"
+            out["clip_score"][i] = raw
+            if out["clip_n_masked"][i] is not None:
+                out["clip_score_masked"][i] = hidden if hidden is not None else raw
+        return out
+
+    def _score(
+        self,
+        rows: list[int],
+        masked: dict[int, np.ndarray],
+        images: list[Any],
+        captions: list[str],
+        out: dict[str, list],
+    ) -> dict[int, tuple[float, float | None]]:
+        """(raw, masked-or-None) per row; whole batch first, then row by row if that raises."""
+        try:
+            return self._forward(rows, masked, images, captions)
+        except Exception as err:  # noqa: BLE001 - find the bad row(s) below
+            logger.warning("CLIP batch of %d failed (%s: %s); retrying row by row", len(rows), type(err).__name__, err)
+        result: dict[int, tuple[float, float | None]] = {}
+        for i in rows:
+            try:
+                result.update(self._forward([i], masked, images, captions))
+            except Exception as err:  # noqa: BLE001 - this row fails alone
+                out["clip_status"][i] = "failed"
+                out["clip_error"][i] = f"clip forward failed: {type(err).__name__}: {err}"
+        return result
+
+    def _forward(
+        self, rows: list[int], masked: dict[int, np.ndarray], images: list[Any], captions: list[str]
+    ) -> dict[int, tuple[float, float | None]]:
+        """One text forward per caption, one image forward per original and per masked image."""
+        if not rows:
+            return {}
+        clip = self.clip
+        assert clip is not None
+        with_text = [i for i in rows if i in masked]
+        texts = clip.encode_texts([captions[i] for i in rows])
+        pixels = clip.encode_images([images[i] for i in rows] + [masked[i] for i in with_text])
+        raw = cosine_rows(pixels[: len(rows)], texts)
+        position = {i: k for k, i in enumerate(rows)}
+        hidden = cosine_rows(pixels[len(rows) :], texts[[position[i] for i in with_text]]) if with_text else []
+        result: dict[int, tuple[float, float | None]] = {i: (float(raw[k]), None) for k, i in enumerate(rows)}
+        for i, value in zip(with_text, hidden):
+            result[i] = (result[i][0], float(value))
+        for value in result.values():
+            if not np.isfinite(value[0]) or (value[1] is not None and not np.isfinite(value[1])):
+                raise FloatingPointError("non-finite CLIP score")
+        return result
+
+
+def _column(batch: dict[str, list], name: str, n: int) -> list:
+    """A batch column as a list, or n Nones when the batch lacks it (e.g. OCR did not run)."""
+    values = batch.get(name)
+    return [None] * n if values is None else list(values)
