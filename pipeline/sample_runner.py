@@ -161,9 +161,17 @@ def fit_to_cluster(declared: dict[str, Any], cluster_cpus: float) -> float:
     return scale
 
 
+def _typed(column: pa.ChunkedArray, target: pa.DataType) -> pa.ChunkedArray:
+    """Cast a column to its schema type. Ray turns an integer column with missing values into
+    floats with NaN; those NaNs are the missing values, so they become nulls, not a cast error."""
+    if pa.types.is_floating(column.type) and pa.types.is_integer(target):
+        column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
+    return column.cast(target)
+
+
 def _stage_table(batch: pa.Table, stage: str) -> pa.Table:
     schema = schema_for(stage)
-    columns = [batch.column(f.name).cast(f.type) if f.name in batch.column_names else pa.nulls(batch.num_rows, f.type)
+    columns = [_typed(batch.column(f.name), f.type) if f.name in batch.column_names else pa.nulls(batch.num_rows, f.type)
                for f in schema]
     return pa.Table.from_arrays(columns, schema=schema)
 
@@ -173,9 +181,6 @@ def run_per_sample(
 ) -> SampleReport:
     """Run every per-sample stage on every shard that lacks its part. Ray must be up."""
     import ray
-    from tqdm import tqdm
-
-    from stages.base import Resources
 
     started = time.monotonic()
     report = SampleReport(stages={s.name: StageReport() for s in specs})
@@ -189,77 +194,102 @@ def run_per_sample(
         if missing:
             groups[missing].append(shard)
 
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    ctx.issue_detectors_config.detectors = []  # its memory hints are for large clusters, noise here
     gpus_available = ray.cluster_resources().get("GPU", 0) > 0
     cluster_cpus = ray.cluster_resources().get("CPU", 1)
 
-    for missing, shards in groups.items():
-        run_specs = [s for s in specs if s.name in missing]
-        empty = [s for s in shards if counts[s] == 0]
-        for shard in empty:  # nothing downloaded: an empty part says "done" all the same
-            for spec in run_specs:
-                write_table_atomic(schema_for(spec.name).empty_table(), layout.part_path(spec.name, shard))
-                report.stages[spec.name].shards_run += 1
-        shards = [s for s in shards if counts[s] > 0]
-        if not shards:
-            continue
-        done_before = [s.name for s in specs if s.name not in missing]
-        items = [
-            {
-                "shard": s,
-                "tar": str((layout.shards_dir / f"{s}.tar").resolve()),
-                "parts": [str(layout.part_path(name, s).resolve()) for name in done_before],
-            }
-            for s in shards
-        ]
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(read_shard, num_cpus=READ_CPUS)
-        ds = ds.map_batches(decode_batch, batch_size=16, batch_format="numpy", num_cpus=READ_CPUS)
-        declared = {spec.name: spec.make(config).resources(gpus_available) for spec in run_specs}
-        scale = fit_to_cluster(declared, cluster_cpus)
-        for spec in run_specs:
-            res: Resources = declared[spec.name]
-            ds = ds.map_batches(
-                StageActor,
-                fn_constructor_args=(spec, config),
-                batch_size=res.batch_size,
-                batch_format="numpy",
-                concurrency=res.replicas,
-                num_cpus=res.cpus * scale,
-                num_gpus=res.gpus or None,
-            )
-        ds = ds.drop_columns(["image"])
-
-        expected = {s: counts[s] for s in shards}
-        pending: dict[str, list[pa.Table]] = defaultdict(list)
-        arrived: dict[str, int] = defaultdict(int)
-        bar = tqdm(total=sum(expected.values()), unit="img", desc="+".join(missing), disable=not progress)
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            for shard in batch.column("shard").unique().to_pylist():
-                rows = batch.filter(pc.equal(batch.column("shard"), shard))
-                pending[shard].append(rows)
-                arrived[shard] += rows.num_rows
-                bar.update(rows.num_rows)
-                if arrived[shard] == expected[shard]:
-                    whole = pa.concat_tables(pending.pop(shard), promote_options="permissive")
-                    for spec in run_specs:
-                        table = _stage_table(whole, spec.name)
-                        write_table_atomic(table, layout.part_path(spec.name, shard))
-                        stage_report = report.stages[spec.name]
-                        stage_report.shards_run += 1
-                        stage_report.samples += table.num_rows
-                        status_col = f"{spec.name}_status"
-                        if status_col in table.column_names:
-                            stage_report.failed += int(pc.sum(pc.not_equal(table.column(status_col), "ok")).as_py() or 0)
-                    report.samples += whole.num_rows
-        bar.close()
-        for shard, got in arrived.items():
-            if got != expected[shard]:
-                report.incomplete_shards[shard] = f"expected {expected[shard]} samples, the tar gave {got}"
+    logging.disable(logging.INFO)  # Ray Data re-configures its loggers per execution; its INFO lines are noise here
+    try:
+        for missing, shards in groups.items():
+            _run_group(layout, config, specs, missing, shards, counts, report, gpus_available, cluster_cpus, progress)
+    finally:
+        logging.disable(logging.NOTSET)
     report.seconds = time.monotonic() - started
     return report
+
+
+def _run_group(
+    layout: RunLayout,
+    config: Config,
+    specs: tuple[StageSpec, ...],
+    missing: tuple[str, ...],
+    shards: list[str],
+    counts: dict[str, int],
+    report: SampleReport,
+    gpus_available: bool,
+    cluster_cpus: float,
+    progress: bool,
+) -> None:
+    """One streaming pipeline over the shards that miss the same set of stages."""
+    import ray
+    from tqdm import tqdm
+
+    from stages.base import Resources
+
+
+    run_specs = [s for s in specs if s.name in missing]
+    empty = [s for s in shards if counts[s] == 0]
+    for shard in empty:  # nothing downloaded: an empty part says "done" all the same
+        for spec in run_specs:
+            write_table_atomic(schema_for(spec.name).empty_table(), layout.part_path(spec.name, shard))
+            report.stages[spec.name].shards_run += 1
+    shards = [s for s in shards if counts[s] > 0]
+    if not shards:
+        return
+    done_before = [s.name for s in specs if s.name not in missing]
+    items = [
+        {
+            "shard": s,
+            "tar": str((layout.shards_dir / f"{s}.tar").resolve()),
+            "parts": [str(layout.part_path(name, s).resolve()) for name in done_before],
+        }
+        for s in shards
+    ]
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(read_shard, num_cpus=READ_CPUS)
+    ds = ds.map_batches(decode_batch, batch_size=16, batch_format="numpy", num_cpus=READ_CPUS)
+    declared = {spec.name: spec.make(config).resources(gpus_available) for spec in run_specs}
+    scale = fit_to_cluster(declared, cluster_cpus)
+    for spec in run_specs:
+        res: Resources = declared[spec.name]
+        ds = ds.map_batches(
+            StageActor,
+            fn_constructor_args=(spec, config),
+            batch_size=res.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=res.replicas),
+            num_cpus=res.cpus * scale,
+            num_gpus=res.gpus or None,
+        )
+    ds = ds.drop_columns(["image"])
+
+    expected = {s: counts[s] for s in shards}
+    pending: dict[str, list[pa.Table]] = defaultdict(list)
+    arrived: dict[str, int] = defaultdict(int)
+    bar = tqdm(total=sum(expected.values()), unit="img", desc="+".join(missing), disable=not progress)
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for shard in batch.column("shard").unique().to_pylist():
+            rows = batch.filter(pc.equal(batch.column("shard"), shard))
+            pending[shard].append(rows)
+            arrived[shard] += rows.num_rows
+            bar.update(rows.num_rows)
+            if arrived[shard] == expected[shard]:
+                whole = pa.concat_tables(pending.pop(shard), promote_options="permissive")
+                for spec in run_specs:
+                    table = _stage_table(whole, spec.name)
+                    write_table_atomic(table, layout.part_path(spec.name, shard))
+                    stage_report = report.stages[spec.name]
+                    stage_report.shards_run += 1
+                    stage_report.samples += table.num_rows
+                    status_col = next(c for c in table.column_names if c.endswith("_status"))
+                    stage_report.failed += int(pc.sum(pc.not_equal(table.column(status_col), "ok")).as_py() or 0)
+                report.samples += whole.num_rows
+    bar.close()
+    for shard, want in expected.items():
+        if arrived.get(shard, 0) != want:
+            report.incomplete_shards[shard] = f"expected {want} samples, the tar gave {arrived.get(shard, 0)}"
 
 
 def shards_missing(layout: RunLayout, specs: tuple[StageSpec, ...]) -> list[str]:
