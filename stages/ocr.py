@@ -1,0 +1,169 @@
+"""OCR stage: decoded images -> one ``manifests.schemas.OCR`` row per image (text regions + text).
+
+NeMo-Curator style: the stage declares its resources as data, loads its model once in
+``setup()`` (once per Ray actor), and maps batches of columns to batches of columns. It knows
+nothing of Ray or paths; the runner decodes images, calls ``process_batch`` and writes manifests.
+
+Failure policy: a row whose image could not be decoded, or whose OCR raised, becomes a
+``failed`` row with the message; it never fails the batch. When the batched call raises, the
+rows are retried one by one so that one bad image fails alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from manifests.schemas import OCR
+from models.ocr import OcrEngine, Region, engine_device, make_engine
+from pipeline.config import OcrConfig
+from stages.base import Resources
+
+OCR_COLUMNS: tuple[str, ...] = tuple(OCR.names)
+_RESULT_COLUMNS = ("n_regions", "text_area_ratio", "quads", "texts", "confidences", "ocr_text")
+
+
+def text_area_ratio(quads: Sequence[Sequence[Sequence[float]]], width: int, height: int) -> float:
+    """Area of the union of the quads, clipped to the image, over the image area.
+
+    The union (shapely ``unary_union``) so that overlapping boxes are not counted twice; clipped
+    so that a detector's margin outside the frame cannot push the ratio above 1.
+    """
+    if not quads or width <= 0 or height <= 0:
+        return 0.0
+    from shapely.geometry import Polygon, box
+    from shapely.ops import unary_union
+
+    polys = []
+    for quad in quads:
+        poly = Polygon([(float(x), float(y)) for x, y in quad])
+        if not poly.is_valid:
+            poly = poly.buffer(0)
+        polys.append(poly)
+    area = unary_union(polys).intersection(box(0, 0, width, height)).area
+    return float(min(1.0, max(0.0, area / (width * height))))
+
+
+def _visible(region: Region, width: int, height: int) -> bool:
+    """A region with no area inside the frame is not a region (keeps ratio > 0 iff n > 0)."""
+    return text_area_ratio([region.quad], width, height) > 0.0
+
+
+class OcrStage:
+    """Detects and reads embedded text; one output row per input row, in order."""
+
+    name = "ocr"
+
+    def __init__(self, config: OcrConfig, engine: OcrEngine | None = None) -> None:
+        """Cheap: no model is loaded here (the driver builds stages; actors call ``setup``).
+
+        ``engine`` lets tests and benchmarks share one loaded engine between stages.
+        """
+        self.config = config
+        self.engine: OcrEngine | None = engine
+
+    def resources(self, gpus_available: bool) -> Resources:
+        """Per-replica CPU/GPU request; a GPU share only when the engine would run on CUDA."""
+        cfg = self.config
+        device = engine_device(cfg, gpus_available)
+        return Resources(
+            cpus=cfg.cpus_per_replica,
+            gpus=cfg.gpus_per_replica if device == "cuda" else 0.0,
+            batch_size=cfg.batch_size,
+            replicas=cfg.replicas,
+        )
+
+    def setup(self) -> None:
+        """Load the engine once (per Ray actor); a second call is a no-op."""
+        if self.engine is None:
+            self.engine = make_engine(self.config)
+
+    # -- rows --------------------------------------------------------------------------------
+
+    def _provenance(self) -> dict[str, Any]:
+        engine = self.engine
+        assert engine is not None
+        return {
+            "ocr_engine": engine.engine,
+            "ocr_device": engine.device,
+            "ocr_precision": engine.precision,
+            "ocr_detector_size": int(self.config.detector_size),
+        }
+
+    def _failed(self, uid: str, error: str) -> dict[str, Any]:
+        row: dict[str, Any] = {"uid": uid, "ocr_status": "failed", "ocr_error": error}
+        row.update({c: None for c in _RESULT_COLUMNS})
+        row.update(self._provenance())  # which engine failed is part of the record
+        return row
+
+    def _ok(self, uid: str, image: np.ndarray, regions: list[Region]) -> dict[str, Any]:
+        height, width = int(image.shape[0]), int(image.shape[1])
+        kept = [
+            r for r in regions
+            if r.confidence >= self.config.min_confidence and _visible(r, width, height)
+        ]
+        quads = [[[float(x), float(y)] for x, y in r.quad] for r in kept]
+        texts = [r.text for r in kept]
+        row: dict[str, Any] = {
+            "uid": uid,
+            "ocr_status": "ok",
+            "ocr_error": None,
+            "n_regions": len(kept),
+            "text_area_ratio": text_area_ratio(quads, width, height),
+            "quads": quads,
+            "texts": texts,
+            "confidences": [float(r.confidence) for r in kept],
+            "ocr_text": " ".join(texts),
+        }
+        row.update(self._provenance())
+        return row
+
+    def _run(self, images: list[np.ndarray]) -> list[list[Region] | Exception]:
+        """One batched call; if it raises, each image alone so a bad one fails by itself."""
+        engine = self.engine
+        assert engine is not None
+        size = self.config.detector_size
+        try:
+            results = engine.detect_batch(images, size)
+            if len(results) != len(images):
+                raise RuntimeError(f"engine returned {len(results)} results for {len(images)} images")
+            return list(results)
+        except Exception as err:  # noqa: BLE001 - retried per image below
+            if len(images) == 1:
+                return [err]
+        out: list[list[Region] | Exception] = []
+        for image in images:
+            try:
+                out.append(engine.detect_batch([image], size)[0])
+            except Exception as err:  # noqa: BLE001 - recorded in the row
+                out.append(err)
+        return out
+
+    def process_batch(self, batch: dict[str, Any]) -> dict[str, list]:
+        """uid/image/decode_error columns in -> ``schemas.OCR`` columns out, one row per input."""
+        self.setup()
+        uids = [str(u) for u in batch["uid"]]
+        images = list(batch["image"])
+        errors = list(batch.get("decode_error", [None] * len(uids)))
+        if not (len(uids) == len(images) == len(errors)):
+            raise ValueError(f"batch columns differ in length: {len(uids)} uids, {len(images)} images, {len(errors)} errors")
+
+        rows: list[dict[str, Any] | None] = [None] * len(uids)
+        todo: list[int] = []
+        for i, (uid, image, error) in enumerate(zip(uids, images, errors)):
+            if image is None:
+                rows[i] = self._failed(uid, str(error) if error else "no image: decoding produced nothing")
+            else:
+                todo.append(i)
+        if todo:
+            results = self._run([np.asarray(images[i]) for i in todo])
+            for i, result in zip(todo, results):
+                if isinstance(result, Exception):
+                    rows[i] = self._failed(uids[i], f"ocr error: {type(result).__name__}: {result}")
+                else:
+                    rows[i] = self._ok(uids[i], np.asarray(images[i]), result)
+        return {c: [row[c] for row in rows if row is not None] for c in OCR_COLUMNS}
+
+
+__all__ = ["OCR_COLUMNS", "OcrStage", "text_area_ratio"]
