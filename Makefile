@@ -11,12 +11,13 @@ ARGS     ?=
 PY        = $(VENV)/bin/python
 STAMP     = $(VENV)/.installed
 
-.PHONY: help setup curate query test browser clean
+.PHONY: help setup curate query test bench browser clean
 
 help:
 	@echo "make curate [DATASET=embedded|laion-subset] [URL_LIST=file] [OUTPUT=dir] [CONFIG=toml] [ARGS=...]"
 	@echo "make query SQL='select ...' [OUTPUT=dir]"
 	@echo "make test"
+	@echo "make bench [ARGS=--images N]"
 
 setup: $(STAMP)
 
@@ -35,6 +36,10 @@ query: $(STAMP)
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q tests
+
+# Benchmarks: side-by-side ratios measured in one run (never absolute targets in tests).
+bench: $(STAMP)
+	$(PY) bench/ocr_bench.py $(ARGS)
 
 # Debian's Chromium renders the HTML report in the tests (headless). Installed once, if missing.
 browser:
