@@ -1024,6 +1024,10 @@ _BROKEN_PER_KIND = 2
 class _QuietServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    # socketserver's default listen backlog is 5: img2dataset opens thread_count connections per
+    # shard task and several tasks run at once, so a backlog of 5 overflows and clients see
+    # "connection reset by peer" on good URLs. Room for every concurrent request of a run.
+    request_queue_size = 1024
 
     def handle_error(self, request: Any, client_address: Any) -> None:  # noqa: D401
         """Client hang-ups (e.g. a timed-out slow download) are expected; stay silent."""
