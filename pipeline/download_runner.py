@@ -2,9 +2,14 @@
 
 A shard is downloaded by one Ray task (declared CPUs, retried if its worker dies) into a private
 temporary folder; the task then renames the tar and img2dataset's sidecar files into
-``shards/`` and writes the shard's manifest part last. The part is the completion marker: a
-killed run leaves at most temporaries and a tar without a part, and the rerun redoes exactly those
-shards.
+``shards/`` and hands the shard's manifest back to the driver, which writes it as the part last.
+The part is the completion marker: a killed run leaves at most temporaries and a tar without a
+part, and the rerun redoes exactly those shards.
+
+Why the driver writes the part: when the driver is killed, a task already running on a worker
+can outlive it by a moment. For the embedded dataset the HTTP server died with the driver, so
+such a task would see "connection reset" on good URLs and, had it written the part itself, mark
+those samples failed for good. A part only the live driver writes cannot record its own death.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ import json
 import shutil
 import time
 import uuid
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,8 +79,11 @@ class DownloadReport:
     seconds: float = 0.0
 
 
-def _download_shard_task(config: DownloadConfig, shard: str, rows: pa.Table, root: str) -> dict[str, int]:
-    """Body of one Ray task: download, commit files, write the manifest part last."""
+def _download_shard_task(config: DownloadConfig, shard: str, rows: pa.Table, root: str) -> pa.Table:
+    """Body of one Ray task: download, move the files into place, return the manifest.
+
+    The caller (the driver) writes the manifest as the shard's part: see the module docstring.
+    """
     layout = RunLayout(Path(root))
     work = layout.shards_dir / f".tmp-{shard}-{uuid.uuid4().hex[:8]}"
     try:
@@ -84,8 +91,7 @@ def _download_shard_task(config: DownloadConfig, shard: str, rows: pa.Table, roo
         move_into_place(result.tar_path, layout.shards_dir / f"{shard}.tar")
         move_into_place(result.sidecar_parquet, layout.shards_dir / f"{shard}.parquet")
         move_into_place(result.stats_path, layout.shards_dir / f"{shard}_stats.json")
-        write_table_atomic(result.manifest, layout.part_path("download", shard))
-        return dict(Counter(result.manifest.column("status").to_pylist()))
+        return result.manifest
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -177,7 +183,7 @@ def run_download(
             for ref in ready:
                 shard, n = pending.pop(ref)
                 try:
-                    ray.get(ref)
+                    write_table_atomic(ray.get(ref), layout.part_path("download", shard))
                     report.shards_run += 1
                     report.samples_run += n
                 except Exception as err:  # noqa: BLE001 - one shard's failure must not sink the others
