@@ -121,16 +121,19 @@ def _plain(values: Any) -> list[Any]:
 class StageActor:
     """One replica of a stage in a Ray Data actor pool: set up once, then called per batch."""
 
-    def __init__(self, spec: StageSpec, config: Config) -> None:
+    def __init__(self, spec: StageSpec, config: Config, keep_image: bool = True) -> None:
         self.stage = spec.make(config)
         self.stage.setup()
+        self.keep_image = keep_image  # the last stage drops the pixels: only small columns leave it
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         inputs = {k: list(v) for k, v in batch.items()}
         inputs["image"] = [None if a is None or a.size == 0 else a for a in batch["image"]]
         produced = self.stage.process_batch(inputs)
         out: dict[str, Any] = {
-            k: (v if k == "image" or v.dtype != object else _plain(v)) for k, v in batch.items()
+            k: (v if k == "image" or v.dtype != object else _plain(v))
+            for k, v in batch.items()
+            if k != "image" or self.keep_image
         }
         for column, values in produced.items():
             if column != "uid":
@@ -256,14 +259,15 @@ def _run_group(
         res: Resources = declared[spec.name]
         ds = ds.map_batches(
             StageActor,
-            fn_constructor_args=(spec, config),
+            fn_constructor_args=(spec, config, spec is not run_specs[-1]),
             batch_size=res.batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=res.replicas),
             num_cpus=res.cpus * scale,
             num_gpus=res.gpus or None,
         )
-    ds = ds.drop_columns(["image"])
+    # No drop_columns step here: a task operator after the actor pools would need a CPU that the
+    # pools hold, and Ray Data would buffer every result until the pools finish (not streaming).
 
     expected = {s: counts[s] for s in shards}
     pending: dict[str, list[pa.Table]] = defaultdict(list)
