@@ -40,6 +40,21 @@ MASK_RING_PX = 6  # width of the ring around a text quad whose mean colour fills
 _warned_random = False
 
 
+MODEL_CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs")
+_registered = False
+
+
+def register_model_configs() -> None:
+    """Make this project's small open_clip configs (``curation-tiny``, CPU-trainable in minutes)
+    known to open_clip by name, exactly like its built-in ones. Idempotent."""
+    global _registered
+    if not _registered:
+        import open_clip
+
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+        _registered = True
+
+
 class RandomWeightsWarning(UserWarning):
     """CLIP weights are a seeded random init: scores are reproducible but carry no meaning."""
 
@@ -163,6 +178,7 @@ def load_clip(
     import open_clip
     import torch
 
+    register_model_configs()
     if num_threads is not None:
         torch.set_num_threads(max(1, int(num_threads)))
     pretrained = pretrained or ""
