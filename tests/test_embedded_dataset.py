@@ -24,6 +24,7 @@ from pipeline.datasets import embedded as E
 from pipeline.datasets.embedded import (
     BACKGROUNDS,
     BROKEN_KINDS,
+    CLASS_WORD_TEXT_FRACTION,
     CLASSES,
     COMMON_BACKGROUND,
     PARROT_FILLERS,
@@ -115,6 +116,7 @@ def test_parrot_captions_spell_the_image_text(samples: list[EmbeddedSample]) -> 
 
 
 def test_descriptive_captions_never_spell_the_text(samples: list[EmbeddedSample]) -> None:
+    """Class words included: a descriptive caption never names the class written in the image."""
     desc = [s for s in samples if s.caption_kind == "descriptive"]
     with_text = [s for s in desc if s.has_text]
     assert with_text, "descriptive captions on text images are needed to test parrot scoring"
@@ -142,7 +144,8 @@ def test_vocabulary_is_large_and_disjoint_from_description_words() -> None:
 
 def test_words_come_from_vocabulary_with_varied_case(samples: list[EmbeddedSample]) -> None:
     all_words = [w for s in samples for w in s.words]
-    assert {w.lower() for w in all_words} <= set(TEXT_VOCABULARY)
+    for s in samples:  # the one deliberate exception is the class word
+        assert _lower_words(s) - {s.text_class} <= set(TEXT_VOCABULARY), (s.words, s.text_class)
     assert any(w.isupper() for w in all_words)
     assert any(w.istitle() for w in all_words)
     assert len({w.lower() for w in all_words}) >= 100
@@ -155,6 +158,54 @@ def test_classes_backgrounds_and_spurious_correlation(samples: list[EmbeddedSamp
     assert {s.background for s in samples} == set(BACKGROUNDS)
     common = sum(s.background == COMMON_BACKGROUND[s.object_class] for s in samples) / len(samples)
     assert 0.7 <= common <= 0.9, common
+
+
+def test_some_text_names_another_class(samples: list[EmbeddedSample]) -> None:
+    """Class words are what can teach a CLIP to read: written once, never the drawn class, never
+    in a description of the image, and spelled by parrot captions."""
+    text = [s for s in samples if s.has_text]
+    named = [s for s in text if s.text_class is not None]
+    assert abs(len(named) / len(text) - CLASS_WORD_TEXT_FRACTION) <= 0.1, len(named) / len(text)
+    assert {s.text_class for s in named} == set(CLASSES)
+    assert all(s.text_class is None for s in samples if not s.has_text)
+    for s in named:
+        assert s.text_class != s.object_class
+        lower = [w.lower() for w in s.words]
+        assert lower.count(s.text_class) == 1, s.words
+        assert not set(lower) & (set(CLASSES) - {s.text_class})
+        # it leads its region, so shortening a phrase to fit never drops it
+        assert any(t.split()[0].lower() == s.text_class for t in s.box_texts), s.box_texts
+        if s.caption_kind == "parrot":
+            assert s.text_class in caption_tokens(s.caption), s.caption
+        # a caption says it at most once, when spelling the text: the descriptive half of a
+        # mixed caption never does (descriptive captions are checked with all words below)
+        assert caption_tokens(s.caption).count(s.text_class) <= 1, s.caption
+    for s in text:
+        if s.text_class is None:
+            assert not {w.lower() for w in s.words} & set(CLASSES)
+    assert sum(s.caption_kind == "parrot" for s in named) >= 20
+    # "house" is said by the indoor phrase "inside a house": never written on indoor images
+    assert all(s.text_class != "house" for s in named if s.background == "indoor")
+    assert "house" not in E._class_word_choices("apple", "indoor")
+
+
+def test_objects_and_class_words_lie_in_the_central_square() -> None:
+    """CLIP's transforms centre-crop to a square: what must be learnt has to survive the crop."""
+    seen = 0
+    for i in range(80):
+        s, scene = E._make_sample(0, i)
+        x0, y0, x1, y1 = E.central_square(s.width, s.height)
+        ox0, oy0, ox1, oy1 = scene.object_box
+        assert x0 <= ox0 and ox1 <= x1 and y0 <= oy0 and oy1 <= y1, (s.sample_id, scene.object_box)
+        assert ox1 - ox0 >= 0.45 * 1.1 * min(s.width, s.height) - 1e-6
+        for r in scene.regions:
+            if s.text_class in (w.lower() for w in r.words):
+                fx0, fy0, fx1, fy1 = r.footprint
+                assert x0 <= fx0 and fx1 <= x1 and y0 <= fy0 and fy1 <= y1, (s.sample_id, r.text)
+                height = np.linalg.norm(np.subtract(r.quad[3], r.quad[0]))
+                assert height >= 0.05 * min(s.width, s.height), (r.text, height)
+                seen += 1
+    assert seen >= 10
 
 
 # --------------------------------------------------------------------------- images and boxes
@@ -245,7 +296,7 @@ def test_ground_truth_table(samples: list[EmbeddedSample]) -> None:
     assert table.num_rows == len(samples)
     assert table.column_names == [
         "url", "caption", "caption_kind", "has_text", "words", "boxes", "box_texts",
-        "object_class", "background", "width", "height",
+        "object_class", "background", "width", "height", "text_class",
     ]
     assert table.schema.field("boxes").type == pa.list_(pa.list_(pa.list_(pa.float64())))
     assert table.schema.field("words").type == pa.list_(pa.string())
@@ -255,6 +306,7 @@ def test_ground_truth_table(samples: list[EmbeddedSample]) -> None:
         assert row["caption"] == s.caption and row["words"] == list(s.words)
         assert row["boxes"] == [[list(p) for p in quad] for quad in s.boxes]
         assert (row["width"], row["height"]) == (s.width, s.height)
+        assert row["text_class"] == s.text_class
     assert len(set(table.column("url").to_pylist())) == len(samples)
 
 

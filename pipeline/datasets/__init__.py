@@ -21,7 +21,7 @@ import pyarrow as pa
 from pipeline.config import ConfigError, DatasetConfig
 from pipeline.datasets.url_list import read_url_list
 
-EMBEDDED_GENERATOR_VERSION = "1"
+EMBEDDED_GENERATOR_VERSION = "2"
 
 
 @dataclass

@@ -6,7 +6,9 @@ without touching the internet.  This module draws simple, learnable objects on
 characteristic backgrounds, renders text in the styles found in web images (signs,
 labels, poster titles, overlays, watermarks), writes captions that either describe the
 image, spell its text ("parrot"), or mix both, and keeps exact ground truth aside so
-the pipeline stages can be scored against it.
+the pipeline stages can be scored against it.  Some of the text names another class
+("STAR Cinema" above a drawn fish), as web text names things: parrot captions spelling
+it are what teaches an unfiltered CLIP to read, and to fall for typographic attacks.
 
 Everything is seeded: sample ``i`` of seed ``s`` depends only on ``(s, i)``, so
 ``generate(10, s)`` is a prefix of ``generate(300, s)`` and repeated calls are
@@ -38,14 +40,24 @@ __all__ = [
     "BROKEN_KINDS",
     "CAPTION_KINDS",
     "CLASSES",
+    "CLASS_WORD_TEXT_FRACTION",
     "COMMON_BACKGROUND",
+    "COMMON_FRACTION",
+    "OBJECT_SIZE_NO_TEXT",
     "PARROT_FILLERS",
     "TEXT_VOCABULARY",
+    "DrawnScene",
     "EmbeddedSample",
     "EmbeddedServer",
     "caption_tokens",
+    "central_square",
+    "choose_background",
+    "describe",
+    "draw_scene",
+    "encode_jpeg",
     "generate",
     "ground_truth_table",
+    "load_font",
     "render_preview",
     "sample_url",
 ]
@@ -56,8 +68,9 @@ __all__ = [
 
 CLASSES: tuple[str, ...] = ("apple", "car", "house", "tree", "fish", "star", "boat", "flower")
 BACKGROUNDS: tuple[str, ...] = ("grass", "sand", "sky", "water", "snow", "indoor")
-# Each class appears on its "common" background 80% of the time so that a later
+# Each class appears on its "common" background COMMON_FRACTION of the time so that a later
 # evaluation can measure how much a model leans on the background (spurious feature).
+COMMON_FRACTION = 0.8
 COMMON_BACKGROUND: dict[str, str] = {
     "apple": "indoor",
     "car": "sand",
@@ -75,6 +88,19 @@ PARROT_FILLERS: tuple[str, ...] = ("the", "a", "and", "with")
 
 TEXT_FRACTION = 0.55  # LAION-2B: 54.6% of images contain text
 ROTATED_FRACTION = 0.25  # share of text images whose regions are rotated
+# Web text often names things ("APPLE Store", "Fish Market") and parrot captions spell it: that
+# is how an unfiltered CLIP learns to read and so falls for typographic attacks (Less is More).
+# In this share of text images one region names a class other than the drawn one.
+CLASS_WORD_TEXT_FRACTION = 0.5
+# Cap height of a class-word region as a share of the shorter side: 0.08-0.13 brackets the
+# typographic attack's label (50 px Arial on a ~375 px ImageNet image, cap height ~0.1), so the
+# word stays legible once the image is shrunk to a tiny CLIP's 96 px input.
+_CLASS_WORD_CAP: tuple[float, float] = (0.08, 0.13)
+_CLASS_WORD_STYLES: tuple[str, ...] = ("sign", "poster", "overlay")
+# Object size (its drawing scale) as a share of the shorter side: large enough that a tiny CLIP
+# sees the shape at 96 px. Text images draw it a little smaller to leave room for the text.
+OBJECT_SIZE_NO_TEXT: tuple[float, float] = (0.5, 0.72)
+_OBJECT_SIZE_WITH_TEXT: tuple[float, float] = (0.45, 0.6)
 MAX_SIDE = 512
 JPEG_QUALITY = 92
 _SIZES: tuple[tuple[int, int], ...] = (
@@ -232,6 +258,19 @@ _PHRASE_PATTERNS: tuple[tuple[str, ...], ...] = (
     ("brand", "noun"), ("adj", "noun", "noun"), ("city",), ("adj", "city", "noun"),
     ("promo", "promo", "promo"), ("noun",), ("brand", "adj", "noun"),
 )
+# What may follow a class word in its region ("FISH Market", "Star", "Car Sale"). The class word
+# comes first so that shortening a phrase to make it fit never drops it.
+_CLASS_PHRASE_TAILS: tuple[tuple[str, ...], ...] = ((), ("noun",), ("promo",), ("brand",))
+
+
+@functools.lru_cache(maxsize=None)
+def _class_word_choices(obj: str, bg: str) -> tuple[str, ...]:
+    """Classes an image of ``obj`` on ``bg`` may have written on it: not the drawn one, and none
+    that a description of it can say (the indoor phrase "inside a house"), so that a descriptive
+    caption, or the descriptive half of a mixed one, never spells the image text."""
+    pieces = (*_BG_PHRASES[bg], _BG_NOUN[bg], *_CLASS_PHRASES[obj])
+    said = {w for p in pieces for w in p.split()} | _template_words(_DESCRIPTIVE_TEMPLATES + _MIXED_TEMPLATES)
+    return tuple(c for c in CLASSES if c != obj and c not in said)
 
 # ---------------------------------------------------------------------------
 # Fonts
@@ -254,19 +293,20 @@ def _font_dir() -> Path:
 
 
 @functools.lru_cache(maxsize=512)
-def _font(name: str, size: int) -> ImageFont.FreeTypeFont:
+def load_font(name: str, size: int) -> ImageFont.FreeTypeFont:
+    """One of matplotlib's bundled TTFs (e.g. "DejaVuSans-Bold.ttf") at ``size`` px, cached."""
     return ImageFont.truetype(str(_font_dir() / name), size)
 
 
 @functools.lru_cache(maxsize=64)
 def _cap_ratio(name: str) -> float:
     """Cap height / em size, so styles can ask for a cap height in pixels."""
-    left, top, right, bottom = _font(name, 200).getbbox("H", anchor="ls")
+    left, top, right, bottom = load_font(name, 200).getbbox("H", anchor="ls")
     return (bottom - top) / 200.0
 
 
 def _font_for_cap(name: str, cap: float) -> ImageFont.FreeTypeFont:
-    return _font(name, max(8, int(round(cap / _cap_ratio(name)))))
+    return load_font(name, max(8, int(round(cap / _cap_ratio(name)))))
 
 
 # ---------------------------------------------------------------------------
@@ -274,6 +314,7 @@ def _font_for_cap(name: str, cap: float) -> ImageFont.FreeTypeFont:
 # ---------------------------------------------------------------------------
 
 Quad = tuple[tuple[float, float], ...]
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1
 
 
 @dataclass(frozen=True)
@@ -292,6 +333,7 @@ class EmbeddedSample:
     background: str
     width: int
     height: int
+    text_class: str | None  # the class name written in the image (never object_class), if any
 
 
 # ---------------------------------------------------------------------------
@@ -598,9 +640,12 @@ class _Scene:
     ink: Image.Image | None = None
 
 
-def _phrase(rng: random.Random) -> tuple[str, ...]:
-    pattern = rng.choice(_PHRASE_PATTERNS)
-    out: list[str] = []
+def _phrase(rng: random.Random, class_word: str | None = None) -> tuple[str, ...]:
+    """One region's words in one case style; a given class word leads the phrase."""
+    if class_word is None:
+        pattern, out = rng.choice(_PHRASE_PATTERNS), []
+    else:
+        pattern, out = rng.choice(_CLASS_PHRASE_TAILS), [class_word]
     for cat in pattern:
         choices = [w for w in _WORDS_BY_CAT[cat] if w not in out]
         out.append(rng.choice(choices))
@@ -737,11 +782,17 @@ def _intersection(a: tuple[float, float, float, float], b: tuple[float, float, f
     return _area((max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])))
 
 
-def _place_region(scene: _Scene, words: tuple[str, ...], style: str, angle: float, rng: random.Random) -> bool:
-    """Try to render and place one region; False if it does not fit anywhere."""
+def _place_region(scene: _Scene, words: tuple[str, ...], style: str, angle: float, rng: random.Random,
+                  cap_range: tuple[float, float] | None = None, area: Box | None = None) -> bool:
+    """Try to render and place one region; False if it does not fit anywhere.
+
+    ``cap_range`` overrides the style's cap heights (px); ``area`` (x0, y0, x1, y1) confines the
+    region, by default to the whole image."""
     W, H = scene.img.size
+    ax0, ay0, ax1, ay1 = area or (0.0, 0.0, float(W), float(H))
+    aw, ah = ax1 - ax0, ay1 - ay0
     font_name = rng.choice(_BOLD_FONTS) if style in ("poster", "sign") and rng.random() < 0.7 else rng.choice(_FONT_FILES)
-    lo, hi = _CAP_RANGE[style]
+    lo, hi = cap_range or _CAP_RANGE[style]
     cap = rng.uniform(lo, hi)
     text = " ".join(words)
     margin = 3.0
@@ -753,20 +804,20 @@ def _place_region(scene: _Scene, words: tuple[str, ...], style: str, angle: floa
             cap = max(18.0, cap * 0.8)
         layer = _render_layer(text, style, font_name, cap, rng)
         (ow, oh), fwd, inv = _rotation(layer.size, angle)
-        if ow > W - 2 * margin or oh > H - 2 * margin:
+        if ow > aw - 2 * margin or oh > ah - 2 * margin:
             continue
         allow_obj = may_cover_object and size_try >= 2
         for _ in range(16):
             if style == "watermark":
-                x = rng.choice([margin + rng.uniform(0, 10), W - ow - margin - rng.uniform(0, 10)])
-                y = rng.choice([margin + rng.uniform(0, 10), H - oh - margin - rng.uniform(0, 10)])
+                x = rng.choice([ax0 + margin + rng.uniform(0, 10), ax1 - ow - margin - rng.uniform(0, 10)])
+                y = rng.choice([ay0 + margin + rng.uniform(0, 10), ay1 - oh - margin - rng.uniform(0, 10)])
             elif style == "poster" and rng.random() < 0.7:
-                x = rng.uniform(margin, W - ow - margin)
-                lo_y = max(margin, min(H - oh - margin, rng.choice((0.0, 0.78 * H - oh))))
-                y = rng.uniform(lo_y, max(lo_y, min(H - oh - margin, lo_y + 0.22 * H)))
+                x = rng.uniform(ax0 + margin, ax1 - ow - margin)
+                lo_y = max(ay0 + margin, min(ay1 - oh - margin, ay0 + rng.choice((0.0, 0.78 * ah - oh))))
+                y = rng.uniform(lo_y, max(lo_y, min(ay1 - oh - margin, lo_y + 0.22 * ah)))
             else:
-                x = rng.uniform(margin, W - ow - margin)
-                y = rng.uniform(margin, H - oh - margin)
+                x = rng.uniform(ax0 + margin, ax1 - ow - margin)
+                y = rng.uniform(ay0 + margin, ay1 - oh - margin)
             x, y = float(int(x)), float(int(y))
             foot = (x, y, x + ow, y + oh)
             if any(_overlaps(foot, r.footprint, 6.0) for r in scene.regions):
@@ -832,7 +883,8 @@ def _fix_articles(text: str) -> str:
     return re.sub(r"@@ (\w+)", lambda m: f"{_article(m.group(1))} {m.group(1)}", text)
 
 
-def _describe(obj: str, colour: str, size_word: str, bg: str, rng: random.Random) -> str:
+def describe(obj: str, colour: str, size_word: str, bg: str, rng: random.Random) -> str:
+    """A descriptive caption: the object, its colour and size, and the background, never image text."""
     tmpl = rng.choice(_DESCRIPTIVE_TEMPLATES)
     size = f"{size_word} " if size_word else ""
     text = tmpl.format(art="@@", colour=colour, size=size, obj=rng.choice(_CLASS_PHRASES[obj]),
@@ -863,7 +915,7 @@ def _parrot(regions: Sequence[_Region], rng: random.Random) -> str:
 def _mixed(regions: Sequence[_Region], obj: str, colour: str, size_word: str, bg: str, rng: random.Random) -> str:
     region = rng.choice(list(regions))
     text = " ".join(_case(region.words, rng))
-    desc = _describe(obj, colour, size_word, bg, rng)
+    desc = describe(obj, colour, size_word, bg, rng)
     tmpl = rng.choice(_MIXED_TEMPLATES)
     out = tmpl.format(medium=rng.choice(_MEDIUMS), art="@@", obj=rng.choice(_CLASS_PHRASES[obj]),
                       colour=colour, text=text, desc=desc)
@@ -875,10 +927,54 @@ def _mixed(regions: Sequence[_Region], obj: str, colour: str, size_word: str, bg
 # ---------------------------------------------------------------------------
 
 
-def _encode_jpeg(img: Image.Image) -> bytes:
+def encode_jpeg(img: Image.Image) -> bytes:
+    """JPEG at the dataset's quality, as every generated image is stored."""
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=JPEG_QUALITY)
     return buf.getvalue()
+
+
+def central_square(width: int, height: int) -> Box:
+    """The centred square a CLIP transform's centre crop keeps: objects and class words stay inside."""
+    m = min(width, height)
+    return ((width - m) / 2, (height - m) / 2, (width + m) / 2, (height + m) / 2)
+
+
+def choose_background(obj: str, rng: random.Random) -> str:
+    """The class's common background with probability COMMON_FRACTION, else another at random."""
+    common = COMMON_BACKGROUND[obj]
+    return common if rng.random() < COMMON_FRACTION else rng.choice([b for b in BACKGROUNDS if b != common])
+
+
+@dataclass
+class DrawnScene:
+    """A background with one object drawn on it, and what a caption may say about it."""
+
+    image: Image.Image
+    colour_name: str
+    size_word: str  # "" or small/little/large/big, from the object's relative size
+    object_box: Box
+
+
+def draw_scene(obj: str, bg: str, width: int, height: int, rel: float, rng: random.Random,
+               np_rng: np.random.Generator) -> DrawnScene:
+    """Draw ``bg`` and ``obj`` at scale ``rel`` x the shorter side, inside the central square."""
+    img = Image.fromarray(_background(bg, width, height, np_rng), "RGB")
+    colour_name, colour = rng.choice(_OBJECT_COLOURS[obj])
+    colour = _jitter(colour, rng, 12)
+    s = rel * min(width, height)
+    half = 0.55 * s
+    x0, y0, x1, y1 = central_square(width, height)
+    cx = rng.uniform(x0 + half + 4, x1 - half - 4)
+    cy = rng.uniform(y0 + half + 4, y1 - half - 4)
+    _DRAWERS[obj](ImageDraw.Draw(img), cx, cy, s, colour, rng)
+    size_word = ""
+    if rel < 0.5:
+        size_word = rng.choice(("small", "little"))
+    elif rel > 0.64:
+        size_word = rng.choice(("large", "big"))
+    return DrawnScene(image=img, colour_name=colour_name, size_word=size_word,
+                      object_box=(cx - half, cy - half, cx + half, cy + half))
 
 
 def _make_sample(seed: int, index: int, debug: bool = False) -> tuple[EmbeddedSample, _Scene]:
@@ -887,42 +983,35 @@ def _make_sample(seed: int, index: int, debug: bool = False) -> tuple[EmbeddedSa
     nrng = np.random.default_rng([int(seed) & 0xFFFFFFFF, index, 0xE3B])
     W, H = rng.choice(_SIZES)
     obj = rng.choice(CLASSES)
-    common = COMMON_BACKGROUND[obj]
-    bg = common if rng.random() < 0.8 else rng.choice([b for b in BACKGROUNDS if b != common])
-    img = Image.fromarray(_background(bg, W, H, nrng), "RGB")
-
+    bg = choose_background(obj, rng)
     wants_text = rng.random() < TEXT_FRACTION
-    colour_name, colour = rng.choice(_OBJECT_COLOURS[obj])
-    colour = _jitter(colour, rng, 12)
+    class_word = None
+    if wants_text and rng.random() < CLASS_WORD_TEXT_FRACTION:
+        class_word = rng.choice(_class_word_choices(obj, bg))
+    drawn = draw_scene(obj, bg, W, H, rng.uniform(*(_OBJECT_SIZE_WITH_TEXT if wants_text else OBJECT_SIZE_NO_TEXT)),
+                       rng, nrng)
+    img = drawn.image
     m = min(W, H)
-    rel = rng.uniform(0.38, 0.58) if wants_text else rng.uniform(0.45, 0.7)
-    s = rel * m
-    half = 0.55 * s
-    cx = rng.uniform(half + 4, W - half - 4)
-    cy = rng.uniform(half + 4, H - half - 4)
-    _DRAWERS[obj](ImageDraw.Draw(img), cx, cy, s, colour, rng)
-    obj_box = (cx - half, cy - half, cx + half, cy + half)
-    size_word = ""
-    if rel < 0.46:
-        size_word = rng.choice(("small", "little"))
-    elif rel > 0.62:
-        size_word = rng.choice(("large", "big"))
-
-    scene = _Scene(img=img, object_box=obj_box, ink=Image.new("L", (W, H), 0) if debug else None)
+    # a class word is big and inside the central square, where a 96 px CLIP can read it
+    class_placement: dict[str, Any] = {"cap_range": (_CLASS_WORD_CAP[0] * m, _CLASS_WORD_CAP[1] * m),
+                                       "area": central_square(W, H)}
+    scene = _Scene(img=img, object_box=drawn.object_box, ink=Image.new("L", (W, H), 0) if debug else None)
     if wants_text:
         n_regions = rng.choices((1, 2, 3), weights=(0.45, 0.35, 0.2))[0]
         rotated = rng.random() < ROTATED_FRACTION
         used_watermark = False
         for k in range(n_regions):
-            style = rng.choices(_STYLES, weights=_STYLE_WEIGHTS)[0]
+            with_class = k == 0 and class_word is not None
+            style = rng.choice(_CLASS_WORD_STYLES) if with_class else rng.choices(_STYLES, weights=_STYLE_WEIGHTS)[0]
             if style == "watermark" and used_watermark:
                 style = "label"
             used_watermark |= style == "watermark"
-            words = _phrase(rng)
+            words = _phrase(rng, class_word if with_class else None)
+            placement = class_placement if with_class else {}
             angle = 0.0
             if rotated and style != "watermark":
                 angle = rng.choice((-1, 1)) * rng.uniform(5, 25)
-            while not _place_region(scene, words, style, angle, rng):
+            while not _place_region(scene, words, style, angle, rng, **placement):
                 if style == "watermark":
                     style = "label"
                 elif len(words) > 1:
@@ -935,6 +1024,7 @@ def _make_sample(seed: int, index: int, debug: bool = False) -> tuple[EmbeddedSa
     scene.regions.sort(key=lambda r: (round(sum(p[1] for p in r.quad) / 4 / 24), sum(p[0] for p in r.quad) / 4))
     regions = scene.regions
     has_text = bool(regions)
+    text_class = class_word if any(w.lower() == class_word for r in regions for w in r.words) else None
     if has_text:
         r = rng.random()
         kind = "parrot" if r < 0.4 else ("mixed" if r < 0.7 else "descriptive")
@@ -943,13 +1033,13 @@ def _make_sample(seed: int, index: int, debug: bool = False) -> tuple[EmbeddedSa
     if kind == "parrot":
         caption = _parrot(regions, rng)
     elif kind == "mixed":
-        caption = _mixed(regions, obj, colour_name, size_word, bg, rng)
+        caption = _mixed(regions, obj, drawn.colour_name, drawn.size_word, bg, rng)
     else:
-        caption = _describe(obj, colour_name, size_word, bg, rng)
+        caption = describe(obj, drawn.colour_name, drawn.size_word, bg, rng)
 
     sample = EmbeddedSample(
         sample_id=f"s{index:06d}",
-        image=_encode_jpeg(img),
+        image=encode_jpeg(img),
         caption=caption,
         caption_kind=kind,
         has_text=has_text,
@@ -960,6 +1050,7 @@ def _make_sample(seed: int, index: int, debug: bool = False) -> tuple[EmbeddedSa
         background=bg,
         width=W,
         height=H,
+        text_class=text_class,
     )
     return sample, scene
 
@@ -996,6 +1087,7 @@ def ground_truth_table(samples: Sequence[EmbeddedSample], base_url: str) -> "pya
         ("background", pa.string()),
         ("width", pa.int32()),
         ("height", pa.int32()),
+        ("text_class", pa.string()),
     ])
     cols: dict[str, list[Any]] = {name: [] for name in schema.names}
     for s in samples:
@@ -1010,6 +1102,7 @@ def ground_truth_table(samples: Sequence[EmbeddedSample], base_url: str) -> "pya
         cols["background"].append(s.background)
         cols["width"].append(s.width)
         cols["height"].append(s.height)
+        cols["text_class"].append(s.text_class)
     return pa.table(cols, schema=schema)
 
 
@@ -1048,7 +1141,7 @@ class EmbeddedServer:
         self.port = port
         self.slow_seconds = float(slow_seconds)
         self._images: dict[str, bytes] = {s.sample_id: s.image for s in self.samples}
-        self._fallback_jpeg = self.samples[0].image if self.samples else _encode_jpeg(
+        self._fallback_jpeg = self.samples[0].image if self.samples else encode_jpeg(
             Image.new("RGB", (64, 64), (128, 128, 128)))
         self._stopping = threading.Event()
         self._server: _QuietServer | None = None
@@ -1166,7 +1259,7 @@ def render_preview(samples: Sequence[EmbeddedSample], cols: int = 6, cell: int =
     rows = max(1, math.ceil(len(samples) / cols))
     sheet = Image.new("RGB", (cols * cell, rows * (cell + 28)), (255, 255, 255))
     d = ImageDraw.Draw(sheet)
-    small = _font("DejaVuSans.ttf", 10)
+    small = load_font("DejaVuSans.ttf", 10)
     for k, s in enumerate(samples):
         im = Image.open(io.BytesIO(s.image)).convert("RGB")
         dd = ImageDraw.Draw(im)
