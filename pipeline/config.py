@@ -145,6 +145,55 @@ class ReshardConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """Training a CLIP model on one policy's curated shards (stages/train.py).
+
+    The budget is a fixed number of optimisation steps at a fixed batch size, not epochs, so the
+    models of every curation policy get the same compute however many samples a policy kept.
+    """
+
+    model: str = "curation-tiny"  # open_clip model name (models/model_configs/ adds curation-tiny)
+    pretrained: str = ""  # "" = seeded random init; an open_clip tag; or a checkpoint file to start from
+    steps: int = 300  # optimisation steps in total (a resumed run continues up to this)
+    batch_size: int = 64
+    lr: float = 1e-3  # peak learning rate of the warmup + cosine schedule
+    weight_decay: float = 0.1  # AdamW; gains, biases and logit_scale get none
+    warmup_steps: int = 20
+    seed: int = 0  # model init, data order and masks
+    precision: str = "amp"  # "amp" (autocast bf16/fp16 on CUDA; fp32 on CPU, recorded so) | "fp32"
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    masking: str = "none"  # image patches dropped per step: "none" | "random" (FLIP) | "pgs"
+    mask_ratio: float = 0.5  # fraction of patches dropped when masking
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
+    log_every: int = 1  # steps between train_log.jsonl lines
+    workers: int = 1  # DataLoader worker processes decoding and transforming images
+    shuffle_buffer: int = 500  # samples in the shuffle buffer of each worker
+    cpus: float = 2.0  # CPUs the training task asks for; torch's intra-op threads follow it
+    gpus: float = 1.0  # used only on GPU
+
+    def validate(self) -> None:
+        _require(bool(self.model), "train.model must name an open_clip model")
+        _require(self.steps >= 1, "train.steps must be >= 1")
+        _require(self.batch_size >= 2, "train.batch_size must be >= 2 (a contrastive loss needs negatives)")
+        _require(self.lr > 0, "train.lr must be > 0")
+        _require(self.weight_decay >= 0, "train.weight_decay must be >= 0")
+        _require(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
+        _require(self.precision in {"fp32", "amp"}, f"train.precision must be fp32 or amp, not {self.precision!r}")
+        _require(self.device in {"auto", "cpu", "cuda"}, f"train.device must be auto, cpu or cuda, not {self.device!r}")
+        _require(
+            self.masking in {"none", "random", "pgs"},
+            f"train.masking must be none, random or pgs, not {self.masking!r}",
+        )
+        _require(0 < self.mask_ratio < 1, "train.mask_ratio must be within (0, 1)")
+        _require(self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0")
+        _require(self.log_every >= 1, "train.log_every must be >= 1")
+        _require(self.workers >= 0, "train.workers must be >= 0")
+        _require(self.shuffle_buffer >= 1, "train.shuffle_buffer must be >= 1")
+        _require(self.cpus > 0, "train.cpus must be > 0")
+        _require(0 < self.gpus <= 1, "train.gpus must be in (0, 1]")
+
+
+@dataclass(frozen=True)
 class DatasetConfig:
     """A named dataset: the embedded offline generator, or a URL list (path or fsspec URL)."""
 
@@ -176,6 +225,7 @@ class Config:
     parrot: ParrotConfig = field(default_factory=ParrotConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
     reshard: ReshardConfig = field(default_factory=ReshardConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     policies: dict[str, PolicyConfig] = field(default_factory=dict)
     datasets: dict[str, DatasetConfig] = field(default_factory=dict)
 
@@ -196,6 +246,7 @@ class Config:
         self.parrot.validate()
         self.clip.validate()
         self.reshard.validate()
+        self.train.validate()
         for policy in self.policies.values():
             policy.validate()
         for dataset in self.datasets.values():
@@ -258,7 +309,7 @@ def load_config(path: str | Path | None = None) -> Config:
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
         data = _merge(data, user)
-    unknown_sections = sorted(set(data) - {"download", "ocr", "parrot", "clip", "reshard", "policies", "datasets"})
+    unknown_sections = sorted(set(data) - {"download", "ocr", "parrot", "clip", "reshard", "train", "policies", "datasets"})
     if unknown_sections:
         raise ConfigError(f"unknown section(s) in config: {', '.join(unknown_sections)}")
     datasets = {
@@ -271,6 +322,7 @@ def load_config(path: str | Path | None = None) -> Config:
         parrot=_build(ParrotConfig, data.get("parrot", {}), "parrot"),
         clip=_build(ClipConfig, data.get("clip", {}), "clip"),
         reshard=_build(ReshardConfig, data.get("reshard", {}), "reshard"),
+        train=_build(TrainConfig, data.get("train", {}), "train"),
         policies={
             name: _build(PolicyConfig, values, f"policies.{name}", name=name)
             for name, values in data.get("policies", {}).items()
