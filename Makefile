@@ -11,11 +11,13 @@ ARGS     ?=
 PY        = $(VENV)/bin/python
 STAMP     = $(VENV)/.installed
 
-.PHONY: help setup curate query test bench browser clean
+.PHONY: help setup curate query train ablation test bench browser clean
 
 help:
 	@echo "make curate [DATASET=embedded|laion-subset] [URL_LIST=file] [OUTPUT=dir] [CONFIG=toml] [ARGS=...]"
 	@echo "make query SQL='select ...' [OUTPUT=dir]"
+	@echo "make train [POLICY=all] [OUTPUT=dir] [ARGS=--steps N]"
+	@echo "make ablation [ARGS='--samples N --steps N']"
 	@echo "make test"
 	@echo "make bench [ARGS=--images N]"
 
@@ -33,6 +35,15 @@ curate: $(STAMP)
 
 query: $(STAMP)
 	$(PY) -m pipeline query --output $(OUTPUT) "$(SQL)"
+
+POLICY   ?= all
+train: $(STAMP)
+	$(PY) -m pipeline train --policy $(POLICY) --output $(OUTPUT) $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
+
+# Curate the embedded dataset, train one CLIP per filter policy at equal steps, evaluate all
+# (zero-shot, typographic attack, spurious backgrounds, retrieval): output/ablation/ablation/.
+ablation: $(STAMP)
+	$(PY) -m pipeline ablation --output output/ablation $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q tests

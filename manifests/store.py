@@ -6,6 +6,7 @@ part that exists is done. That single rule makes every stage resumable per shard
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -87,6 +88,19 @@ def write_table_atomic(table: pa.Table, path: Path) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_json_atomic(data: object, path: Path) -> None:
+    """JSON to a temporary sibling, synced, then renamed: a marker file that exists is whole."""
+    tmp = tmp_sibling(path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def move_into_place(src: Path, dst: Path) -> None:

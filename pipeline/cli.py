@@ -1,4 +1,4 @@
-"""Command line: ``python -m pipeline {curate,query,datasets} ...``.
+"""Command line: ``python -m pipeline {curate,query,stats,ocr-accuracy,train,evaluate,ablation,datasets} ...``.
 
 Every problem the user can fix (bad config, bad URL list, busy port) is one line on stderr and
 exit code 2; a run that could not finish every shard exits 1 and says which shards to rerun.
@@ -11,7 +11,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import Config, ConfigError, load_config
 
 EPILOG = """examples:
   python -m pipeline curate                                  # embedded offline dataset -> output/embedded
@@ -93,6 +93,46 @@ def build_parser() -> argparse.ArgumentParser:
         "recall of the OCR stage against <output>/ground_truth.parquet.",
     )
     accuracy.add_argument("--output", default=_default_output("embedded"), help="the run's output folder")
+
+    train = sub.add_parser(
+        "train",
+        help="train an open_clip model on a policy's curated shards for a fixed number of steps (resumable)",
+        description="Train [train].model on <output>/curated/<policy>/*.tar for [train].steps steps into "
+        "<output>/models/<policy>/ (checkpoints in open_clip's format, train_log.jsonl, result.json). A rerun "
+        "continues from the last checkpoint; at the requested steps already it does nothing.",
+    )
+    train.add_argument("--policy", default="all", help="whose curated shards to train on (default: all)")
+    train.add_argument("--output", default=_default_output("embedded"), help="the run's output folder")
+    train.add_argument("--config", default=None, help="TOML file merged over pipeline/default.toml")
+    train.add_argument("--steps", type=int, default=None, help="total optimisation steps (default: [train].steps)")
+    train.add_argument("--masking", choices=("none", "random", "pgs"), default=None,
+                       help="patch masking while training: random (FLIP) or pgs (CLIP-PGS)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="evaluate a CLIP checkpoint: zero-shot, typographic attack, spurious backgrounds, retrieval",
+        description="Evaluate an open_clip model (a checkpoint file, an open_clip pretrained tag, or '' for a "
+        "random init) on the held-out sets generated from the embedded dataset's classes.",
+    )
+    evaluate.add_argument("checkpoint", help="checkpoint file (e.g. output/embedded/models/all/checkpoints/latest.pt)")
+    evaluate.add_argument("--model", default=None, help="open_clip model name (default: [train].model)")
+    evaluate.add_argument("--config", default=None, help="TOML file merged over pipeline/default.toml")
+
+    ablation = sub.add_parser(
+        "ablation",
+        help="curate, train one model per policy at equal steps, evaluate all, write table and plots",
+        description="The whole ablation on the embedded dataset: curate [ablation].samples samples, train the "
+        "unfiltered model, re-score CLIP with it, train one model per policy for the same [train].steps, "
+        "evaluate every model, and write <output>/ablation/ (ablation.md, ablation.csv, per_class.csv, "
+        "PNG plots) and a section of <output>/report/index.html. Resumable at every step.",
+    )
+    ablation.add_argument("--output", default=_default_output("ablation"), help="output folder (default: output/ablation)")
+    ablation.add_argument("--config", default=None, help="TOML file merged over pipeline/default.toml")
+    ablation.add_argument("--samples", type=int, default=None, help="embedded samples to curate (default: [ablation].samples)")
+    ablation.add_argument("--steps", type=int, default=None, help="training steps per model (default: [train].steps)")
+    ablation.add_argument("--policies", default=None, help="comma-separated policies (default: [ablation].policies)")
+    ablation.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     datasets = sub.add_parser("datasets", help="list the datasets the config knows")
     datasets.add_argument("--config", default=None, help="TOML file merged over pipeline/default.toml")
@@ -177,6 +217,66 @@ def cmd_ocr_accuracy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_train(config: Config, **changes: object) -> Config:
+    """The config with [train] keys replaced by the command line's (None = not given)."""
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if not changes:
+        return config
+    train = dataclasses.replace(config.train, **changes)
+    train.validate()
+    return dataclasses.replace(config, train=train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from manifests.store import RunLayout
+    from pipeline.ablation import model_dir
+    from stages.train import train
+
+    config = _with_train(load_config(args.config), steps=args.steps, masking=args.masking)
+    layout = RunLayout(Path(args.output))
+    shards = sorted(str(p) for p in layout.curated_dir(args.policy).glob("*.tar"))
+    if not shards:
+        raise ConfigError(f"no curated shards in {layout.curated_dir(args.policy)}: run `make curate` (with this policy) first")
+    result = train(shards, model_dir(layout, args.policy), config.train, progress=not args.no_progress)
+    print(result.summary())
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from models.clip import load_clip, resolve_device
+    from pipeline.datasets.eval_sets import build_eval_sets
+    from stages.evaluate import evaluate
+
+    config = load_config(args.config)
+    ablation = config.ablation
+    device = resolve_device(config.train.device, torch.cuda.is_available())
+    clip = load_clip(args.model or config.train.model, args.checkpoint, device=device, precision="fp32",
+                     seed=config.train.seed, batch_size=128)
+    result = evaluate(clip, build_eval_sets(seed=ablation.eval_seed, per_class=ablation.eval_per_class))
+    print(f"== evaluate {result.model}")
+    for key, value in result.metrics.items():
+        print(f"   {key:22s} {value:.3f}")
+    return 0
+
+
+def cmd_ablation(args: argparse.Namespace) -> int:
+    from pipeline.ablation import format_result, run_ablation
+
+    config = _with_train(load_config(args.config), steps=args.steps)
+    ablation = config.ablation
+    if args.samples is not None or args.policies:
+        policies = tuple(p.strip() for p in args.policies.split(",") if p.strip()) if args.policies else ablation.policies
+        ablation = dataclasses.replace(ablation, samples=args.samples or ablation.samples, policies=policies)
+        ablation.validate()
+    for name in ablation.policies:
+        config.policy(name)
+    result = run_ablation(config, ablation, Path(args.output), progress=not args.no_progress)
+    print(format_result(result))
+    return 0
+
+
 def cmd_datasets(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     for name, ds in sorted(config.datasets.items()):
@@ -192,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         "stats": cmd_stats,
         "ocr-accuracy": cmd_ocr_accuracy,
         "datasets": cmd_datasets,
+        "train": cmd_train,
+        "evaluate": cmd_evaluate,
+        "ablation": cmd_ablation,
     }
     try:
         return handlers[args.command](args)

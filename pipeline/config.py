@@ -194,6 +194,21 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class AblationConfig:
+    """`make ablation`: one model per policy, trained on the embedded dataset at equal steps."""
+
+    samples: int = 640  # embedded samples to curate (OCR sets the pace on a CPU: ~1 image/s)
+    policies: tuple[str, ...] = ("all", "no-text", "no-parrot", "clip-threshold", "tmars", "combined")
+    eval_seed: int = 10_000  # held-out sets: a seed stream apart from the training data's
+    eval_per_class: int = 40  # images per class in each labelled eval set
+
+    def validate(self) -> None:
+        _require(self.samples >= 16, "ablation.samples must be >= 16")
+        _require(bool(self.policies), "ablation.policies must name at least one policy")
+        _require(self.eval_per_class >= 1, "ablation.eval_per_class must be >= 1")
+
+
+@dataclass(frozen=True)
 class DatasetConfig:
     """A named dataset: the embedded offline generator, or a URL list (path or fsspec URL)."""
 
@@ -226,6 +241,7 @@ class Config:
     clip: ClipConfig = field(default_factory=ClipConfig)
     reshard: ReshardConfig = field(default_factory=ReshardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
     policies: dict[str, PolicyConfig] = field(default_factory=dict)
     datasets: dict[str, DatasetConfig] = field(default_factory=dict)
 
@@ -247,6 +263,9 @@ class Config:
         self.clip.validate()
         self.reshard.validate()
         self.train.validate()
+        self.ablation.validate()
+        for name in self.ablation.policies:
+            _require(name in self.policies, f"ablation.policies names unknown policy {name!r}")
         for policy in self.policies.values():
             policy.validate()
         for dataset in self.datasets.values():
@@ -309,7 +328,7 @@ def load_config(path: str | Path | None = None) -> Config:
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
         data = _merge(data, user)
-    unknown_sections = sorted(set(data) - {"download", "ocr", "parrot", "clip", "reshard", "train", "policies", "datasets"})
+    unknown_sections = sorted(set(data) - {"download", "ocr", "parrot", "clip", "reshard", "train", "ablation", "policies", "datasets"})
     if unknown_sections:
         raise ConfigError(f"unknown section(s) in config: {', '.join(unknown_sections)}")
     datasets = {
@@ -323,6 +342,7 @@ def load_config(path: str | Path | None = None) -> Config:
         clip=_build(ClipConfig, data.get("clip", {}), "clip"),
         reshard=_build(ReshardConfig, data.get("reshard", {}), "reshard"),
         train=_build(TrainConfig, data.get("train", {}), "train"),
+        ablation=_build(AblationConfig, data.get("ablation", {}), "ablation"),
         policies={
             name: _build(PolicyConfig, values, f"policies.{name}", name=name)
             for name, values in data.get("policies", {}).items()

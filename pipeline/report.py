@@ -196,6 +196,9 @@ def write_report(layout: RunLayout, extra_sections: list[tuple[str, str]] | None
                     )
                     body += f"<h3>{html.escape(policy)}: {'kept' if kept else 'dropped'}</h3>" + _grid(layout, rows)
             sections.append(("Policies", body))
+        ablation = layout.root / "ablation" / "section.html"  # written by `python -m pipeline ablation`
+        if ablation.exists():
+            sections.append(("Ablation: CLIP trained on each policy's samples", ablation.read_text(encoding="utf-8")))
         for title, content in extra_sections or []:
             sections.append((title, content))
     finally:

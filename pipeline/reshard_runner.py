@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from manifests.schemas import CURATED
-from manifests.store import TMP_PREFIX, RunLayout, tmp_sibling, write_table_atomic
+from manifests.store import TMP_PREFIX, RunLayout, tmp_sibling, write_json_atomic, write_table_atomic
 from stages.reshard import ReshardStage
 
 SIZES = "sizes.json"  # open_clip reads {"<shard>.tar": n} from the shards' folder; our completion marker
@@ -191,18 +191,6 @@ def _remove_policy_dir(layout: RunLayout, policy: str) -> None:
     shutil.rmtree(trash)
 
 
-def _write_json_atomic(data: object, path: Path) -> None:
-    tmp = tmp_sibling(path)
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _reshard_shard_task(
     policy: str, samples_per_shard: int, shard: str, inputs: list[tuple[str, dict[str, str]]], out_dir: str
 ) -> tuple[pa.Table, int]:
@@ -247,8 +235,8 @@ def reshard_policy(layout: RunLayout, policy: str, samples_per_shard: int, progr
         "duplicates_dropped": plan.duplicates_dropped,
         "order": "uid-sorted, cut every samples_per_shard; inside a shard by source shard, then source tar order",
     }
-    _write_json_atomic(params, folder / PARAMS)
-    _write_json_atomic({f"{s.shard}.tar": s.samples for s in plan.shards}, folder / SIZES)  # last: the marker
+    write_json_atomic(params, folder / PARAMS)
+    write_json_atomic({f"{s.shard}.tar": s.samples for s in plan.shards}, folder / SIZES)  # last: the marker
     return ReshardReport(
         policy,
         kept=plan.kept,

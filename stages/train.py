@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from manifests.store import tmp_sibling
+from manifests.store import tmp_sibling, write_json_atomic
 from pipeline.config import ConfigError, TrainConfig
 from stages.base import Resources
 
@@ -226,7 +226,7 @@ def train(shards: Shards, out_dir: Path, cfg: TrainConfig, progress: bool = True
         seconds=time.monotonic() - started, step_time_s=step_time, samples_per_s=cfg.batch_size / step_time,
         checkpoint=str(saved), device=device, precision=precision, masking=cfg.masking, shards=len(urls),
     )
-    _write_json_atomic({**asdict(result), "config": asdict(cfg)}, out_dir / RESULT)
+    write_json_atomic({**asdict(result), "config": asdict(cfg)}, out_dir / RESULT)
     logger.info(result.summary())
     return result
 
@@ -405,9 +405,3 @@ def _truncate_log(path: Path, step: int) -> None:
 def _last_logged_loss(path: Path) -> float | None:
     records = _read_log(path)
     return records[-1]["loss"] if records else None
-
-
-def _write_json_atomic(data: object, path: Path) -> None:
-    tmp = tmp_sibling(path)
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
