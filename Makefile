@@ -51,6 +51,7 @@ test: $(STAMP) browser
 # Benchmarks: side-by-side ratios measured in one run (never absolute targets in tests).
 bench: $(STAMP)
 	$(PY) bench/ocr_bench.py $(ARGS)
+	$(PY) bench/train_bench.py
 
 # Debian's Chromium renders the HTML report in the tests (headless). Installed once, if missing.
 browser:
