@@ -127,13 +127,22 @@ def model_dir(layout: RunLayout, policy: str) -> Path:
 
 
 def _train(config: Config, layout: RunLayout, policy: str, progress: bool) -> Any:
-    from stages.train import train
-
-    shards = sorted(str(p) for p in layout.curated_dir(policy).glob("*.tar"))
-    if not shards:
-        raise ConfigError(f"policy {policy!r} kept no samples in {layout.root}: nothing to train on")
     print(f"== train {policy}: {config.train.model}, {config.train.steps} steps x {config.train.batch_size}",
           file=sys.stderr)
+    return train_on_policy(config, layout, policy, progress)
+
+
+def train_on_policy(config: Config, layout: RunLayout, policy: str, progress: bool) -> Any:
+    """Train on a policy's finished curated folder (its ``sizes.json`` lists the non-empty tars)."""
+    from stages.train import shard_urls, train
+
+    folder = layout.curated_dir(policy)
+    if not (folder / "sizes.json").is_file():
+        raise ConfigError(f"no finished curated shards in {folder}: run `make curate` (with policy {policy!r}) first")
+    try:
+        shards = shard_urls(folder)
+    except ValueError as err:  # e.g. the policy kept nothing
+        raise ConfigError(f"cannot train on policy {policy!r}: {err}") from None
     return train(shards, model_dir(layout, policy), config.train, progress=progress)
 
 

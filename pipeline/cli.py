@@ -229,15 +229,10 @@ def _with_train(config: Config, **changes: object) -> Config:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from manifests.store import RunLayout
-    from pipeline.ablation import model_dir
-    from stages.train import train
+    from pipeline.ablation import train_on_policy
 
     config = _with_train(load_config(args.config), steps=args.steps, masking=args.masking)
-    layout = RunLayout(Path(args.output))
-    shards = sorted(str(p) for p in layout.curated_dir(args.policy).glob("*.tar"))
-    if not shards:
-        raise ConfigError(f"no curated shards in {layout.curated_dir(args.policy)}: run `make curate` (with this policy) first")
-    result = train(shards, model_dir(layout, args.policy), config.train, progress=not args.no_progress)
+    result = train_on_policy(config, RunLayout(Path(args.output)), args.policy, progress=not args.no_progress)
     print(result.summary())
     return 0
 
