@@ -129,7 +129,13 @@ def model_dir(layout: RunLayout, policy: str) -> Path:
 def _train(config: Config, layout: RunLayout, policy: str, progress: bool) -> Any:
     print(f"== train {policy}: {config.train.model}, {config.train.steps} steps x {config.train.batch_size}",
           file=sys.stderr)
-    return train_on_policy(config, layout, policy, progress)
+    result = train_on_policy(config, layout, policy, progress)
+    if result.step != config.train.steps:  # e.g. trained further by hand: the compute would differ
+        raise ConfigError(
+            f"{model_dir(layout, policy)} is at step {result.step}, not [train].steps = {config.train.steps}: "
+            "the ablation compares equal steps; move that folder away or set the same steps"
+        )
+    return result
 
 
 def train_on_policy(config: Config, layout: RunLayout, policy: str, progress: bool) -> Any:

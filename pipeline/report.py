@@ -87,10 +87,17 @@ def _fetch_images(layout: RunLayout, wanted: list[tuple[str, str]]) -> dict[tupl
 
 
 def _thumbnail(data: bytes, quads: list | None) -> str:
+    """The image with its OCR boxes drawn; a grey tile saying so when the bytes do not decode
+    (a report must render whatever the shards hold: the failure is already a row with its reason)."""
     from PIL import Image, ImageDraw
 
-    with Image.open(io.BytesIO(data)) as image:
-        image = image.convert("RGB")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image = image.convert("RGB")
+    except Exception:  # noqa: BLE001 - any undecodable bytes
+        image = Image.new("RGB", (THUMB, THUMB), (200, 200, 200))
+        ImageDraw.Draw(image).text((10, THUMB // 2 - 6), "image does not decode", fill=(90, 0, 0))
+        quads = None
     draw = ImageDraw.Draw(image)
     for quad in quads or []:
         draw.polygon([tuple(p) for p in quad], outline=(255, 0, 0), width=3)
