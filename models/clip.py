@@ -59,14 +59,15 @@ class RandomWeightsWarning(UserWarning):
     """CLIP weights are a seeded random init: scores are reproducible but carry no meaning."""
 
 
-def resolve_device(requested: str, cuda_available: bool) -> str:
-    """"auto" -> "cuda" when a GPU is visible else "cpu"; "cuda" without a GPU is a config error."""
+def resolve_device(requested: str, cuda_available: bool, key: str = "clip.device") -> str:
+    """"auto" -> "cuda" when a GPU is visible else "cpu"; "cuda" without a GPU is a config error
+    naming ``key`` (the torch stages share this: CLIP scoring, training, evaluation)."""
     if requested == "auto":
         return "cuda" if cuda_available else "cpu"
     if requested == "cuda" and not cuda_available:
-        raise ConfigError("clip.device is 'cuda' but no CUDA GPU is available; use 'auto' or 'cpu'")
+        raise ConfigError(f"{key} is 'cuda' but no CUDA GPU is available; use 'auto' or 'cpu'")
     if requested not in {"cpu", "cuda"}:
-        raise ConfigError(f"clip.device must be auto, cpu or cuda, not {requested!r}")
+        raise ConfigError(f"{key} must be auto, cpu or cuda, not {requested!r}")
     return requested
 
 

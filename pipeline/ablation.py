@@ -152,14 +152,16 @@ def train_on_policy(config: Config, layout: RunLayout, policy: str, progress: bo
     return train(shards, model_dir(layout, policy), config.train, progress=progress)
 
 
-def _evaluate(config: Config, checkpoint: str, sets: Any) -> Any:
+def evaluate_checkpoint(config: Config, checkpoint: str, sets: Any, model: str | None = None) -> Any:
+    """Load ``checkpoint`` (a file, an open_clip tag, or "" for the seeded random init) and evaluate it."""
+    import torch
+
     from models.clip import load_clip, resolve_device
     from stages.evaluate import evaluate
 
-    import torch
-
-    clip = load_clip(config.train.model, checkpoint, device=resolve_device(config.train.device, torch.cuda.is_available()),
-                     precision="fp32", seed=config.train.seed, batch_size=128)
+    device = resolve_device(config.train.device, torch.cuda.is_available(), "train.device")
+    clip = load_clip(model or config.train.model, checkpoint, device=device, precision="fp32",
+                     seed=config.train.seed, batch_size=128)
     return evaluate(clip, sets)
 
 
@@ -185,11 +187,11 @@ def run_ablation(config: Config, ablation: AblationConfig, root: Path, progress:
     _curate(scorer, ablation, root, policies, progress)  # selections and reshards with the new scores
 
     sets = build_eval_sets(seed=ablation.eval_seed, per_class=ablation.eval_per_class)
-    untrained = _evaluate(config, "", sets).metrics
+    untrained = evaluate_checkpoint(config, "", sets).metrics
     rows = []
     for policy in policies:
         result = first if policy == SCORER_POLICY else _train(config, layout, policy, progress)
-        evaluation = _evaluate(config, result.checkpoint, sets)
+        evaluation = evaluate_checkpoint(config, result.checkpoint, sets)
         kept = pq.read_table(layout.selection_path(policy), columns=["kept"]).column(0).to_pylist()
         rows.append(
             AblationRow(

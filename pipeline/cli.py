@@ -238,18 +238,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import torch
-
-    from models.clip import load_clip, resolve_device
+    from pipeline.ablation import evaluate_checkpoint
     from pipeline.datasets.eval_sets import build_eval_sets
-    from stages.evaluate import evaluate
 
     config = load_config(args.config)
     ablation = config.ablation
-    device = resolve_device(config.train.device, torch.cuda.is_available())
-    clip = load_clip(args.model or config.train.model, args.checkpoint, device=device, precision="fp32",
-                     seed=config.train.seed, batch_size=128)
-    result = evaluate(clip, build_eval_sets(seed=ablation.eval_seed, per_class=ablation.eval_per_class))
+    sets = build_eval_sets(seed=ablation.eval_seed, per_class=ablation.eval_per_class)
+    result = evaluate_checkpoint(config, args.checkpoint, sets, model=args.model)
     print(f"== evaluate {result.model}")
     for key, value in result.metrics.items():
         print(f"   {key:22s} {value:.3f}")

@@ -40,11 +40,13 @@ from pathlib import Path
 from typing import Any
 
 from manifests.store import tmp_sibling, write_json_atomic
+from models.clip import resolve_device
 from pipeline.config import ConfigError, TrainConfig
 from stages.base import Resources
 
 logger = logging.getLogger(__name__)
 
+TRAIN_DEVICE = "train.device"  # the config key named in device errors
 CHECKPOINTS = "checkpoints"  # step_<n>.pt and latest.pt, inside the output folder
 LATEST = "latest.pt"
 LOG = "train_log.jsonl"  # one line per logged step: step, loss, lr, logit_scale, step_s
@@ -96,20 +98,11 @@ class TrainStage:
 
     def resources(self, gpus_available: bool) -> Resources:
         cfg = self.config
-        on_gpu = resolve_device(cfg.device, gpus_available) == "cuda"
+        on_gpu = resolve_device(cfg.device, gpus_available, TRAIN_DEVICE) == "cuda"
         return Resources(cpus=cfg.cpus, gpus=cfg.gpus if on_gpu else 0.0, batch_size=cfg.batch_size)
 
     def run(self, shards: Shards, out_dir: Path, progress: bool = True) -> TrainResult:
         return train(shards, out_dir, self.config, progress)
-
-
-def resolve_device(requested: str, cuda_available: bool) -> str:
-    """"auto" -> "cuda" when a GPU is visible else "cpu"; "cuda" without a GPU is a config error."""
-    if requested == "cuda" and not cuda_available:
-        raise ConfigError("train.device is 'cuda' but no CUDA GPU is available; use 'auto' or 'cpu'")
-    if requested == "auto":
-        return "cuda" if cuda_available else "cpu"
-    return requested
 
 
 def shard_urls(shards: Shards) -> list[str]:
@@ -151,7 +144,7 @@ def train(shards: Shards, out_dir: Path, cfg: TrainConfig, progress: bool = True
     started = time.monotonic()
     out_dir = Path(out_dir)
     urls = shard_urls(shards)
-    device = resolve_device(cfg.device, torch.cuda.is_available())
+    device = resolve_device(cfg.device, torch.cuda.is_available(), TRAIN_DEVICE)
     precision = _precision(cfg.precision, device)
     latest = out_dir / CHECKPOINTS / LATEST
     checkpoint = torch.load(latest, map_location="cpu", weights_only=True) if latest.is_file() else None
