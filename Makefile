@@ -19,7 +19,7 @@ help:
 	@echo "make train [POLICY=all] [OUTPUT=dir] [ARGS=--steps N]"
 	@echo "make ablation [ARGS='--samples N --steps N']"
 	@echo "make test"
-	@echo "make bench [ARGS=--images N]"
+	@echo "make bench [ARGS=...]   (writes BENCHMARKS.md)"
 
 setup: $(STAMP)
 
@@ -50,8 +50,7 @@ test: $(STAMP) browser
 
 # Benchmarks: side-by-side ratios measured in one run (never absolute targets in tests).
 bench: $(STAMP)
-	$(PY) bench/ocr_bench.py $(ARGS)
-	$(PY) bench/train_bench.py
+	$(PY) bench/run_all.py $(ARGS)
 
 # Debian's Chromium renders the HTML report in the tests (headless). Installed once, if missing.
 browser:
