@@ -4,6 +4,10 @@ them on uid, ``selections`` (all policies) and ``selection_<policy>`` views, and
 The catalog holds only views (no data), so it is cheap to rebuild after every stage and always
 reflects the parts on disk. It is built under a temporary name and renamed into place, so a
 reader never opens a half-written catalog.
+
+For an object-store root the catalog file stays local (``RunLayout.catalog_path``) and its views
+read ``s3://...`` URLs through the store's fsspec filesystem, which every connection registers
+(:func:`connect`); stock DuckDB does the same with ``con.register_filesystem(fsspec.filesystem("s3"))``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,17 @@ from manifests.store import RunLayout, tmp_sibling
 STAGE_ORDER = ("download", "ocr", "parrot", "clip_score")
 
 
+def connect(catalog: Path, layout: RunLayout | None = None, read_only: bool = True) -> duckdb.DuckDBPyConnection:
+    """A connection to a catalog whose views can read the run's manifests, local or remote."""
+    con = duckdb.connect(str(catalog), read_only=read_only)
+    if layout is not None and layout.remote:
+        fs = layout.root.fs
+        names = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+        if not any(con.filesystem_is_registered(n) for n in names):  # shared by connections to one file
+            con.register_filesystem(fs)
+    return con
+
+
 def _quote(path: Path) -> str:
     return "'" + str(path).replace("'", "''") + "'"
 
@@ -34,26 +49,27 @@ def build_catalog(layout: RunLayout) -> Path:
     stages = [s for s in STAGE_ORDER if s in layout.stages_present()]
     stages += [s for s in layout.stages_present() if s not in stages]
     target = layout.catalog_path
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_sibling(target)
     try:
-        con = duckdb.connect(str(tmp))
+        con = connect(tmp, layout, read_only=False)
         try:
             for stage in stages:
-                glob = layout.stage_dir(stage).resolve() / "part-*.parquet"
+                glob = layout.stage_dir(stage) / "part-*.parquet"
                 con.execute(f'create view "{stage}" as select * from read_parquet({_quote(glob)}, union_by_name=true)')
             if "download" in stages:
                 joins = " ".join(f'left join "{s}" using (uid)' for s in stages if s != "download")
                 con.execute(f'create view samples as select * from download {joins}')
             selections = sorted(layout.selections_dir.glob("*.parquet")) if layout.selections_dir.is_dir() else []
             if selections:
-                glob = layout.selections_dir.resolve() / "*.parquet"
+                glob = layout.selections_dir / "*.parquet"
                 con.execute(f"create view selections as select * from read_parquet({_quote(glob)})")
                 for path in selections:
                     view = "selection_" + _safe(path.stem)
-                    con.execute(f'create view "{view}" as select * from read_parquet({_quote(path.resolve())})')
+                    con.execute(f'create view "{view}" as select * from read_parquet({_quote(path)})')
             curated = sorted(layout.root.glob("curated/*/manifest.parquet"))
             if curated:
-                glob = layout.root.resolve() / "curated" / "*" / "manifest.parquet"
+                glob = layout.root / "curated" / "*" / "manifest.parquet"
                 con.execute(f"create view curated as select * from read_parquet({_quote(glob)})")
         finally:
             con.close()
@@ -64,11 +80,13 @@ def build_catalog(layout: RunLayout) -> Path:
     return target
 
 
-def run_query(catalog: Path, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
-    """Run SQL against a catalog (read-only) and return (column names, rows)."""
-    if not catalog.exists():
-        raise FileNotFoundError(f"no catalog at {catalog}: run `make curate` (or `python -m pipeline curate`) first")
-    con = duckdb.connect(str(catalog), read_only=True)
+def run_query(catalog: Path | RunLayout, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Run SQL against a run's catalog (read-only) and return (column names, rows)."""
+    layout = catalog if isinstance(catalog, RunLayout) else None
+    path = layout.catalog_path if layout is not None else Path(catalog)
+    if not path.exists():
+        raise FileNotFoundError(f"no catalog at {path}: run `make curate` (or `python -m pipeline curate`) first")
+    con = connect(path, layout)
     try:
         result = con.execute(sql)
         columns = [d[0] for d in result.description] if result.description else []

@@ -2,28 +2,85 @@
 
 A manifest part is written under a temporary name in the same folder and renamed into place: a
 part that exists is done. That single rule makes every stage resumable per shard.
+
+The output root may be a local folder or an fsspec URL (``s3://bucket/prefix``, ``gs://...``):
+every path here is a ``UPath``, which is a plain ``pathlib.Path`` for a local folder. An object
+store has no rename, but a PUT is atomic (an object is visible whole or not at all), so remote
+files are built in memory or in a local temporary file and uploaded in one request; the same
+rule holds: an object that exists is complete. Endpoint and credentials come from the store's
+usual environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...), so Ray workers on other
+nodes find the same store with no extra arguments.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from upath import UPath
 
 TMP_PREFIX = ".tmp-"
+LOCAL_PROTOCOLS = ("", "file", "local")
+
+# Listings of an object store change under us (Ray workers on other nodes upload shards): never
+# answer "is this part there?" from a cached listing.
+for _protocol in ("s3", "s3a", "gs", "gcs", "abfs", "az"):
+    fsspec.config.conf.setdefault(_protocol, {})["use_listings_cache"] = False
+
+
+def as_path(location: str | os.PathLike[str]) -> UPath:
+    """A local path (made absolute) or an fsspec URL, as one Path-like type."""
+    if isinstance(location, UPath) and is_remote(location):
+        return location
+    text = os.fspath(location)
+    if "://" in text and not text.startswith("file://"):
+        return UPath(text)
+    return UPath(Path(text.removeprefix("file://")).expanduser().absolute())
+
+
+def is_remote(path: Any) -> bool:
+    """Whether ``path`` lives in an object store (or any non-local fsspec filesystem)."""
+    return getattr(path, "protocol", "") not in LOCAL_PROTOCOLS
+
+
+def local_cache_dir(url: str) -> Path:
+    """A local folder for what cannot live in an object store (the DuckDB catalog, the report).
+
+    ``$CURATION_CACHE`` (default ``~/.cache/clip-curation``) / a readable name of the URL + a hash.
+    """
+    base = Path(os.environ.get("CURATION_CACHE", "~/.cache/clip-curation")).expanduser()
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", url)[-80:].strip("_")
+    return base / f"{readable}-{hashlib.sha256(url.encode()).hexdigest()[:8]}"
 
 
 @dataclass(frozen=True)
 class RunLayout:
     """The folders of one run (one dataset in one output root)."""
 
-    root: Path
+    root: UPath  # a local path or an fsspec URL; given as str or Path, made a UPath
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", as_path(self.root))
+
+    @property
+    def remote(self) -> bool:
+        return is_remote(self.root)
+
+    @property
+    def local_dir(self) -> Path:
+        """Where this run keeps local-only files: the root itself, or a cache for a remote root."""
+        return Path(self.root) if not self.remote else local_cache_dir(str(self.root))
 
     @property
     def shards_dir(self) -> Path:
@@ -35,7 +92,8 @@ class RunLayout:
 
     @property
     def catalog_path(self) -> Path:
-        return self.root / "catalog.duckdb"
+        """Always local: DuckDB writes its database file itself (views only, rebuilt each run)."""
+        return self.local_dir / "catalog.duckdb"
 
     @property
     def selections_dir(self) -> Path:
@@ -49,7 +107,8 @@ class RunLayout:
 
     @property
     def report_dir(self) -> Path:
-        return self.root / "report"
+        """Local (written by the driver); for a remote root it is also uploaded beside the run."""
+        return self.local_dir / "report"
 
     def stage_dir(self, stage: str) -> Path:
         return self.root / "manifests" / stage
@@ -76,8 +135,37 @@ def tmp_sibling(path: Path) -> Path:
     return path.with_name(f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex[:12]}")
 
 
+def _fs_path(path: UPath) -> tuple[Any, str]:
+    return path.fs, path.path
+
+
+def write_bytes_atomic(data: bytes, path: Path) -> None:
+    """Bytes to ``path`` so that a reader sees all of them or no file: rename locally, one PUT remotely."""
+    if is_remote(path):
+        fs, key = _fs_path(path)
+        fs.pipe_file(key, data)
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_sibling(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_table_atomic(table: pa.Table, path: Path) -> None:
-    """Write a Parquet file under a temporary name, fsync it, then rename it into place."""
+    """A Parquet file (zstd) written whole: temporary name + fsync + rename, or one PUT remotely."""
+    if is_remote(path):
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        write_bytes_atomic(buffer.getvalue(), path)
+        return
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_sibling(path)
     try:
@@ -91,27 +179,79 @@ def write_table_atomic(table: pa.Table, path: Path) -> None:
 
 
 def write_json_atomic(data: object, path: Path) -> None:
-    """JSON to a temporary sibling, synced, then renamed: a marker file that exists is whole."""
-    tmp = tmp_sibling(path)
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """JSON written whole (see :func:`write_bytes_atomic`): a marker file that exists is complete."""
+    write_bytes_atomic(json.dumps(data, indent=2).encode("utf-8"), path)
+
+
+def read_table(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file, or every Parquet file of a folder (hidden temporaries are skipped)."""
+    if is_remote(path):
+        fs, key = _fs_path(path)
+        return pq.read_table(key, columns=columns, filesystem=fs)
+    return pq.read_table(path, columns=columns)
+
+
+def read_bytes(location: str | Path) -> bytes:
+    """The whole content of a local file or an object (one GET)."""
+    with fsspec.open(str(location), "rb") as f:
+        return f.read()
+
+
+def sha256_of(path: Path) -> str:
+    with fsspec.open(str(path), "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def mtime_ns(path: Path) -> int:
+    """Modification time in ns (object stores give seconds: compare with care)."""
+    if is_remote(path):
+        return int(path.stat().st_mtime * 1e9)
+    return Path(path).stat().st_mtime_ns
 
 
 def move_into_place(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst`` (atomic on one filesystem), replacing a stale ``dst``."""
+    """Move local file ``src`` to ``dst``: a rename on one filesystem, else one upload, then delete."""
+    if is_remote(dst):
+        fs, key = _fs_path(dst)
+        fs.put_file(str(src), key)
+        Path(src).unlink()
+        return
+    dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(src, dst)
+    try:
+        os.replace(src, dst)
+    except OSError as err:
+        if err.errno != 18:  # EXDEV: a temporary folder on another filesystem
+            raise
+        tmp = tmp_sibling(dst)
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+        Path(src).unlink()
+
+
+def make_dirs(path: Path) -> None:
+    """``mkdir -p`` locally; nothing for an object store (prefixes exist when objects do)."""
+    if not is_remote(path):
+        Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a folder (local) or every object under a prefix (remote)."""
+    if is_remote(path):
+        fs, key = _fs_path(path)
+        if fs.exists(key):
+            fs.rm(key, recursive=True)
+        return
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def remove_stale_temporaries(folder: Path) -> int:
-    """Delete what a killed run left under temporary names; returns how many entries went."""
-    if not folder.is_dir():
+    """Delete what a killed run left under temporary names; returns how many entries went.
+
+    Only local folders have temporaries: nothing is ever written to an object store under a
+    temporary name.
+    """
+    if is_remote(folder) or not folder.is_dir():
         return 0
     removed = 0
     for entry in folder.glob(f"{TMP_PREFIX}*"):

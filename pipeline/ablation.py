@@ -122,8 +122,11 @@ def _rescore_clip(layout: RunLayout, scorer: Config, progress: bool) -> bool:
 
 
 def model_dir(layout: RunLayout, policy: str) -> Path:
-    """Where the model trained on a policy's curated shards lives (``python -m pipeline train`` too)."""
-    return layout.root / "models" / policy
+    """Where the model trained on a policy's curated shards lives (``python -m pipeline train`` too).
+
+    Local, also for an object-store run: checkpoints are written and hard-linked as they train.
+    """
+    return layout.local_dir / "models" / policy
 
 
 def _train(config: Config, layout: RunLayout, policy: str, progress: bool) -> Any:
@@ -145,11 +148,29 @@ def train_on_policy(config: Config, layout: RunLayout, policy: str, progress: bo
     folder = layout.curated_dir(policy)
     if not (folder / "sizes.json").is_file():
         raise ConfigError(f"no finished curated shards in {folder}: run `make curate` (with policy {policy!r}) first")
+    if layout.remote:
+        folder = _local_copy(folder, layout.local_dir / "curated" / policy)
     try:
         shards = shard_urls(folder)
     except ValueError as err:  # e.g. the policy kept nothing
         raise ConfigError(f"cannot train on policy {policy!r}: {err}") from None
     return train(shards, model_dir(layout, policy), config.train, progress=progress)
+
+
+def _local_copy(remote: Any, local: Path) -> Path:
+    """Copy a finished curated folder from the object store, unless the copy is already that one."""
+    from manifests.store import read_bytes, write_bytes_atomic
+
+    marker = read_bytes(remote / "sizes.json")
+    if (local / "sizes.json").is_file() and (local / "sizes.json").read_bytes() == marker:
+        return local
+    local.mkdir(parents=True, exist_ok=True)
+    (local / "sizes.json").unlink(missing_ok=True)
+    for entry in remote.iterdir():
+        if entry.name != "sizes.json":
+            write_bytes_atomic(read_bytes(entry), local / entry.name)
+    write_bytes_atomic(marker, local / "sizes.json")  # last: the copy's completion marker
+    return local
 
 
 def evaluate_checkpoint(config: Config, checkpoint: str, sets: Any, model: str | None = None) -> Any:

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     curate.add_argument(
         "--caption-column", default=None, help="name of the caption column in the list (default: caption)"
     )
-    curate.add_argument("--output", default=None, help="output folder of the run (default: output/<dataset>)")
+    curate.add_argument("--output", default=None, help="output root of the run: a folder, or an fsspec URL such as s3://bucket/prefix (default: output/<dataset>)")
     curate.add_argument("--config", default=None, help="TOML file merged over pipeline/default.toml")
     curate.add_argument(
         "--address",
@@ -168,7 +168,7 @@ def cmd_curate(args: argparse.Namespace) -> int:
     policies = tuple(p.strip() for p in args.policies.split(",") if p.strip()) if args.policies else dataset.policies
     for name in policies:
         config.policy(name)
-    layout = RunLayout(Path(args.output or _default_output(dataset_name)))
+    layout = RunLayout(args.output or _default_output(dataset_name))
     source = open_source(dataset, url_list=args.url_list, slow_seconds=download.timeout_s + 2.0)
     source.fingerprint()  # reads and checks a URL list now, before Ray starts: bad input fails fast
     result = curate(source, layout, config, download, policies, address=args.address, progress=not args.no_progress)
@@ -182,9 +182,9 @@ def cmd_query(args: argparse.Namespace) -> int:
     from manifests.catalog import format_table, run_query
     from manifests.store import RunLayout
 
-    layout = RunLayout(Path(args.output))
+    layout = RunLayout(args.output)
     try:
-        columns, rows = run_query(layout.catalog_path, args.sql)
+        columns, rows = run_query(layout, args.sql)
     except FileNotFoundError as err:
         raise ConfigError(str(err)) from None
     except duckdb.Error as err:
@@ -197,7 +197,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from manifests.store import RunLayout
     from pipeline.stats import parrot_stats
 
-    layout = RunLayout(Path(args.output))
+    layout = RunLayout(args.output)
     present = layout.stages_present()
     if not layout.catalog_path.exists() or "parrot" not in present or "ocr" not in present:
         raise ConfigError(f"{layout.root} has no ocr and parrot manifests yet: run `make curate` first")
@@ -209,7 +209,7 @@ def cmd_ocr_accuracy(args: argparse.Namespace) -> int:
     from manifests.store import RunLayout
     from pipeline.summary import ocr_accuracy_lines
 
-    layout = RunLayout(Path(args.output))
+    layout = RunLayout(args.output)
     text = ocr_accuracy_lines(layout)
     if text is None:
         raise ConfigError(f"{layout.root} has no ground_truth.parquet or no ocr manifest (embedded dataset runs have both)")
@@ -232,7 +232,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.ablation import train_on_policy
 
     config = _with_train(load_config(args.config), steps=args.steps, masking=args.masking)
-    result = train_on_policy(config, RunLayout(Path(args.output)), args.policy, progress=not args.no_progress)
+    result = train_on_policy(config, RunLayout(args.output), args.policy, progress=not args.no_progress)
     print(result.summary())
     return 0
 

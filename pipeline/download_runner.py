@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -24,10 +25,17 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from manifests.schemas import INPUT
-from manifests.store import RunLayout, move_into_place, remove_stale_temporaries, write_table_atomic
+from manifests.store import (
+    RunLayout,
+    make_dirs,
+    move_into_place,
+    read_table,
+    remove_stale_temporaries,
+    write_json_atomic,
+    write_table_atomic,
+)
 from pipeline.config import ConfigError, DownloadConfig
 from pipeline.datasets import DatasetSource, ground_truth_path
 from stages.download import DownloadStage
@@ -84,8 +92,11 @@ def _download_shard_task(config: DownloadConfig, shard: str, rows: pa.Table, roo
 
     The caller (the driver) writes the manifest as the shard's part: see the module docstring.
     """
-    layout = RunLayout(Path(root))
-    work = layout.shards_dir / f".tmp-{shard}-{uuid.uuid4().hex[:8]}"
+    layout = RunLayout(root)
+    if layout.remote:  # img2dataset writes local files; they are uploaded whole when complete
+        work = Path(tempfile.mkdtemp(prefix=f"curation-{shard}-"))
+    else:  # same filesystem as the shards: the move is a rename
+        work = layout.shards_dir / f".tmp-{shard}-{uuid.uuid4().hex[:8]}"
     try:
         result = DownloadStage(config).run_shard(rows, shard, work)
         move_into_place(result.tar_path, layout.shards_dir / f"{shard}.tar")
@@ -107,7 +118,7 @@ def freeze_input(source: DatasetSource, layout: RunLayout, shard_size: int) -> t
                 f"output {layout.root} already holds a run of another input ({meta['dataset']}, "
                 f"{meta['fingerprint']}); choose another OUTPUT/--output or delete that folder"
             )
-        return pq.read_table(layout.input_path), int(meta.get("duplicates_dropped", 0))
+        return read_table(layout.input_path), int(meta.get("duplicates_dropped", 0))
     plan, duplicates = plan_shards(source.load_urls(), shard_size)
     write_table_atomic(plan, layout.input_path)
     gt = source.ground_truth()
@@ -120,9 +131,7 @@ def freeze_input(source: DatasetSource, layout: RunLayout, shard_size: int) -> t
         "samples": plan.num_rows,
         "duplicates_dropped": duplicates,
     }
-    tmp = meta_path.with_name(".tmp-dataset.json")
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(meta_path)
+    write_json_atomic(meta, meta_path)
     return plan, duplicates
 
 
@@ -135,7 +144,7 @@ class DownloadPlan:
 
 def plan_download(source: DatasetSource, layout: RunLayout, config: DownloadConfig) -> DownloadPlan:
     """Freeze the input and find the shards that still need downloading (no Ray needed)."""
-    layout.shards_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(layout.shards_dir)
     remove_stale_temporaries(layout.shards_dir)
     plan, duplicates = freeze_input(source, layout, config.shard_size)
     shards = sorted(set(plan.column("shard").to_pylist()))
@@ -167,7 +176,7 @@ def run_download(
         pending = {}
         for shard in todo:
             rows = plan.filter(pc.equal(plan.column("shard"), shard))
-            pending[task.remote(config, shard, rows, str(layout.root.resolve()))] = (shard, rows.num_rows)
+            pending[task.remote(config, shard, rows, str(layout.root))] = (shard, rows.num_rows)
         bar = tqdm(total=sum(n for _, n in pending.values()), unit="sample", desc="download", disable=not progress)
         last_progress = time.monotonic()
         while pending:

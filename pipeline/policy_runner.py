@@ -9,11 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import duckdb
-import pyarrow.parquet as pq
-
-from manifests.catalog import build_catalog
-from manifests.store import RunLayout, write_table_atomic
+from manifests.catalog import build_catalog, connect
+from manifests.store import RunLayout, read_table, write_table_atomic
 from pipeline.config import Config
 from stages.filter import FilterStage
 
@@ -31,13 +28,13 @@ def select_policies(layout: RunLayout, config: Config, policies: tuple[str, ...]
     """Evaluate each named policy over the catalog's ``samples`` and write changed selections."""
     build_catalog(layout)
     reports = []
-    con = duckdb.connect(str(layout.catalog_path), read_only=True)
+    con = connect(layout.catalog_path, layout)
     try:
         for name in policies:
             policy = config.policy(name)
             table = FilterStage(policy).select(con)
             path = layout.selection_path(name)
-            changed = not path.exists() or not pq.read_table(path).equals(table)
+            changed = not path.exists() or not read_table(path).equals(table)
             if changed:
                 write_table_atomic(table, path)
             kept = sum(table.column("kept").to_pylist())

@@ -18,7 +18,8 @@ from typing import Any
 
 import duckdb
 
-from manifests.store import RunLayout
+from manifests.catalog import connect
+from manifests.store import RunLayout, read_bytes, write_bytes_atomic
 
 GRID_SIZE = 8  # images per kept / dropped grid
 THUMB = 200  # longest side of a grid thumbnail, px
@@ -78,7 +79,7 @@ def _fetch_images(layout: RunLayout, wanted: list[tuple[str, str]]) -> dict[tupl
         path = layout.shards_dir / f"{shard}.tar"
         if not path.exists():
             continue
-        with tarfile.open(path) as tar:
+        with tarfile.open(fileobj=io.BytesIO(read_bytes(path))) as tar:
             for member in tar:
                 key, _, ext = member.name.partition(".")
                 if ext == "jpg" and key in keys:
@@ -159,7 +160,7 @@ def write_report(layout: RunLayout, extra_sections: list[tuple[str, str]] | None
     """Render the report from the catalog; returns the path of index.html."""
     from pipeline.stats import parrot_stats
 
-    con = duckdb.connect(str(layout.catalog_path), read_only=True)
+    con = connect(layout.catalog_path, layout)
     try:
         columns = _columns(con)
         sections: list[tuple[str, str]] = []
@@ -214,12 +215,11 @@ def write_report(layout: RunLayout, extra_sections: list[tuple[str, str]] | None
     content = "".join(f'<h2 id="s{i}">{html.escape(t)}</h2>{c}' for i, (t, c) in enumerate(sections))
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>Curation report: {html.escape(str(layout.root))}"
-        f"</title><style>{CSS}</style></head><body><h1>Curation report</h1><p>{html.escape(str(layout.root.resolve()))}"
+        f"</title><style>{CSS}</style></head><body><h1>Curation report</h1><p>{html.escape(str(layout.root))}"
         f"</p><ul>{nav}</ul>{content}{SELF_CHECK}</body></html>"
     )
-    layout.report_dir.mkdir(parents=True, exist_ok=True)
     target = layout.report_dir / "index.html"
-    tmp = target.with_name(".tmp-index.html")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(target)
+    write_bytes_atomic(page.encode("utf-8"), target)
+    if layout.remote:  # beside the run too, for whoever reads the bucket (the page is self-contained)
+        write_bytes_atomic(page.encode("utf-8"), layout.root / "report" / "index.html")
     return target

@@ -24,21 +24,34 @@ match; otherwise (a new selection, a killed run) the policy's folder is removed 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from manifests.schemas import CURATED
-from manifests.store import TMP_PREFIX, RunLayout, tmp_sibling, write_json_atomic, write_table_atomic
+from manifests.store import (
+    TMP_PREFIX,
+    RunLayout,
+    as_path,
+    is_remote,
+    make_dirs,
+    move_into_place,
+    mtime_ns,
+    read_table,
+    remove_tree,
+    sha256_of,
+    tmp_sibling,
+    write_json_atomic,
+    write_table_atomic,
+)
 from stages.reshard import ReshardStage
 
 SIZES = "sizes.json"  # open_clip reads {"<shard>.tar": n} from the shards' folder; our completion marker
@@ -95,11 +108,6 @@ def _check_policy_name(layout: RunLayout, policy: str) -> Path:
     return folder
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def plan_reshard(layout: RunLayout, policy: str, samples_per_shard: int) -> ReshardPlan:
     """Which source samples go into which output shard (no Ray, no tar is opened).
 
@@ -110,13 +118,13 @@ def plan_reshard(layout: RunLayout, policy: str, samples_per_shard: int) -> Resh
     if samples_per_shard < 1:
         raise ValueError("samples_per_shard must be >= 1")
     selection_path = layout.selection_path(policy)
-    digest = _sha256(selection_path)
-    selection = pq.read_table(selection_path, columns=["uid", "kept"])
+    digest = sha256_of(selection_path)
+    selection = read_table(selection_path, columns=["uid", "kept"])
     kept_rows = selection.filter(pc.equal(selection.column("kept"), True)).column("uid")
     kept = pc.unique(kept_rows.combine_chunks())
     duplicates = len(kept_rows) - len(kept)
 
-    download = pq.read_table(layout.stage_dir("download"), columns=["uid", "status", "shard", "key"])
+    download = read_table(layout.stage_dir("download"), columns=["uid", "status", "shard", "key"])
     download = download.filter(pc.and_(pc.equal(download.column("status"), "ok"), pc.is_valid(download.column("key"))))
     joined = pa.table({"uid": kept}).join(download.select(["uid", "shard", "key"]), "uid", join_type="left outer")
     if joined.num_rows != len(kept):
@@ -156,13 +164,13 @@ def is_up_to_date(layout: RunLayout, policy: str, samples_per_shard: int) -> boo
     marker, params_path, selection = folder / SIZES, folder / PARAMS, layout.selection_path(policy)
     if not (marker.is_file() and params_path.is_file() and selection.is_file()):
         return False
-    if selection.stat().st_mtime_ns > marker.stat().st_mtime_ns:
+    if mtime_ns(selection) > mtime_ns(marker):  # whole seconds on object stores: the hash below decides
         return False
     try:
         params = json.loads(params_path.read_text())
     except ValueError:
         return False
-    return params.get("samples_per_shard") == samples_per_shard and params.get("selection_sha256") == _sha256(selection)
+    return params.get("samples_per_shard") == samples_per_shard and params.get("selection_sha256") == sha256_of(selection)
 
 
 def _remove_policy_dir(layout: RunLayout, policy: str) -> None:
@@ -173,6 +181,12 @@ def _remove_policy_dir(layout: RunLayout, policy: str) -> None:
     A symlink is unlinked, never followed.
     """
     folder = _check_policy_name(layout, policy)
+    if layout.remote:  # no rename on an object store: marker, manifest, then every object under the prefix
+        for name in (SIZES, MANIFEST):
+            if (folder / name).exists():
+                (folder / name).unlink()
+        remove_tree(folder)
+        return
     curated_root = folder.parent
     stale = re.compile(re.escape(f"{TMP_PREFIX}{policy}.") + r"[0-9a-f]{12}")
     if curated_root.is_dir():  # what an earlier, killed removal left
@@ -194,8 +208,19 @@ def _remove_policy_dir(layout: RunLayout, policy: str) -> None:
 def _reshard_shard_task(
     policy: str, samples_per_shard: int, shard: str, inputs: list[tuple[str, dict[str, str]]], out_dir: str
 ) -> tuple[pa.Table, int]:
-    """Body of one Ray task: one output shard, committed by rename inside the stage."""
-    result = ReshardStage(policy, samples_per_shard).run_shard(inputs, shard, Path(out_dir))
+    """Body of one Ray task: one output shard, committed by rename inside the stage.
+
+    For an object-store root the shard is written to a local temporary folder, then its tar and
+    Parquet sibling are uploaded whole (a PUT is atomic) before the task returns.
+    """
+    target = as_path(out_dir)
+    if not is_remote(target):
+        result = ReshardStage(policy, samples_per_shard).run_shard(inputs, shard, Path(out_dir))
+        return result.manifest, result.bytes_written
+    with tempfile.TemporaryDirectory(prefix=f"reshard-{shard}-") as work:
+        result = ReshardStage(policy, samples_per_shard).run_shard(inputs, shard, Path(work))
+        for path in (result.tar_path, result.parquet_path):
+            move_into_place(path, target / path.name)
     return result.manifest, result.bytes_written
 
 
@@ -221,7 +246,7 @@ def reshard_policy(layout: RunLayout, policy: str, samples_per_shard: int, progr
 
     plan = plan_reshard(layout, policy, samples_per_shard)
     _remove_policy_dir(layout, policy)
-    folder.mkdir(parents=True)
+    make_dirs(folder)
     manifests = _run_shards(plan, folder, progress)
 
     manifest = pa.concat_tables(manifests) if manifests else CURATED.empty_table()
@@ -258,7 +283,7 @@ def _run_shards(plan: ReshardPlan, folder: Path, progress: bool) -> list[pa.Tabl
         raise RuntimeError("reshard_policy needs a running Ray session (ray.init or pipeline.ray_runtime.ray_session)")
     task = ray.remote(_reshard_shard_task).options(num_cpus=1, max_retries=2, retry_exceptions=False, name="reshard_shard")
     pending = {
-        task.remote(plan.policy, plan.samples_per_shard, s.shard, s.inputs, str(folder.resolve())): s for s in plan.shards
+        task.remote(plan.policy, plan.samples_per_shard, s.shard, s.inputs, str(folder)): s for s in plan.shards
     }
     done: dict[str, pa.Table] = {}
     bar = tqdm(total=plan.kept, unit="sample", desc=f"reshard {plan.policy}", disable=not progress)

@@ -21,10 +21,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from manifests.schemas import schema_for
-from manifests.store import RunLayout, write_table_atomic
+from manifests.store import RunLayout, as_path, read_bytes, read_table, write_table_atomic
 from pipeline.config import Config
 from pipeline.dag import StageSpec
 
@@ -52,7 +51,7 @@ def ok_counts(layout: RunLayout) -> dict[str, int]:
     folder = layout.stage_dir("download")
     if not folder.is_dir():
         return {}
-    table = pq.read_table(folder, columns=["shard", "status"])
+    table = read_table(folder, columns=["shard", "status"])
     counts = {s: 0 for s in table.column("shard").unique().to_pylist()}
     ok = table.filter(pc.equal(table.column("status"), "ok"))
     for shard, n in zip(*[c.to_pylist() for c in ok.group_by("shard").aggregate([("status", "count")]).columns]):
@@ -67,7 +66,8 @@ def read_shard(item: dict[str, Any]) -> list[dict[str, Any]]:
     later stage reads them instead of the earlier stage running again.
     """
     samples: dict[str, dict[str, Any]] = defaultdict(dict)
-    with tarfile.open(item["tar"]) as tar:
+    # one read of the whole shard (one GET from an object store), then members from memory
+    with tarfile.open(fileobj=io.BytesIO(read_bytes(item["tar"]))) as tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -75,7 +75,7 @@ def read_shard(item: dict[str, Any]) -> list[dict[str, Any]]:
             samples[key][ext] = tar.extractfile(member).read()
     done: dict[str, dict[str, Any]] = defaultdict(dict)
     for part in item.get("parts", []):
-        for row in pq.read_table(part).to_pylist():
+        for row in read_table(as_path(part)).to_pylist():
             done[row.pop("uid")].update(row)
     rows = []
     for key, parts in samples.items():
@@ -189,8 +189,9 @@ def run_per_sample(
     report = SampleReport(stages={s.name: StageReport() for s in specs})
     counts = ok_counts(layout)
     groups: dict[tuple[str, ...], list[str]] = defaultdict(list)
+    done = {s.name: layout.done_shards(s.name) for s in specs}  # one listing per stage, not a probe per part
     for shard in sorted(counts):
-        missing = tuple(s.name for s in specs if not layout.part_path(s.name, shard).exists())
+        missing = tuple(s.name for s in specs if shard not in done[s.name])
         for s in specs:
             if s.name not in missing:
                 report.stages[s.name].shards_already_done += 1
@@ -246,8 +247,8 @@ def _run_group(
     items = [
         {
             "shard": s,
-            "tar": str((layout.shards_dir / f"{s}.tar").resolve()),
-            "parts": [str(layout.part_path(name, s).resolve()) for name in done_before],
+            "tar": str(layout.shards_dir / f"{s}.tar"),
+            "parts": [str(layout.part_path(name, s)) for name in done_before],
         }
         for s in shards
     ]
@@ -298,5 +299,6 @@ def _run_group(
 
 def shards_missing(layout: RunLayout, specs: tuple[StageSpec, ...]) -> list[str]:
     """Downloaded shards that lack a part of at least one of ``specs`` (cheap: no Ray)."""
-    return [s for s in ok_counts(layout) if any(not layout.part_path(x.name, s).exists() for x in specs)]
+    done = {x.name: layout.done_shards(x.name) for x in specs}
+    return [s for s in ok_counts(layout) if any(s not in done[x.name] for x in specs)]
 

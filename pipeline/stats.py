@@ -13,6 +13,7 @@ from typing import Any
 
 import duckdb
 
+from manifests.catalog import connect
 from manifests.store import RunLayout
 
 PAPER_LAION = {"text_share": 0.546, "cotr_all": 0.1542, "cotr_text": 0.2824, "fuzzy_all": 0.3046, "fuzzy_text": 0.5579}
@@ -79,7 +80,7 @@ def _auc(positives: list[float], negatives: list[float]) -> float | None:
 
 def parrot_stats(layout: RunLayout) -> ParrotStats:
     """Compute the statistics from the run's catalog (needs the ocr and parrot stages)."""
-    con = duckdb.connect(str(layout.catalog_path), read_only=True)
+    con = connect(layout.catalog_path, layout)
     try:
         return _compute(con, layout.root)
     finally:
@@ -114,7 +115,7 @@ def _compute(con: duckdb.DuckDBPyConnection, root: Path) -> ParrotStats:
         stats.clip_parrot_corr = _one(con, f"select corr(clip_score, parrot_score) {scored} and clip_status = 'ok'")[0]
     gt = root / "ground_truth.parquet"
     if gt.exists():
-        path = str(gt.resolve()).replace("'", "''")
+        path = str(gt).replace("'", "''")
         rows = con.execute(
             f"select g.caption_kind, s.parrot_score from samples s join read_parquet('{path}') g on g.url = s.url "
             "where s.status = 'ok' and s.parrot_status = 'ok'"

@@ -15,11 +15,11 @@ if TYPE_CHECKING:
 
 def download_summary(layout: RunLayout, report: DownloadReport, seconds: float) -> str:
     catalog = layout.catalog_path
-    _, status = run_query(catalog, "select status, count(*) from download group by 1 order by 1 desc")
+    _, status = run_query(layout, "select status, count(*) from download group by 1 order by 1 desc")
     counts = dict(status)
     total = sum(counts.values())
     _, reasons = run_query(
-        catalog,
+        layout,
         "select error_kind, count(*) as n, min(url) as url, min(error) as error from download "
         "where status <> 'ok' group by 1 order by n desc, error_kind",
     )
@@ -66,7 +66,7 @@ def samples_summary(layout: RunLayout, report: SampleReport, stages: list[str]) 
         lines.append(f"   SHARD {shard} INCOMPLETE ({why}); rerun the same command to retry it")
     if "ocr" in layout.stages_present():
         _, rows = run_query(
-            catalog,
+            layout,
             "select count(*), count(*) filter (where n_regions > 0), avg(text_area_ratio), "
             "count(*) filter (where ocr_status <> 'ok'), any_value(ocr_engine), any_value(ocr_device), "
             "any_value(ocr_precision) from ocr",
@@ -94,13 +94,10 @@ def ocr_accuracy_lines(layout: RunLayout) -> str | None:
     gt_path = ground_truth_path(layout.root)
     if not gt_path.exists() or "ocr" not in layout.stages_present():
         return None
-    import pyarrow.parquet as pq
-
+    from manifests.store import read_table
     from pipeline.ocr_accuracy import score_ocr
 
-    accuracy = score_ocr(
-        pq.read_table(layout.stage_dir("ocr")), pq.read_table(layout.stage_dir("download")), pq.read_table(gt_path)
-    )
+    accuracy = score_ocr(read_table(layout.stage_dir("ocr")), read_table(layout.stage_dir("download")), read_table(gt_path))
     return accuracy.format().replace("\n", "; ")
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Union
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
@@ -58,6 +59,12 @@ CURATED_SHARD = pa.schema(
 
 # Per source tar: the keys to keep, or a key -> uid mapping, which also checks each sample's uid.
 SourceKeys = Union[Collection[str], Mapping[str, str]]
+
+
+def _normalise(location: Path | str) -> str:
+    """One spelling per source tar (absolute local path, or the URL as given), to spot repeats."""
+    text = str(location)
+    return text if "://" in text else str(Path(text).resolve())
 
 
 def key_width(samples_per_shard: int) -> int:
@@ -134,7 +141,7 @@ class ReshardStage:
         (that is what lets each tar be streamed once); the ``i``-th sample written gets key
         ``new_key(shard, i)``. Every listed key must be in its tar, else nothing is written.
         """
-        tars = [Path(t).resolve() for t, _ in inputs]
+        tars = [_normalise(t) for t, _ in inputs]
         if len(set(tars)) != len(tars):
             raise ValueError(f"shard {shard}: a source tar is listed twice; give each tar's keys once")
         total = sum(len(set(keys)) for _, keys in inputs)
@@ -150,7 +157,7 @@ class ReshardStage:
                 # closed on error too, while ``out`` is open: else tarfile flushes into a closed file later
                 with wds.TarWriter(out, encoder=False, mtime=TAR_MTIME, user=TAR_OWNER, group=TAR_OWNER, mode=TAR_MODE) as writer:
                     for source_tar, keys in inputs:
-                        self._copy_source(Path(source_tar), keys, shard, writer, rows)
+                        self._copy_source(str(source_tar), keys, shard, writer, rows)
                 out.flush()
                 os.fsync(out.fileno())
             shard_table = pa.Table.from_pylist(rows, schema=CURATED_SHARD)
@@ -176,13 +183,14 @@ class ReshardStage:
         size = tar_path.stat().st_size + parquet_path.stat().st_size
         return ShardReshard(shard, tar_path, parquet_path, manifest, len(rows), size)
 
-    def _copy_source(self, source_tar: Path, keys: SourceKeys, shard: str, writer: wds.TarWriter, rows: list[dict]) -> None:
-        """Stream one source tar, writing its kept samples; raise if a listed key is missing."""
+    def _copy_source(self, source_tar: str, keys: SourceKeys, shard: str, writer: wds.TarWriter, rows: list[dict]) -> None:
+        """Stream one source tar (a local path or an fsspec URL), writing its kept samples; raise if a
+        listed key is missing. Remote tars are read with seeks too: skipped members are not fetched."""
         wanted = set(keys)
         expected_uid = keys if isinstance(keys, Mapping) else None
-        source_shard = source_tar.name.removesuffix(".tar")
+        source_shard = source_tar.rstrip("/").rsplit("/", 1)[-1].removesuffix(".tar")
         found: set[str] = set()
-        with open(source_tar, "rb") as f:
+        with fsspec.open(source_tar, "rb") as f:
             for source_key, members in iter_kept_samples(f, wanted, name=str(source_tar)):
                 found.add(source_key)
                 key = new_key(shard, len(rows), self.samples_per_shard)
@@ -200,7 +208,7 @@ class ReshardStage:
 
     @staticmethod
     def _rewrite(
-        members: dict[str, bytes], key: str, source_shard: str, source_key: str, source_tar: Path
+        members: dict[str, bytes], key: str, source_shard: str, source_key: str, source_tar: str
     ) -> tuple[dict[str, bytes | str], dict]:
         """The sample to write (bytes unchanged but the json) and its row of the Parquet sibling."""
         if "json" not in members:
