@@ -130,6 +130,20 @@ class RunLayout:
         return sorted(p.name for p in folder.iterdir() if p.is_dir() and any(p.glob("part-*.parquet")))
 
 
+def check_writable(root: Path) -> None:
+    """Write and delete a small probe under ``root``; raise OSError naming the root if that fails.
+
+    Run before any work, so an unwritable output (a file in the way, a read-only mount, a missing
+    bucket, no credentials) is one clear message instead of a failure halfway through.
+    """
+    probe = root / f"{TMP_PREFIX}write-probe-{uuid.uuid4().hex[:12]}"
+    try:
+        write_bytes_atomic(b"probe", probe)
+        probe.unlink()
+    except Exception as err:  # noqa: BLE001 - any backend's error becomes one OSError
+        raise OSError(f"output root {root} is not writable: {type(err).__name__}: {err}") from err
+
+
 def tmp_sibling(path: Path) -> Path:
     """A unique temporary name next to ``path`` (same filesystem, so rename is atomic)."""
     return path.with_name(f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex[:12]}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import sys
 from pathlib import Path
 
@@ -274,6 +275,18 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _is_write_error(err: OSError) -> bool:
+    """Disk full, quota, file too large, read-only, permission: pyarrow reports some without errno."""
+    if err.errno in WRITE_ERRNOS:
+        return True
+    text = str(err).lower()
+    return any(n in text for n in ("no space left", "file too large", "read-only file system", "disk quota",
+                                   "permission denied"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {
@@ -291,6 +304,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if not _is_write_error(err):
+            raise
+        print(f"error: cannot write the run's files: {err}\n"
+              "nothing partial is marked done (finished shards are kept): free space or fix the output, "
+              "then rerun the same command to resume", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume; finished shards are kept", file=sys.stderr)
         return 130

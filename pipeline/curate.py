@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from manifests.catalog import build_catalog
-from manifests.store import RunLayout
-from pipeline.config import Config, DownloadConfig
+from manifests.store import RunLayout, check_writable
+from pipeline.config import Config, ConfigError, DownloadConfig
 from pipeline.dag import PER_SAMPLE_STAGES
 from pipeline.datasets import DatasetSource
 from pipeline.download_runner import DownloadReport, plan_download, run_download
@@ -51,6 +51,11 @@ def curate(
     from pipeline.report import write_report
 
     started = time.monotonic()
+    try:
+        check_writable(layout.root)
+    except OSError as err:
+        raise ConfigError(str(err)) from None
+    download = source.download_config(download)  # e.g. the embedded dataset allows its own 127.0.0.1 server
     work = plan_download(source, layout, download)
     result = CurateResult(layout=layout, download=work.report)
     with contextlib.ExitStack() as stack:

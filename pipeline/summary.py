@@ -15,6 +15,11 @@ if TYPE_CHECKING:
 
 def download_summary(layout: RunLayout, report: DownloadReport, seconds: float) -> str:
     catalog = layout.catalog_path
+    if "download" not in layout.stages_present():  # every shard failed: nothing to count yet
+        lines = ["", f"== download: {layout.root}", "   no shard finished"]
+        for shard, error in sorted(report.shards_failed.items()):
+            lines.append(f"   SHARD {shard} FAILED ({error}); rerun the same command to retry it")
+        return "\n".join(lines)
     _, status = run_query(layout, "select status, count(*) from download group by 1 order by 1 desc")
     counts = dict(status)
     total = sum(counts.values())
