@@ -278,9 +278,10 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
-def _is_write_error(err: OSError) -> bool:
-    """Disk full, quota, file too large, read-only, permission: pyarrow reports some without errno."""
-    if err.errno in WRITE_ERRNOS:
+def _is_write_error(err: BaseException) -> bool:
+    """Disk full, quota, file too large, read-only, permission: pyarrow and DuckDB report some
+    without an errno, so their message decides."""
+    if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
         return True
     text = str(err).lower()
     return any(n in text for n in ("no space left", "file too large", "read-only file system", "disk quota",
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except OSError as err:
+    except Exception as err:  # noqa: BLE001 - only write failures (OSError, DuckDB's IOException) are turned into a message
         if not _is_write_error(err):
             raise
         print(f"error: cannot write the run's files: {err}\n"

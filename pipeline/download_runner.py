@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tarfile
 import tempfile
 import time
 import uuid
@@ -87,6 +88,29 @@ class DownloadReport:
     seconds: float = 0.0
 
 
+TAR_MTIME = 0  # fixed header fields: the same samples give the same tar bytes on any run
+
+
+def canonical_tar(src: Path, dst: Path) -> None:
+    """Rewrite img2dataset's tar with members in key order and fixed header fields.
+
+    img2dataset writes samples in the order its threads finish, with the current time in every
+    header, so two downloads of the same URLs give different tars. Sorted and with fixed headers,
+    a shard is a function of its samples: reruns, resumed runs and cluster runs write identical
+    bytes, and so does everything made from them (the curated shards). Members are copied one at a
+    time (random access into the local tar), so memory stays at one member.
+    """
+    with tarfile.open(src, "r:") as source, open(dst, "wb") as out, tarfile.open(fileobj=out, mode="w:", format=tarfile.USTAR_FORMAT) as target:
+        members = [m for m in source.getmembers() if m.isfile()]
+        members.sort(key=lambda m: (m.name.split(".", 1)[0], m.name))
+        for member in members:
+            info = tarfile.TarInfo(member.name)
+            info.size, info.mtime, info.mode = member.size, TAR_MTIME, 0o444
+            info.uid = info.gid = 0
+            info.uname = info.gname = "curation"
+            target.addfile(info, source.extractfile(member))
+
+
 def _download_shard_task(config: DownloadConfig, shard: str, rows: pa.Table, root: str) -> pa.Table:
     """Body of one Ray task: download, move the files into place, return the manifest.
 
@@ -99,7 +123,9 @@ def _download_shard_task(config: DownloadConfig, shard: str, rows: pa.Table, roo
         work = layout.shards_dir / f".tmp-{shard}-{uuid.uuid4().hex[:8]}"
     try:
         result = DownloadStage(config).run_shard(rows, shard, work)
-        move_into_place(result.tar_path, layout.shards_dir / f"{shard}.tar")
+        canonical = work / f"canonical-{shard}.tar"
+        canonical_tar(result.tar_path, canonical)
+        move_into_place(canonical, layout.shards_dir / f"{shard}.tar")
         move_into_place(result.sidecar_parquet, layout.shards_dir / f"{shard}.parquet")
         move_into_place(result.stats_path, layout.shards_dir / f"{shard}_stats.json")
         return result.manifest
