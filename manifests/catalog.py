@@ -71,8 +71,13 @@ def build_catalog(layout: RunLayout) -> Path:
             if curated:
                 glob = layout.root / "curated" / "*" / "manifest.parquet"
                 con.execute(f"create view curated as select * from read_parquet({_quote(glob)})")
+            con.execute("checkpoint")  # raises when the disk is full, instead of leaving the views in a WAL
         finally:
             con.close()
+        wal = tmp.with_name(tmp.name + ".wal")
+        if wal.exists():  # DuckDB could not fold its log into the file: the catalog would lack views
+            wal.unlink()
+            raise OSError(28, f"could not finish writing the catalog {target}: No space left on device?")
         os.replace(tmp, target)
     finally:
         if tmp.exists():

@@ -75,6 +75,7 @@ def curate(
         if shards_missing(layout, PER_SAMPLE_STAGES):
             ensure_ray()
             result.samples = run_per_sample(layout, config, PER_SAMPLE_STAGES, progress=progress)
+            build_catalog(layout)  # the report and summary read the new parts, even when a shard failed
         if result.ok:
             result.selections = select_policies(layout, config, policies)
             for policy in policies:

@@ -111,6 +111,17 @@ def canonical_tar(src: Path, dst: Path) -> None:
             target.addfile(info, source.extractfile(member))
 
 
+LOCAL_WRITE_FAILURES = ("no space left on device", "file too large", "disk quota exceeded", "read-only file system")
+
+
+def _refuse_local_write_failures(manifest: pa.Table, shard: str) -> None:
+    """img2dataset records a sample it could not write to its tar as that sample's failure; a full
+    disk is not the URL's fault, so the shard fails whole instead (and the rerun retries it)."""
+    for error in manifest.column("error").to_pylist():
+        if error and any(needle in error.lower() for needle in LOCAL_WRITE_FAILURES):
+            raise OSError(28, f"shard {shard}: a sample could not be written locally ({error[:200]}); not committed")
+
+
 def _download_shard_task(config: DownloadConfig, shard: str, rows: pa.Table, root: str) -> pa.Table:
     """Body of one Ray task: download, move the files into place, return the manifest.
 
@@ -123,6 +134,7 @@ def _download_shard_task(config: DownloadConfig, shard: str, rows: pa.Table, roo
         work = layout.shards_dir / f".tmp-{shard}-{uuid.uuid4().hex[:8]}"
     try:
         result = DownloadStage(config).run_shard(rows, shard, work)
+        _refuse_local_write_failures(result.manifest, shard)
         canonical = work / f"canonical-{shard}.tar"
         canonical_tar(result.tar_path, canonical)
         move_into_place(canonical, layout.shards_dir / f"{shard}.tar")

@@ -160,6 +160,11 @@ def write_report(layout: RunLayout, extra_sections: list[tuple[str, str]] | None
     """Render the report from the catalog; returns the path of index.html."""
     from pipeline.stats import parrot_stats
 
+    if "download" not in layout.stages_present():  # no shard finished (e.g. the disk was full)
+        target = layout.report_dir / "index.html"
+        write_bytes_atomic(b"<!doctype html><meta charset='utf-8'><title>Curation report</title>"
+                           b"<h1>Curation report</h1><p>No shard has finished downloading yet.</p>", target)
+        return target
     con = connect(layout.catalog_path, layout)
     try:
         columns = _columns(con)

@@ -1,0 +1,151 @@
+"""Faults of the machine, not of the data: a driver SIGKILLed mid-stage, a disk that fills up, an
+output that cannot be written. Each must end in a clear message, with nothing marked done that is
+not complete, and a rerun must give exactly what an uninterrupted run gives."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import free_port
+from run_compare import assert_runs_equal, curated_digests, load_run
+
+from manifests.store import RunLayout
+from pipeline.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _args_with_output(args: list[str], output: Path, port: int | None = None) -> list[str]:
+    out = list(args)
+    out[out.index("--output") + 1] = str(output)
+    if port is not None:
+        out[out.index("--port") + 1] = str(port)
+    return out
+
+
+def _policies(root: Path) -> tuple[str, ...]:
+    return tuple(sorted(p.name for p in (root / "curated").iterdir() if (p / "sizes.json").exists()))
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_stage_resumes_to_identical_outputs(embedded_run, tmp_path):
+    """SIGKILL `python -m pipeline curate` while OCR is half done; the rerun's manifests and curated
+    shards equal the uninterrupted run's (same command, same URLs)."""
+    root = tmp_path / "killed"
+    args = _args_with_output(embedded_run["args"], root)  # same port: same URLs, so the same uids
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args], cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    layout = RunLayout(root)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not layout.done_shards("ocr"):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    done_at_kill = len(layout.done_shards("ocr"))
+    assert 1 <= done_at_kill < len(layout.done_shards("download")), "the kill must land mid-stage"
+    assert not (root / "curated").exists()
+
+    assert main(args) == 0
+    policies = _policies(embedded_run["root"])
+    assert policies and _policies(root) == policies
+    want = load_run(str(embedded_run["root"]), policies)
+    got = load_run(str(root), policies)
+    assert_runs_equal(got, want)
+    for stage in ("download", "ocr", "parrot", "clip_score"):
+        uids = [r["uid"] for r in got[stage]]
+        assert len(uids) == len(set(uids))
+    assert curated_digests(str(root), policies) == curated_digests(str(embedded_run["root"]), policies)
+
+
+def test_unwritable_output_is_one_clear_error(tmp_path, capsys):
+    """An output root that cannot be written (a file is in the way) fails before any work."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the output folder should be")
+    code = main(["curate", "--output", str(blocker / "run"), "--samples", "4", "--port", str(free_port()), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "not writable" in err and str(blocker / "run") in err and "Traceback" not in err
+    assert blocker.read_text().startswith("a file")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real tmpfs of 1.5 MiB (needs mount rights: root in a container with CAP_SYS_ADMIN)."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def _complete_tar_uids(tar_path: Path) -> list[str]:
+    """uids in a tar, reading every member to the end (a truncated tar raises)."""
+    uids = []
+    with tarfile.open(tar_path) as tar:
+        for member in tar:
+            data = tar.extractfile(member).read() if member.isfile() else b""
+            if member.name.endswith(".json"):
+                uids.append(json.loads(data)["uid"])
+    return uids
+
+
+@pytest.mark.slow
+def test_disk_full_marks_nothing_done_that_is_incomplete_and_resumes(ray_local, small_disk, tmp_path):
+    """The output disk fills up mid-run (real ENOSPC from a 1.5 MiB tmpfs): the run ends with a
+    message naming it, every part that exists describes a complete tar, and after the disk grows
+    the same command finishes with every sample exactly once."""
+    root = small_disk / "run"
+    port = free_port()
+    config = tmp_path / "c.toml"
+    config.write_text('[ocr]\nengine = "rapidocr"\n')
+    args = ["curate", "--output", str(root), "--samples", "40", "--shard-size", "8", "--port", str(port),
+            "--config", str(config), "--policies", "all", "--no-progress"]
+    done = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output[-3000:]
+    assert "No space left on device" in output, output[-3000:]
+    own = [line for line in done.stderr.splitlines() if "pid=" not in line]  # not lines Ray forwards from workers
+    assert not any("Traceback" in line for line in own), done.stderr[-3000:]
+    assert "rerun the same command" in output
+
+    layout = RunLayout(root)
+    parts = sorted(layout.done_shards("download"))
+    for shard in parts:  # a part is the completion marker: its tar must be whole and hold its ok rows
+        rows = pq.read_table(layout.part_path("download", shard)).to_pylist()
+        ok = sorted(r["uid"] for r in rows if r["status"] == "ok")
+        assert sorted(_complete_tar_uids(layout.shards_dir / f"{shard}.tar")) == ok
+    assert not (root / "curated" / "all" / "sizes.json").exists() or (root / "curated" / "all" / "manifest.parquet").exists()
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    assert main(args) == 0
+    download = pq.read_table(layout.stage_dir("download")).to_pylist()
+    uids = [r["uid"] for r in download]
+    assert len(uids) == len(set(uids)) == 48  # 40 good + 8 broken on purpose
+    ok = sorted(r["uid"] for r in download if r["status"] == "ok")
+    assert len(ok) == 40
+    in_tars = sorted(u for tar in layout.shards_dir.glob("*.tar") for u in _complete_tar_uids(tar))
+    assert in_tars == ok
+    for stage in ("ocr", "parrot", "clip_score"):
+        scored = [r["uid"] for r in pq.read_table(layout.stage_dir(stage)).to_pylist()]
+        assert sorted(scored) == ok, stage
+    curated = pq.read_table(root / "curated" / "all" / "manifest.parquet").column("uid").to_pylist()
+    assert sorted(curated) == ok
+    shutil.rmtree(root, ignore_errors=True)
