@@ -33,6 +33,13 @@ class DownloadConfig:
     encode_quality: int = 95
     max_image_pixels: int = 40_000_000
     cpus_per_task: float = 1.0
+    # The network guard (pipeline/net_guard.py). URL lists are untrusted input: by default a host
+    # that resolves to a loopback, private, link-local (cloud metadata), multicast or reserved
+    # address is refused before connecting. allow_networks lets chosen networks through (CIDR).
+    allow_networks: tuple[str, ...] = ()
+    max_response_bytes: int = 32 * 1024 * 1024  # body cap: declared or streamed beyond it = failed
+    request_deadline_s: float = 20.0  # whole request incl. redirects and body (timeout_s is per read)
+    max_redirects: int = 5  # each hop is checked like the first request
 
     def validate(self) -> None:
         _require(self.shard_size >= 1, "download.shard_size must be >= 1")
@@ -46,6 +53,10 @@ class DownloadConfig:
         )
         _require(self.max_image_pixels > 0, "download.max_image_pixels must be > 0")
         _require(self.cpus_per_task > 0, "download.cpus_per_task must be > 0")
+        _check_networks(self.allow_networks, "download.allow_networks")
+        _require(self.max_response_bytes >= 1024, "download.max_response_bytes must be >= 1024 (bytes)")
+        _require(self.request_deadline_s > 0, "download.request_deadline_s must be > 0 (seconds)")
+        _require(0 <= self.max_redirects <= 20, "download.max_redirects must be within 0..20")
 
 
 @dataclass(frozen=True)
@@ -222,12 +233,17 @@ class DatasetConfig:
     seed: int = 0
     port: int = 8710
     policies: tuple[str, ...] = ("all", "no-text", "no-parrot", "clip-threshold", "tmars", "combined")
+    # Networks this dataset's URLs may reach despite the download guard, added to
+    # download.allow_networks for this dataset only: the embedded dataset is served on 127.0.0.1,
+    # an intranet mirror might be on 10.1.0.0/16. Empty for an ordinary web URL list.
+    allow_networks: tuple[str, ...] = ()
 
     def validate(self) -> None:
         _require(
             self.source in {"embedded", "url_list"},
             f"datasets.{self.name}.source must be 'embedded' or 'url_list', not {self.source!r}",
         )
+        _check_networks(self.allow_networks, f"datasets.{self.name}.allow_networks")
         if self.source == "embedded":
             _require(self.samples >= 1, f"datasets.{self.name}.samples must be >= 1")
             _require(0 <= self.port < 65536, f"datasets.{self.name}.port must be a TCP port")
@@ -277,6 +293,19 @@ class Config:
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def _check_networks(values: tuple[str, ...], key: str) -> None:
+    """Every entry must be a CIDR network; one error naming the key and the bad entry."""
+    from pipeline.net_guard import parse_network
+
+    if not isinstance(values, (tuple, list)):
+        raise ConfigError(f"{key} must be a list of CIDR networks, e.g. [\"127.0.0.1/32\"], got {values!r}")
+    for value in values:
+        try:
+            parse_network(value)
+        except ValueError as err:
+            raise ConfigError(f"{key}: {err}") from None
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -3,14 +3,26 @@
 We call img2dataset's own ``Downloader`` (its thread pool, HTTP client, resizer and WebDataset
 writer) on one shard at a time, rather than its ``download()`` entry point, because the runner
 owns what img2dataset does not: scheduling on Ray with declared resources, atomic commit of the
-shard, and an account of every input row. Three gaps of img2dataset are closed here:
+shard, and an account of every input row. The gaps of img2dataset closed here:
 
+- it fetches any URL urllib can open, wherever it points, for as long as the server trickles and
+  however large the body: the shard's download runs with the guarded opener of
+  ``pipeline.net_guard`` installed (http(s) only, no loopback/private/link-local/... address
+  unless ``download.allow_networks`` holds it, checked at every redirect before connecting; a
+  deadline per request; a body cap);
+- a URL that is missing or malformed, or of another scheme, is refused here without being
+  handed to img2dataset at all (``invalid_url``, ``unsupported_scheme``): ``file://`` never
+  reaches anything that could open a file;
 - it decodes with OpenCV, which accepts truncated JPEGs and decodes a decompression bomb before
   checking its size: a validating resizer checks the declared size and fully decodes with Pillow
-  first, and records a reason;
+  first (web image formats only), and records a reason;
 - it drops a sample whose processing raises: every input uid missing from its output is added
   back as a failed row (``error_kind = dropped``);
 - its error messages are free text: ``classify_error`` maps them to a short ``error_kind``.
+
+Content types are not trusted either way: the bytes decide. HTML served as ``image/jpeg`` fails
+as ``not_an_image``; a real image served as ``text/html`` (misconfigured servers and CDNs do
+that) is kept, since its bytes decode and validate like any other image.
 """
 
 from __future__ import annotations
@@ -28,12 +40,29 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from manifests.schemas import schema_for
+from pipeline import net_guard
 from pipeline.config import DownloadConfig
 from stages.base import Resources
 
 Image.MAX_IMAGE_PIXELS = None  # our own, configurable guard below replaces Pillow's warning
 
 _FAILED = (None, None, None, None, None)
+# Pillow decoders tried on downloaded bytes: the web's image formats. Others are refused unparsed
+# (e.g. EPS would run Ghostscript; exotic decoders are where parser bugs live).
+ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")  # JPEG includes MPO (phone photos)
+
+# Reasons the guard and this module write, first: their text is ours, so they match exactly, and
+# they take precedence over what an HTTP status or urllib wording would suggest.
+_OWN_RULES = (
+    ("blocked address", "blocked_address"),
+    ("unsupported scheme", "unsupported_scheme"),
+    ("invalid url", "invalid_url"),
+    ("response too large", "response_too_large"),
+    ("deadline exceeded", "deadline_exceeded"),
+    ("empty body", "empty_body"),
+    ("infinite loop", "redirect_loop"),  # urllib: too many redirects, or the same URL again
+    ("redirect loop", "redirect_loop"),
+)
 
 
 def classify_error(message: str | None) -> str | None:
@@ -41,6 +70,9 @@ def classify_error(message: str | None) -> str | None:
     if message is None:
         return None
     text = message.lower()
+    for needle, kind in _OWN_RULES:
+        if needle in text:
+            return kind
     http = re.search(r"http error (\d{3})", text)
     if http:
         return f"http_{http.group(1)}"
@@ -52,9 +84,13 @@ def classify_error(message: str | None) -> str | None:
         ("image decoding error", "decode_error"),
         ("connection refused", "connection_refused"),
         ("name or service not known", "dns_error"),
+        ("temporary failure in name resolution", "dns_error"),
         ("unknown url type", "invalid_url"),
         ("no host given", "invalid_url"),
+        ("nonnumeric port", "invalid_url"),
+        ("can't contain control characters", "invalid_url"),
         ("x-robots-tag", "disallowed"),
+        ("incompleteread", "truncated_body"),  # the connection closed before Content-Length bytes came
         ("dropped", "dropped"),
         ("image too small", "image_too_small"),
         ("image area too large", "image_too_large"),
@@ -70,16 +106,23 @@ def classify_error(message: str | None) -> str | None:
 
 
 class ValidatingResizer:
-    """Wraps img2dataset's resizer: refuse bombs by declared size, and corrupt or non-image bytes."""
+    """Wraps img2dataset's resizer: refuse bombs by declared size, and empty, corrupt or non-image bytes.
+
+    The declared size is read from the header (PNG IHDR, GIF screen/frame descriptor, JPEG SOF,
+    ...) before any pixel is decoded, so a 100000 x 100000 PNG costs a few bytes, not 30 GB.
+    """
 
     def __init__(self, resizer: Any, max_pixels: int) -> None:
         self.resizer = resizer
         self.max_pixels = max_pixels
 
     def __call__(self, img_stream: BinaryIO, blurring_bbox_list: Any = None) -> tuple[Any, ...]:
+        img_stream.seek(0, 2)
+        if img_stream.tell() == 0:
+            return _FAILED + ("empty body: the server sent no bytes",)
         img_stream.seek(0)
         try:
-            with Image.open(img_stream) as image:
+            with Image.open(img_stream, formats=ACCEPTED_FORMATS) as image:
                 width, height = image.size  # read from the header; nothing decoded yet
                 if width * height > self.max_pixels:
                     return _FAILED + (
@@ -87,7 +130,7 @@ class ValidatingResizer:
                     )
                 image.load()  # full decode: truncated data raises here
         except UnidentifiedImageError:
-            return _FAILED + ("not an image: the bytes are not a known image format",)
+            return _FAILED + (f"not an image: the bytes are none of {', '.join(ACCEPTED_FORMATS)}",)
         except Image.DecompressionBombError as err:
             return _FAILED + (f"decompression bomb: {err}",)
         except (OSError, SyntaxError, ValueError, EOFError) as err:
@@ -151,30 +194,46 @@ class DownloadStage:
         )
 
     def run_shard(self, rows: pa.Table, shard: str, work_dir: Path) -> ShardDownload:
-        """Download ``rows`` (uid, url, caption) as shard ``shard`` into ``work_dir``."""
+        """Download ``rows`` (uid, url, caption) as shard ``shard`` into ``work_dir``.
+
+        Rows whose URL is refused without a request (see ``refuse_urls``) are not given to
+        img2dataset; they come back in the manifest as failures with their reason.
+        """
         work_dir.mkdir(parents=True, exist_ok=True)
+        refused = refuse_urls(rows)
+        fetch = rows
+        if refused:
+            keep = [uid not in refused for uid in rows.column("uid").to_pylist()]
+            fetch = rows.filter(pa.array(keep, pa.bool_()))
         input_path = work_dir / "input.feather"
-        feather.write_feather(rows.select(["url", "caption", "uid"]), input_path, compression="uncompressed")
-        downloader = self._downloader(work_dir, rows.num_rows)
-        downloader.download_shard((int(shard), str(input_path)))  # raises on shard-level failure
+        feather.write_feather(fetch.select(["url", "caption", "uid"]), input_path, compression="uncompressed")
+        downloader = self._downloader(work_dir, fetch.num_rows)
+        with net_guard.installed_opener(net_guard.NetPolicy.from_config(self.config)):
+            downloader.download_shard((int(shard), str(input_path)))  # raises on shard-level failure
         sidecar = work_dir / f"{shard}.parquet"
         produced = pq.read_table(sidecar)
         return ShardDownload(
             tar_path=work_dir / f"{shard}.tar",
             sidecar_parquet=sidecar,
             stats_path=work_dir / f"{shard}_stats.json",
-            manifest=self._manifest(rows, produced, shard),
+            manifest=self._manifest(rows, produced, shard, refused),
         )
 
-    def _manifest(self, rows: pa.Table, produced: pa.Table, shard: str) -> pa.Table:
+    def _manifest(
+        self, rows: pa.Table, produced: pa.Table, shard: str, refused: dict[str, str] | None = None
+    ) -> pa.Table:
         """One manifest row per input row, in input order; rows img2dataset lost become failures."""
+        refused = refused or {}
         by_uid = {r["uid"]: r for r in produced.to_pylist()}
         now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
         engine = f"img2dataset {version('img2dataset')}"
         out: list[dict[str, Any]] = []
         for row in rows.select(["uid", "url", "caption"]).to_pylist():
             got = by_uid.get(row["uid"])
-            if got is None:
+            if row["uid"] in refused:
+                status, error = "failed", refused[row["uid"]]
+                got = {}
+            elif got is None:
                 status, error = "failed", "dropped: img2dataset returned no record for this sample"
                 got = {}
             elif got["status"] == "success":
@@ -203,3 +262,19 @@ class DownloadStage:
             )
         return pa.Table.from_pylist(out, schema=schema_for("download"))
 
+
+
+def refuse_urls(rows: pa.Table) -> dict[str, str]:
+    """uid -> reason for every row whose URL is refused before any request (no network, no files).
+
+    Missing, empty and malformed URLs, and schemes other than http(s), never reach img2dataset:
+    urllib would open ``file://`` and ``data:`` itself, and fail on the others with messages
+    that do not say what was wrong.
+    """
+    refused: dict[str, str] = {}
+    for uid, url in zip(rows.column("uid").to_pylist(), rows.column("url").to_pylist()):
+        try:
+            net_guard.check_url(url)
+        except net_guard.DownloadRefused as err:
+            refused[uid] = str(err)
+    return refused

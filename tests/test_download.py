@@ -178,4 +178,7 @@ def test_classify_error_messages():
     assert classify_error("<urlopen error [Errno 111] Connection refused>") == "connection_refused"
     assert classify_error("unknown url type: 'ftp'") == "invalid_url"
     assert classify_error("decompression bomb: declared 100000x100000 exceeds 40000000 pixels") == "decompression_bomb"
+    assert classify_error("IncompleteRead(100 bytes read, 918 more expected)") == "truncated_body"
+    # the download guard's own reasons win over the words they contain (tests/test_hostile_inputs.py)
+    assert classify_error("blocked address: 'timed-out.example' resolves to 10.0.0.1") == "blocked_address"
     assert classify_error("something new") == "other"

@@ -8,6 +8,7 @@ parquet/csv/jsonl, path or fsspec URL).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -18,7 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.config import ConfigError, DatasetConfig
+from pipeline.config import ConfigError, DatasetConfig, DownloadConfig
 from pipeline.datasets.url_list import read_url_list
 
 EMBEDDED_GENERATOR_VERSION = "2"
@@ -58,6 +59,20 @@ class DatasetSource:
 
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.config.port}"
+
+    def download_config(self, base: DownloadConfig) -> DownloadConfig:
+        """``base`` with this dataset's ``allow_networks`` added to the download guard's allowlist.
+
+        The download guard refuses loopback and private addresses by default; a dataset that
+        needs one says so in its own config (the embedded dataset: ``127.0.0.1/32``, where it
+        serves itself), so the exception applies to that dataset's run only, never to a user's
+        web URL list. ``pipeline.curate.curate`` downloads with this config, not ``base``; a direct
+        caller of ``run_download`` must do the same.
+        """
+        extra = tuple(n for n in self.config.allow_networks if n not in base.allow_networks)
+        if not extra:
+            return base
+        return dataclasses.replace(base, allow_networks=base.allow_networks + extra)
 
     def _embedded_samples(self) -> list[Any]:
         if self._samples is None:
