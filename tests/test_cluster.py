@@ -107,12 +107,18 @@ print(json.dumps(out))
     def submit(self, output: str, port: int, config: Path, submission_id: str) -> None:
         """`ray job submit --no-wait --working-dir <repo> -- python -m pipeline curate ...`."""
         runtime_env = {"env_vars": {k: self.env[k] for k in self.env if k.startswith("AWS_") or k == "CURATION_CACHE"}}
-        done = self.ray(
-            "job", "submit", f"--address={self.dashboard}", f"--submission-id={submission_id}", "--no-wait",
-            f"--working-dir={REPO}", f"--runtime-env-json={json.dumps(runtime_env)}", "--entrypoint-num-cpus=0", "--",
-            sys.executable, "-m", "pipeline", "curate", "--output", output, "--samples", str(SAMPLES), "--shard-size",
-            str(SHARD_SIZE), "--port", str(port), "--config", str(config), "--policies", POLICIES, "--no-progress",
-        )
+        deadline = time.monotonic() + 120
+        while True:
+            done = self.ray(
+                "job", "submit", f"--address={self.dashboard}", f"--submission-id={submission_id}", "--no-wait",
+                f"--working-dir={REPO}", f"--runtime-env-json={json.dumps(runtime_env)}", "--entrypoint-num-cpus=0", "--",
+                sys.executable, "-m", "pipeline", "curate", "--output", output, "--samples", str(SAMPLES), "--shard-size",
+                str(SHARD_SIZE), "--port", str(port), "--config", str(config), "--policies", POLICIES, "--no-progress",
+            )
+            # right after `ray start` the head's job agent may not be registered yet: wait for it
+            if done.returncode == 0 or "No available agent" not in done.stdout + done.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(3)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     def wait_job(self, submission_id: str, timeout: float = 600) -> str:

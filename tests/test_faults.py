@@ -25,48 +25,53 @@ from pipeline.cli import main
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _args_with_output(args: list[str], output: Path, port: int | None = None) -> list[str]:
-    out = list(args)
-    out[out.index("--output") + 1] = str(output)
-    if port is not None:
-        out[out.index("--port") + 1] = str(port)
-    return out
-
-
-def _policies(root: Path) -> tuple[str, ...]:
-    return tuple(sorted(p.name for p in (root / "curated").iterdir() if (p / "sizes.json").exists()))
+KILL_CONFIG = """
+[ocr]
+engine = "rapidocr"
+batch_size = 4
+[clip]
+batch_size = 4     # small batches: shards finish one by one, so a kill can land between them
+[reshard]
+samples_per_shard = 8
+"""
 
 
 @pytest.mark.slow
-def test_driver_killed_mid_stage_resumes_to_identical_outputs(embedded_run, tmp_path):
-    """SIGKILL `python -m pipeline curate` while OCR is half done; the rerun's manifests and curated
-    shards equal the uninterrupted run's (same command, same URLs)."""
+def test_driver_killed_mid_stage_resumes_to_identical_outputs(ray_local, tmp_path):
+    """SIGKILL `python -m pipeline curate` while the per-sample stages are part done; the rerun's
+    manifests and curated shards equal an uninterrupted run's (same command, same URLs)."""
+    config = tmp_path / "kill.toml"
+    config.write_text(KILL_CONFIG)
+    port = free_port()
+    args = ["curate", "--samples", "24", "--shard-size", "4", "--port", str(port), "--config", str(config),
+            "--policies", "all,no-parrot,tmars", "--no-progress"]
+    reference = tmp_path / "uninterrupted"
+    assert main([*args, "--output", str(reference)]) == 0
+
     root = tmp_path / "killed"
-    args = _args_with_output(embedded_run["args"], root)  # same port: same URLs, so the same uids
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", *args], cwd=REPO,
+        [sys.executable, "-m", "pipeline", *args, "--output", str(root)], cwd=REPO,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     layout = RunLayout(root)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not layout.done_shards("ocr"):
-        time.sleep(0.05)
+    while time.monotonic() < deadline and not layout.done_shards("clip_score"):
+        time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    done_at_kill = len(layout.done_shards("ocr"))
+    done_at_kill = len(layout.done_shards("clip_score"))
     assert 1 <= done_at_kill < len(layout.done_shards("download")), "the kill must land mid-stage"
     assert not (root / "curated").exists()
 
-    assert main(args) == 0
-    policies = _policies(embedded_run["root"])
-    assert policies and _policies(root) == policies
-    want = load_run(str(embedded_run["root"]), policies)
+    assert main([*args, "--output", str(root)]) == 0
+    policies = ("all", "no-parrot", "tmars")
+    want = load_run(str(reference), policies)
     got = load_run(str(root), policies)
     assert_runs_equal(got, want)
     for stage in ("download", "ocr", "parrot", "clip_score"):
         uids = [r["uid"] for r in got[stage]]
-        assert len(uids) == len(set(uids))
-    assert curated_digests(str(root), policies) == curated_digests(str(embedded_run["root"]), policies)
+        assert len(uids) == len(set(uids)) == len(want[stage])
+    assert curated_digests(str(root), policies) == curated_digests(str(reference), policies)
 
 
 def test_unwritable_output_is_one_clear_error(tmp_path, capsys):
