@@ -91,6 +91,7 @@ class ClipModel:
     description: str
     meaningful: bool
     batch_size: int = 32
+    trim_text: bool = False  # text forward over the batch's longest caption, not the whole context
 
     def _autocast(self) -> Any:
         import torch
@@ -123,9 +124,15 @@ class ClipModel:
         for start in range(0, len(captions), self.batch_size):
             tokens = self.tokenizer([c or "" for c in captions[start : start + self.batch_size]])
             with torch.inference_mode(), self._autocast():
-                emb = self.model.encode_text(tokens.to(self.device))
+                emb = self.text_forward(tokens.to(self.device))
             chunks.append(_normalise(emb))
         return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+
+    def text_forward(self, tokens: Any) -> Any:
+        """The text tower on a token batch: trimmed to the longest caption when that is exact."""
+        if self.trim_text:
+            return encode_text_trimmed(self.model, tokens)
+        return self.model.encode_text(tokens)
 
     def encode_pairs(self, images: Sequence[np.ndarray], captions: Sequence[str]) -> np.ndarray:
         """Cosine similarity of each image with its own caption (the CLIP score), float32."""
@@ -134,6 +141,70 @@ class ClipModel:
         if not images:
             return np.zeros(0, np.float32)
         return cosine_rows(self.encode_images(images), self.encode_texts(captions))
+
+
+def can_trim_text(model: Any) -> bool:
+    """Whether ``encode_text_trimmed`` computes exactly what ``model.encode_text`` does.
+
+    True for open_clip's ``CLIP`` text tower with a causal attention mask and EOT (argmax/eos)
+    pooling: a token then sees only the tokens before it, so the padding after a caption's EOT
+    token never reaches the pooled feature, and cutting it off changes nothing but the cost.
+    """
+    import torch
+
+    needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "attn_mask", "text_pool_type")
+    if not all(hasattr(model, name) for name in needed):
+        return False  # e.g. CustomTextCLIP (HF text towers): keep its own encode_text
+    mask = model.attn_mask
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or mask.shape[0] != mask.shape[1]:
+        return False
+    if model.text_pool_type not in ("argmax", "eos"):
+        return False
+    upper = torch.triu(torch.ones(mask.shape, dtype=torch.bool, device=mask.device), diagonal=1)
+    return bool(torch.isneginf(mask[upper]).all() and (mask[~upper] == 0).all())
+
+
+def encode_text_trimmed(model: Any, tokens: Any) -> Any:
+    """open_clip's ``CLIP.encode_text`` run only up to the batch's last non-padding token.
+
+    The same modules in the same order as ``encode_text``; the positional embedding and the
+    causal mask are cut to the kept length. The tokenizer pads with 0 after the EOT token, so the
+    kept length is the last non-zero position + 1. On this project's captions (~15 tokens of a
+    77-token context) the text forward costs about a quarter.
+    """
+    import torch
+    from open_clip.transformer import text_global_pool
+
+    positions = torch.arange(tokens.shape[1], device=tokens.device)
+    length = max(1, int(((tokens != 0) * (positions + 1)).max().item()))
+    text = tokens[:, :length]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(text).to(cast_dtype)
+    x = x + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = text_global_pool(x, text, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    if model.text_projection is not None:
+        if isinstance(model.text_projection, torch.nn.Linear):
+            x = model.text_projection(x)
+        else:
+            x = x @ model.text_projection
+    return x
+
+
+def _trim_agrees(model: Any, tokenizer: Any, device: str) -> bool:
+    """Check the trimmed text forward against ``encode_text`` on probe captions (never silently wrong)."""
+    import torch
+
+    probe = tokenizer(["a photo of a small red apple on green grass, indoors", "STOP", ""]).to(device)
+    with torch.inference_mode():
+        want = torch.nn.functional.normalize(model.encode_text(probe).float(), dim=-1)
+        got = torch.nn.functional.normalize(encode_text_trimmed(model, probe).float(), dim=-1)
+    diff = float((want - got).abs().max())
+    if not diff < 1e-4:
+        logger.warning("trimmed text forward disagrees with encode_text (max abs diff %.2e); using encode_text", diff)
+        return False
+    return True
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -219,15 +290,18 @@ def load_clip(
         if precision == "amp":
             logger.warning("clip.precision 'amp' needs CUDA; running fp32 on %s", device)
         actual = "fp32"
+    tokenizer = open_clip.get_tokenizer(model)
+    trim = can_trim_text(net) and _trim_agrees(net, tokenizer, device)
     return ClipModel(
         model=net,
         preprocess=preprocess,
-        tokenizer=open_clip.get_tokenizer(model),
+        tokenizer=tokenizer,
         device=device,
         precision=actual,
         description=description,
         meaningful=meaningful,
         batch_size=batch_size,
+        trim_text=trim,
     )
 
 
@@ -269,7 +343,7 @@ def mask_text_regions(
 
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * ring_px + 1, 2 * ring_px + 1))
     background = text_mask == 0
-    fallback = out[background].mean(axis=0) if background.any() else out.reshape(-1, out.shape[-1]).mean(axis=0)
+    fallback: np.ndarray | None = None  # the whole background's mean: only for a quad without a ring
     for poly in polygons:
         # Work inside the quad's bounding box grown by the ring: O(box), not O(image), per quad.
         x0 = max(int(poly[:, 0].min()) - ring_px - 1, 0)
@@ -284,6 +358,11 @@ def mask_text_regions(
             continue
         ring = (cv2.dilate(region, kernel) > 0) & background[y0:y1, x0:x1]
         crop = out[y0:y1, x0:x1]
-        colour = crop[ring].mean(axis=0) if ring.any() else fallback
+        if ring.any():
+            colour = crop[ring].mean(axis=0)
+        else:
+            if fallback is None:  # computed lazily: it costs more than all the rings of an image
+                fallback = out[background].mean(axis=0) if background.any() else out.reshape(-1, out.shape[-1]).mean(axis=0)
+            colour = fallback
         crop[region > 0] = np.round(colour).astype(out.dtype)
     return out

@@ -50,7 +50,11 @@ ENGLISH_STOP_WORDS: frozenset[str] = frozenset(
 _WORD = re.compile(r"[^\W_]+")  # runs of letters/digits in any script; "_" counts as a separator
 
 # Parrot is cheap and row-wise; ParrotConfig has no resource keys, so these are fixed here.
-PARROT_BATCH_SIZE = 256
+# The batch is small on purpose: in the streaming DAG this stage sits between OCR and CLIP, and a
+# batch is handed on only once it is full (or the input ends). At 256, with 64-sample shards, CLIP
+# waited for four shards of OCR at a time and OCR and CLIP barely overlapped; a row costs ~15 us
+# here, so 32 rows per call cost nothing and keep the stream moving (see BENCHMARKS.md, dag).
+PARROT_BATCH_SIZE = 32
 PARROT_CPUS = 0.25  # a fraction, so it never starves the model stages of a whole core
 
 

@@ -1,0 +1,173 @@
+"""Training samples/s from WebDataset shards vs the same model on in-memory tensors.
+
+    python bench/train_data_bench.py [--quick]
+
+- **from shards**: ``stages.train.train`` as ``make train`` runs it (the ``[train]`` config on
+  CPU: webdataset pipeline with resampled shards, a shuffle buffer, JPEG decode and open_clip's
+  train transform in ``workers`` DataLoader processes, tokenizer, AdamW, checkpoint at the end),
+  on embedded images written as WebDataset shards; per-step wall times from its ``train_log.jsonl``;
+- **in memory**: the same model, optimiser and loss (built by the stage's own ``_build``), one
+  batch of images already decoded and transformed and captions already tokenized, stepped the
+  same way: forward, ``ClipLoss``, backward, AdamW, logit-scale clamp.
+
+The two take turns: ``train`` runs a chunk of steps (resuming from its checkpoint), then the
+in-memory loop runs as many; the first step of each chunk (the loader filling its shuffle buffer,
+model set-up) is left out on both sides. The ratio is samples/s from shards over samples/s from
+memory (per round, then the median over rounds), so it measures what feeding the model from shards costs: decoding and augmenting run in
+DataLoader worker processes, which compete with the training threads for the same cores here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (  # noqa: E402
+    BenchResult,
+    Context,
+    Ratio,
+    quiet_warnings,
+    standalone_main,
+    synthetic_pool,
+)
+
+NAME = "train"
+TITLE = "Training samples/s from shards vs the same model on in-memory tensors"
+TARGET = 0.9
+
+
+def _in_memory_steps(model: Any, optimizer: Any, loss_fn: Any, images: Any, texts: Any, steps: int) -> list[float]:
+    import math
+
+    import torch
+
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(*model(images, texts))
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def loader_rate(urls: list[str], cfg: Any, batches: int) -> float:
+    """Samples/s of the stage's data pipeline alone (its workers, no training), after one batch."""
+    import open_clip
+
+    from stages.train import _batches
+
+    from models.clip import register_model_configs
+
+    register_model_configs()
+    _, _, preprocess = open_clip.create_model_and_transforms(cfg.model)
+    loader = iter(_batches(urls, preprocess, open_clip.get_tokenizer(cfg.model), cfg, 0, "cpu"))
+    next(loader)
+    started = time.perf_counter()
+    for _ in range(batches):
+        next(loader)
+    rate = batches * cfg.batch_size / (time.perf_counter() - started)
+    del loader
+    return rate
+
+
+def run(ctx: Context) -> BenchResult:
+    import io
+
+    import open_clip
+    import torch
+    from PIL import Image
+
+    from pipeline.config import load_config
+    from stages.train import LOG, _build, _intra_op_threads, shard_urls, train
+
+    result = BenchResult(NAME, TITLE)
+    chunk = 4 if ctx.quick else 10
+    rounds = 2 if ctx.quick else 4
+    pool = synthetic_pool(ctx, 128 if ctx.quick else 256)
+    urls = shard_urls([str(pool.tar(s)) for s in pool.shards])
+    base = load_config().train
+    cfg = dataclasses.replace(base, device="cpu", precision="fp32", log_every=1, checkpoint_every=0, warmup_steps=2)
+    out = ctx.work_dir / "train-from-shards"
+
+    # the same model, optimiser and loss for the in-memory side; one fixed batch through the train transform
+    with quiet_warnings():
+        model, preprocess, optimizer, _ = _build(cfg, "cpu", "fp32", None)
+    model.train()
+    loss_fn = open_clip.ClipLoss()
+    from pipeline.datasets.embedded import generate
+
+    samples = generate(cfg.batch_size, seed=11)
+    images = torch.stack([preprocess(Image.open(io.BytesIO(s.image)).convert("RGB")) for s in samples])
+    texts = open_clip.get_tokenizer(cfg.model)([s.caption for s in samples])
+
+    shard_steps: list[float] = []
+    memory_steps: list[float] = []
+    per_round: list[float] = []  # each round's ratio: the two sides measured back to back
+    with quiet_warnings():
+        for r in range(1, rounds + 1):
+            started = time.perf_counter()
+            train(urls, out, dataclasses.replace(cfg, steps=r * chunk), progress=False)
+            call_s = time.perf_counter() - started
+            log = [json.loads(line) for line in (out / LOG).read_text().splitlines() if line.strip()]
+            shards_now = [rec["step_s"] for rec in log if (r - 1) * chunk + 1 < rec["step"] <= r * chunk]
+            with _intra_op_threads(max(1, int(cfg.cpus))):  # the threads train() gives itself
+                memory_now = _in_memory_steps(model, optimizer, loss_fn, images, texts, chunk)[1:]
+            shard_steps += shards_now
+            memory_steps += memory_now
+            per_round.append(statistics.median(memory_now) / statistics.median(shards_now))
+            ctx.log(f"  train round {r}: train() call {call_s:.1f} s for {chunk} steps; median step "
+                    f"{statistics.median(shards_now):.3f} s from shards, {statistics.median(memory_now):.3f} s in memory")
+        loader = loader_rate(urls, cfg, 3 if ctx.quick else 6)
+
+    shard_rate = cfg.batch_size / statistics.median(shard_steps)
+    memory_rate = cfg.batch_size / statistics.median(memory_steps)
+    ratio = statistics.median(per_round)  # paired per round: robust to load that drifts between rounds
+    result.rows.append(Ratio(NAME, "samples/s from shards / same model on in-memory tensors", ratio, "x",
+                             f">= {TARGET:g}", ratio >= TARGET,
+                             f"{shard_rate:.0f} vs {memory_rate:.0f} samples/s, {cfg.workers} loader worker(s), "
+                             f"{int(cfg.cpus)} torch threads"))
+    result.rows.append(Ratio(NAME, "data pipeline alone (no training) / training from memory", loader / memory_rate,
+                             "x", "", None, f"{loader:.0f} samples/s decoded + augmented"))
+    result.data = {"model": cfg.model, "batch_size": cfg.batch_size, "workers": cfg.workers, "torch_threads": int(cfg.cpus),
+                   "steps_timed": {"shards": len(shard_steps), "memory": len(memory_steps)}, "per_round_ratio": per_round,
+                   "median_step_s": {"shards": statistics.median(shard_steps), "memory": statistics.median(memory_steps)},
+                   "samples_per_s": {"shards": shard_rate, "memory": memory_rate, "loader_alone": loader}}
+    result.markdown = "\n".join([
+        f"`{cfg.model}` at batch {cfg.batch_size}, {int(cfg.cpus)} torch threads (`[train] cpus`), "
+        f"{cfg.workers} DataLoader worker(s), fp32 on CPU; {rounds} rounds of {chunk} steps per side, "
+        f"the first step of each chunk left out; {len(pool.shards)} shards of 64 embedded images (512x384 JPEG).",
+        "",
+        "| side | median s / step | samples/s |",
+        "|---|---:|---:|",
+        f"| from shards (`stages.train.train`) | {statistics.median(shard_steps):.3f} | {shard_rate:.1f} |",
+        f"| in-memory tensors | {statistics.median(memory_steps):.3f} | {memory_rate:.1f} |",
+        f"| data pipeline alone (decode + transform + tokenize, no model) | — | {loader:.1f} |",
+        "",
+        "The ratio is the median over rounds of each round's ratio (the two sides back to back): "
+        + ", ".join(f"{x:.2f}" for x in per_round) + ". On this machine the loader worker and the two training "
+        "threads share 2 cores, so the best possible ratio is about (2 x in-memory step) / (2 x in-memory step + "
+        f"loader CPU per batch) = {2 * statistics.median(memory_steps) / (2 * statistics.median(memory_steps) + cfg.batch_size / loader):.2f}; "
+        "two OpenMP threads that lose a core to a third busy thread also spin-wait for each other, which is what "
+        "the rounds far below that show.",
+    ])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    return standalone_main(run, __doc__, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
