@@ -66,11 +66,15 @@ class Cluster:
         return subprocess.run([str(BIN / "ray"), *args], env=self.env, capture_output=True, text=True, timeout=timeout)
 
     def add_worker(self, name: str, cpus: int) -> subprocess.Popen:
-        """`ray start --address ... --block` in a new session, so killing its group kills the node."""
+        """`ray start --address ... --block` in a new session, so killing its group kills the node.
+
+        Each node gets its own temp dir, as separate machines would: nodes sharing one would share
+        the unpacked job working_dir too, and a node's death could pull it from under the others.
+        """
         log = open(self.tmp / f"{name}.log", "w")
         proc = subprocess.Popen(
             [str(BIN / "ray"), "start", f"--address={self.gcs}", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}",
-             f"--resources={json.dumps({name: 1})}", "--disable-usage-stats", "--block"],
+             f"--resources={json.dumps({name: 1})}", f"--temp-dir={self.tmp / name}", "--disable-usage-stats", "--block"],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         self.workers.append(proc)
