@@ -40,6 +40,7 @@ from manifests.store import (
 from pipeline.config import ConfigError, DownloadConfig
 from pipeline.datasets import DatasetSource, ground_truth_path
 from stages.download import DownloadStage
+from stages.reshard import TAR_MODE, TAR_MTIME, TAR_OWNER
 
 STALL_SECONDS = 600.0  # no shard finished for this long: fail with the pending shards named
 
@@ -88,9 +89,6 @@ class DownloadReport:
     seconds: float = 0.0
 
 
-TAR_MTIME = 0  # fixed header fields: the same samples give the same tar bytes on any run
-
-
 def canonical_tar(src: Path, dst: Path) -> None:
     """Rewrite img2dataset's tar with members in key order and fixed header fields.
 
@@ -105,9 +103,9 @@ def canonical_tar(src: Path, dst: Path) -> None:
         members.sort(key=lambda m: (m.name.split(".", 1)[0], m.name))
         for member in members:
             info = tarfile.TarInfo(member.name)
-            info.size, info.mtime, info.mode = member.size, TAR_MTIME, 0o444
+            info.size, info.mtime, info.mode = member.size, TAR_MTIME, TAR_MODE  # the curated shards' header fields
             info.uid = info.gid = 0
-            info.uname = info.gname = "curation"
+            info.uname = info.gname = TAR_OWNER
             target.addfile(info, source.extractfile(member))
 
 
