@@ -51,7 +51,7 @@ def run(ctx: Context, threads: int = 1) -> BenchResult:
 
     from models.clip import mask_text_regions
     from pipeline.config import load_config
-    from pipeline.datasets.embedded import generate
+    from sources.embedded import generate
     from stages.clip_score import ClipScoreStage
 
     result = BenchResult(NAME, TITLE)

@@ -31,7 +31,6 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: import the proje
 
 import pipeline  # noqa: E402,F401  (sets NO_ALBUMENTATIONS_UPDATE before easyocr imports albumentations)
 
-
 # -- results -------------------------------------------------------------------------------------
 
 
@@ -143,16 +142,10 @@ def set_torch_threads(n: int) -> None:
 
 
 def _psutil() -> Any:
-    """psutil: installed on its own, or the copy Ray vendors (``ray/thirdparty_files``)."""
-    try:
-        import psutil
+    """psutil, a declared dependency (benchmarks measure process trees with it)."""
+    import psutil
 
-        return psutil
-    except ImportError:
-        import ray  # noqa: F401  (puts ray/thirdparty_files, which holds psutil, on sys.path)
-        import psutil
-
-        return psutil
+    return psutil
 
 
 def tree_rss(pid: int | None = None) -> tuple[int, int]:
@@ -397,7 +390,8 @@ class Pool:
 
         rows: list[dict[str, Any]] = []
         for shard in shards or self.shards:
-            raw = read_shard({"shard": shard, "tar": str(self.tar(shard)), "parts": []})
+            raw = read_shard({"shard": shard, "tar": str(self.tar(shard)),
+                              "download_part": str(self.layout.part_path("download", shard)), "parts": []})
             decoded = decode_batch({k: [r[k] for r in raw] for k in raw[0]}) if raw else {}
             for i in range(len(raw)):
                 rows.append({k: v[i] for k, v in decoded.items()})
@@ -417,9 +411,9 @@ def make_pool(ctx: Context, samples: int, seed: int = 0) -> Pool:
     pipeline's download step into ``<work>/pool-<n>``: real img2dataset shards and manifests."""
     from manifests.store import RunLayout
     from pipeline.config import load_config
-    from pipeline.datasets import open_source
     from pipeline.download_runner import plan_download, run_download
     from pipeline.sample_runner import ok_counts
+    from sources import open_source
 
     started = time.perf_counter()
     ctx.ensure_ray()
@@ -463,8 +457,8 @@ def synthetic_pool(ctx: Context, samples: int, seed: int = 0) -> Pool:
 
     from manifests.schemas import schema_for
     from manifests.store import RunLayout, write_table_atomic
-    from pipeline.datasets.embedded import generate, sample_url
     from pipeline.download_runner import make_uid
+    from sources.embedded import generate, sample_url
 
     started = time.perf_counter()
     layout = RunLayout(ctx.work_dir / f"synthetic-{samples}")

@@ -108,14 +108,14 @@ class _PartWatcher:
 
 def run_dag(pool: Any, shards: list[str], root: Path, config: Any) -> dict[str, Any]:
     """One ``run_per_sample`` over a fresh run root holding ``shards``; time, memory, pace."""
-    from pipeline.dag import PER_SAMPLE_STAGES
+    from pipeline.dag import SAMPLE_STEPS
     from pipeline.sample_runner import run_per_sample
 
     layout = pool.subset(shards, root)
     baseline, _ = tree_rss()
     with TreeMemorySampler() as memory, _PartWatcher(Path(layout.stage_dir("clip_score"))) as parts:
         started = time.perf_counter()
-        report = run_per_sample(layout, config, PER_SAMPLE_STAGES, progress=False)
+        report = run_per_sample(layout, config, SAMPLE_STEPS, progress=False)
         seconds = time.perf_counter() - started
     if report.incomplete_shards:
         raise RuntimeError(f"DAG run left incomplete shards: {report.incomplete_shards}")

@@ -55,7 +55,9 @@ STAGE_SQL = {
                case when {_h('i', 1)} % 100 < 2 then 'failed' else 'ok' end as status,
                lpad((i // 10000)::varchar, 6, '0') as shard,
                lpad((i // 10000)::varchar, 6, '0') || lpad((i % 10000)::varchar, 4, '0') as key,
-               512::integer as width, (384 + {_h('i', 2)} % 128)::integer as height
+               512::integer as width, (384 + {_h('i', 2)} % 128)::integer as height,
+               (512 + {_h('i', 9)} % 1024)::integer as original_width,
+               (384 + {_h('i', 2)} % 768)::integer as original_height
         from range({{lo}}, {{hi}}) t(i)""",
     "ocr": f"""
         select md5(i::varchar) as uid, 'ok' as ocr_status,
@@ -75,11 +77,18 @@ STAGE_SQL = {
                 - case when {_h('i', 3)} % 100 < 40 then ({_h('i', 8)} % 500) / 10000.0 else 0 end)::float
                    as clip_score_masked
         from range({{lo}}, {{hi}}) t(i)""",
+    # 2% of the rows are pairs of near-duplicates (row i with row i+1 for even i)
+    "dup_group": f"""
+        select md5(i::varchar) as uid,
+               case when {_h('i // 2', 10)} % 100 < 2 then md5((i // 2 * 2)::varchar) else md5(i::varchar) end
+                   as dup_group,
+               (case when {_h('i // 2', 10)} % 100 < 2 then 2 else 1 end)::integer as dup_group_size
+        from range({{lo}}, {{hi}}) t(i)""",
 }
 
 
 def make_manifests(root: Path, rows: int, cores: int) -> tuple[Any, float, int]:
-    """The four stages' Parquet parts and the catalog over them; (layout, seconds, bytes)."""
+    """The stages' Parquet parts and the catalog over them; (layout, seconds, bytes)."""
     import duckdb
 
     from manifests.catalog import build_catalog
@@ -143,7 +152,7 @@ def run(ctx: Context, rows: int | None = None) -> BenchResult:
     def measure(n: int) -> dict[str, Any]:
         """Make n rows, write the pre-joined file, time every policy on both; peak RSS throughout."""
         layout, gen_s, size = make_manifests(ctx.work_dir / f"duckdb-{n}", n, ctx.cores)
-        ctx.log(f"  duckdb: {n:,} synthetic rows x 4 stages, {size / 1e6:.0f} MB of Parquet, made in {gen_s:.1f} s")
+        ctx.log(f"  duckdb: {n:,} synthetic rows x {len(STAGE_SQL)} stages, {size / 1e6:.0f} MB of Parquet, made in {gen_s:.1f} s")
         con = duckdb.connect(str(layout.catalog_path), read_only=True)
         con.execute(f"set threads = {ctx.cores}")
         con.execute(f"set memory_limit = '{MEMORY_LIMIT_MIB}MB'")
@@ -186,7 +195,7 @@ def run(ctx: Context, rows: int | None = None) -> BenchResult:
     lines = [
         f"{rows:,} rows per stage in {size / 1e6:.0f} MB of Parquet (zstd); DuckDB {duckdb.__version__}, "
         f"{ctx.cores} threads, memory_limit {MEMORY_LIMIT_MIB} MiB; median of {REPEATS} runs after a warm-up "
-        f"(one run when the warm-up alone took over {3 * TARGET_S:g} s). Writing the pre-joined file (the 4-way join, "
+        f"(one run when the warm-up alone took over {3 * TARGET_S:g} s). Writing the pre-joined file (the {len(STAGE_SQL)}-way join, "
         f"once) took {wide_s:.1f} s. Peak RSS of this process (the join, then every query): "
         f"{mib(small['peak']):.0f} MiB at {small['rows']:,} rows (run first), {mib(peak):.0f} MiB at {rows:,} "
         f"(from {mib(before):.0f} MiB before).",

@@ -80,8 +80,8 @@ def run_benchmark(
 
     from models.ocr import make_engine
     from pipeline.config import OcrConfig
-    from pipeline.datasets.embedded import generate
     from pipeline.ocr_accuracy import score_ocr_rows
+    from sources.embedded import generate
     from stages.ocr import OcrStage
 
     threads = threads or os.cpu_count() or 1

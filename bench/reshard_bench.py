@@ -8,7 +8,7 @@ selection keeping every other sample (a policy that keeps half the pool), planne
 shards by ``pipeline.reshard_runner.plan_reshard``: uid order, so every output shard draws from
 every source tar, as in a real run.
 
-- **reshard**: ``ReshardStage.run_shard`` for each planned output shard (stream each source tar
+- **reshard**: ``ReshardStage.process_shard`` for each planned output shard (stream each source tar
   once, seek over the samples not kept, rewrite the ``.json`` with the new key and lineage, write
   the tar with webdataset's ``TarWriter`` and a Parquet sibling, fsync, rename);
 - **raw copy**: the same plan, the same source tars read in the same order with ``tarfile``, each
@@ -63,6 +63,8 @@ def write_selection(layout: Any, policy: str, keep_every: int = 2) -> int:
 
 def raw_copy(inputs: list[tuple[str, Any]], out_path: Path) -> int:
     """The floor: the kept members of each source tar copied unchanged into one tar; bytes copied."""
+    from manifests.store import tar_key
+
     copied = 0
     with open(out_path, "wb") as raw, tarfile.open(fileobj=raw, mode="w") as out:
         for source, keys in inputs:
@@ -70,7 +72,7 @@ def raw_copy(inputs: list[tuple[str, Any]], out_path: Path) -> int:
             with tarfile.open(source, mode="r:") as tar:
                 while (info := tar.next()) is not None:
                     tar.members.clear()
-                    if not info.isfile() or info.name.split(".", 1)[0] not in wanted:
+                    if not info.isfile() or tar_key(info.name)[0] not in wanted:
                         continue
                     out.addfile(info, tar.extractfile(info))
                     copied += info.size
@@ -82,12 +84,14 @@ def raw_copy(inputs: list[tuple[str, Any]], out_path: Path) -> int:
 
 def kept_bytes(inputs: list[tuple[str, Any]]) -> int:
     """Bytes of the kept samples' members in the source tars (what both sides move)."""
+    from manifests.store import tar_key
+
     total = 0
     for source, keys in inputs:
         wanted = set(keys)
         with tarfile.open(source, mode="r:") as tar:
             for info in tar:
-                if info.isfile() and info.name.split(".", 1)[0] in wanted:
+                if info.isfile() and tar_key(info.name)[0] in wanted:
                     total += info.size
     return total
 
@@ -111,7 +115,7 @@ def run(ctx: Context) -> BenchResult:
         for shard in plan.shards:
             dest = out / f"r{r}"
             dest.mkdir(parents=True, exist_ok=True)
-            reshard = (lambda: stage.run_shard(shard.inputs, shard.shard, dest / "stage"))
+            reshard = (lambda: stage.process_shard(shard.shard, shard.inputs, dest / "stage"))
             copy = (lambda: raw_copy(shard.inputs, dest / f"raw-{shard.shard}.tar"))
             if r == 0:
                 reshard(), copy()

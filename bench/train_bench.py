@@ -33,7 +33,7 @@ def run_benchmark(steps: int, batch_size: int, model_name: str, threads: int) ->
 
     from models import patch_masking
     from models.clip import register_model_configs
-    from pipeline.datasets.embedded import generate
+    from sources.embedded import generate
 
     register_model_configs()
     torch.set_num_threads(threads)

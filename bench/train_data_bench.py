@@ -2,7 +2,7 @@
 
     python bench/train_data_bench.py [--quick]
 
-- **from shards**: ``stages.train.train`` as ``make train`` runs it (the ``[train]`` config on
+- **from shards**: ``training.train.train`` as ``make train`` runs it (the ``[train]`` config on
   CPU: webdataset pipeline with resampled shards, a shuffle buffer, JPEG decode and open_clip's
   train transform in ``workers`` DataLoader processes, tokenizer, AdamW, checkpoint at the end),
   on embedded images written as WebDataset shards; per-step wall times from its ``train_log.jsonl``;
@@ -66,9 +66,8 @@ def loader_rate(urls: list[str], cfg: Any, batches: int) -> float:
     """Samples/s of the stage's data pipeline alone (its workers, no training), after one batch."""
     import open_clip
 
-    from stages.train import _batches
-
     from models.clip import register_model_configs
+    from training.train import _batches
 
     register_model_configs()
     _, _, preprocess = open_clip.create_model_and_transforms(cfg.model)
@@ -90,7 +89,7 @@ def run(ctx: Context) -> BenchResult:
     from PIL import Image
 
     from pipeline.config import load_config
-    from stages.train import LOG, _build, _intra_op_threads, shard_urls, train
+    from training.train import LOG, _build, _intra_op_threads, shard_urls, train
 
     result = BenchResult(NAME, TITLE)
     chunk = 4 if ctx.quick else 10
@@ -106,7 +105,7 @@ def run(ctx: Context) -> BenchResult:
         model, preprocess, optimizer, _ = _build(cfg, "cpu", "fp32", None)
     model.train()
     loss_fn = open_clip.ClipLoss()
-    from pipeline.datasets.embedded import generate
+    from sources.embedded import generate
 
     samples = generate(cfg.batch_size, seed=11)
     images = torch.stack([preprocess(Image.open(io.BytesIO(s.image)).convert("RGB")) for s in samples])
@@ -122,7 +121,7 @@ def run(ctx: Context) -> BenchResult:
             call_s = time.perf_counter() - started
             log = [json.loads(line) for line in (out / LOG).read_text().splitlines() if line.strip()]
             shards_now = [rec["step_s"] for rec in log if (r - 1) * chunk + 1 < rec["step"] <= r * chunk]
-            with _intra_op_threads(max(1, int(cfg.cpus))):  # the threads train() gives itself
+            with _intra_op_threads(cfg.threads):  # the threads train() gives itself
                 memory_now = _in_memory_steps(model, optimizer, loss_fn, images, texts, chunk)[1:]
             shard_steps += shards_now
             memory_steps += memory_now
@@ -137,21 +136,21 @@ def run(ctx: Context) -> BenchResult:
     result.rows.append(Ratio(NAME, "samples/s from shards / same model on in-memory tensors", ratio, "x",
                              f">= {TARGET:g}", ratio >= TARGET,
                              f"{shard_rate:.0f} vs {memory_rate:.0f} samples/s, {cfg.workers} loader worker(s), "
-                             f"{int(cfg.cpus)} torch threads"))
+                             f"{cfg.threads} torch threads"))
     result.rows.append(Ratio(NAME, "data pipeline alone (no training) / training from memory", loader / memory_rate,
                              "x", "", None, f"{loader:.0f} samples/s decoded + augmented"))
-    result.data = {"model": cfg.model, "batch_size": cfg.batch_size, "workers": cfg.workers, "torch_threads": int(cfg.cpus),
+    result.data = {"model": cfg.model, "batch_size": cfg.batch_size, "workers": cfg.workers, "torch_threads": cfg.threads,
                    "steps_timed": {"shards": len(shard_steps), "memory": len(memory_steps)}, "per_round_ratio": per_round,
                    "median_step_s": {"shards": statistics.median(shard_steps), "memory": statistics.median(memory_steps)},
                    "samples_per_s": {"shards": shard_rate, "memory": memory_rate, "loader_alone": loader}}
     result.markdown = "\n".join([
-        f"`{cfg.model}` at batch {cfg.batch_size}, {int(cfg.cpus)} torch threads (`[train] cpus`), "
+        f"`{cfg.model}` at batch {cfg.batch_size}, {cfg.threads} torch threads (`[train] threads`), "
         f"{cfg.workers} DataLoader worker(s), fp32 on CPU; {rounds} rounds of {chunk} steps per side, "
         f"the first step of each chunk left out; {len(pool.shards)} shards of 64 embedded images (512x384 JPEG).",
         "",
         "| side | median s / step | samples/s |",
         "|---|---:|---:|",
-        f"| from shards (`stages.train.train`) | {statistics.median(shard_steps):.3f} | {shard_rate:.1f} |",
+        f"| from shards (`training.train.train`) | {statistics.median(shard_steps):.3f} | {shard_rate:.1f} |",
         f"| in-memory tensors | {statistics.median(memory_steps):.3f} | {memory_rate:.1f} |",
         f"| data pipeline alone (decode + transform + tokenize, no model) | — | {loader:.1f} |",
         "",

@@ -13,15 +13,13 @@ read ``s3://...`` URLs through the store's fsspec filesystem, which every connec
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
 from manifests.store import RunLayout, tmp_sibling
-
-# The order in which stages join into `samples`; download first, it has every input sample.
-STAGE_ORDER = ("download", "ocr", "parrot", "clip_score")
 
 
 def connect(catalog: Path, layout: RunLayout | None = None, read_only: bool = True) -> duckdb.DuckDBPyConnection:
@@ -44,10 +42,15 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)
 
 
-def build_catalog(layout: RunLayout) -> Path:
-    """(Re)create ``<root>/catalog.duckdb`` with a view per stage present and a ``samples`` view."""
-    stages = [s for s in STAGE_ORDER if s in layout.stages_present()]
-    stages += [s for s in layout.stages_present() if s not in stages]
+def build_catalog(layout: RunLayout, order: Sequence[str] = ("download",)) -> Path:
+    """(Re)create ``<root>/catalog.duckdb`` with a view per stage present and a ``samples`` view.
+
+    ``order`` is the order in which stages join into ``samples`` (the DAG's, from the pipeline);
+    download comes first, it has every input sample; stages not named follow by name.
+    """
+    present = layout.stages_present()
+    stages = [s for s in order if s in present]
+    stages += sorted(s for s in present if s not in stages)
     target = layout.catalog_path
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_sibling(target)

@@ -92,6 +92,24 @@ CLIP_SCORE = pa.schema(
     ]
 )
 
+DEDUP = pa.schema(
+    [
+        pa.field("uid", pa.string(), nullable=False),
+        pa.field("dedup_status", pa.string(), nullable=False),  # "ok" | "failed" (no image)
+        pa.field("dedup_error", pa.string()),
+        pa.field("phash", pa.int64()),  # 64-bit DCT perceptual hash, the bits as a signed int64
+    ]
+)
+
+# manifests/dup_group/part-pool.parquet: one row per downloaded-ok sample, computed over the whole pool
+DUP_GROUP = pa.schema(
+    [
+        pa.field("uid", pa.string(), nullable=False),
+        pa.field("dup_group", pa.string()),  # smallest uid of the sample's near-duplicate group (its own uid when alone)
+        pa.field("dup_group_size", pa.int32()),
+    ]
+)
+
 # selections/<policy>.parquet: the decision, one row per downloaded-ok sample (DataComp: decide, then materialise)
 SELECTION = pa.schema(
     [
@@ -114,7 +132,14 @@ CURATED = pa.schema(
     ]
 )
 
-STAGE_SCHEMAS: dict[str, pa.Schema] = {"download": DOWNLOAD, "ocr": OCR, "parrot": PARROT, "clip_score": CLIP_SCORE}
+STAGE_SCHEMAS: dict[str, pa.Schema] = {
+    "download": DOWNLOAD,
+    "ocr": OCR,
+    "parrot": PARROT,
+    "clip_score": CLIP_SCORE,
+    "dedup": DEDUP,
+    "dup_group": DUP_GROUP,
+}
 
 
 def schema_for(stage: str) -> pa.Schema:

@@ -32,11 +32,28 @@ from upath import UPath
 
 TMP_PREFIX = ".tmp-"
 LOCAL_PROTOCOLS = ("", "file", "local")
+SIZES_FILE = "sizes.json"  # {"<shard>.tar": n} beside WebDataset shards: open_clip reads it; our completion marker
 
-# Listings of an object store change under us (Ray workers on other nodes upload shards): never
-# answer "is this part there?" from a cached listing.
-for _protocol in ("s3", "s3a", "gs", "gcs", "abfs", "az"):
-    fsspec.config.conf.setdefault(_protocol, {})["use_listings_cache"] = False
+
+def shard_name(index: int) -> str:
+    """The name of the ``index``-th shard of a folder (downloaded or curated): ``000042``."""
+    return f"{index:06d}"
+
+
+_TAR_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset.tariterators.base_plus_ext
+
+
+def tar_key(member_name: str) -> tuple[str, str]:
+    """(sample key, extension) of a tar member, as WebDataset groups them: the key is the name up
+    to the first dot of its last path part (``dir/000012.jpg`` -> ``dir/000012``, ``jpg``).
+
+    Every reader of our tars uses this one rule, webdataset's ``base_plus_ext`` (its regex, here so
+    that a download worker need not import webdataset, and with it torch, to sort a tar).
+    """
+    match = _TAR_KEY.match(member_name)
+    if match is None:
+        return member_name, ""
+    return match.group(1), match.group(2)
 
 
 def as_path(location: str | os.PathLike[str]) -> UPath:

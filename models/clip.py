@@ -28,7 +28,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.config import ConfigError
+from core.errors import ConfigError
+from core.images import as_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -57,18 +58,6 @@ def register_model_configs() -> None:
 
 class RandomWeightsWarning(UserWarning):
     """CLIP weights are a seeded random init: scores are reproducible but carry no meaning."""
-
-
-def resolve_device(requested: str, cuda_available: bool, key: str = "clip.device") -> str:
-    """"auto" -> "cuda" when a GPU is visible else "cpu"; "cuda" without a GPU is a config error
-    naming ``key`` (the torch stages share this: CLIP scoring, training, evaluation)."""
-    if requested == "auto":
-        return "cuda" if cuda_available else "cpu"
-    if requested == "cuda" and not cuda_available:
-        raise ConfigError(f"{key} is 'cuda' but no CUDA GPU is available; use 'auto' or 'cpu'")
-    if requested not in {"cpu", "cuda"}:
-        raise ConfigError(f"{key} must be auto, cpu or cuda, not {requested!r}")
-    return requested
 
 
 def file_sha256(path: str, chunk: int = 1 << 20) -> str:
@@ -110,7 +99,7 @@ class ClipModel:
         chunks = []
         for start in range(0, len(images), self.batch_size):
             part = images[start : start + self.batch_size]
-            pixels = torch.stack([self.preprocess(Image.fromarray(_as_rgb(im))) for im in part])
+            pixels = torch.stack([self.preprocess(Image.fromarray(as_rgb(im))) for im in part])
             with torch.inference_mode(), self._autocast():
                 emb = self.model.encode_image(pixels.to(self.device))
             chunks.append(_normalise(emb))
@@ -217,18 +206,6 @@ def _normalise(emb: Any) -> np.ndarray:
     x = emb.float().cpu().numpy()
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return (x / np.maximum(norms, 1e-12)).astype(np.float32)
-
-
-def _as_rgb(image: np.ndarray) -> np.ndarray:
-    """HxWx3 uint8 whatever came in (grey, RGBA, non-contiguous)."""
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = np.stack([image] * 3, axis=-1)
-    elif image.shape[-1] == 4:
-        image = image[..., :3]
-    if image.dtype != np.uint8:
-        image = np.clip(image, 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(image)
 
 
 def load_clip(

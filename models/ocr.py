@@ -37,12 +37,21 @@ import re
 import warnings
 from dataclasses import dataclass
 from importlib.metadata import version
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-if TYPE_CHECKING:  # pragma: no cover
-    from pipeline.config import OcrConfig
+from core.devices import resolve_device
+from core.images import as_rgb
+
+
+class EngineSettings(Protocol):
+    """What building an engine needs (``stages.ocr.OcrConfig`` has it): models never import stages."""
+
+    engine: str  # "easyocr" | "rapidocr"
+    device: str  # "auto" | "cpu" | "cuda"
+    cpus_per_replica: float  # the replica's thread budget
+    quantize: bool  # easyocr int8 dynamic quantisation on CPU
 
 log = logging.getLogger(__name__)
 
@@ -85,25 +94,6 @@ class _quiet(warnings.catch_warnings):
             warnings.filterwarnings("ignore", message=pattern)
 
 
-def resolve_device(requested: str, cuda_available: bool) -> str:
-    """"auto" -> "cuda" when available, else "cpu"; an explicit "cuda" without a GPU is an error.
-
-    Pure so that both branches are testable on a CPU-only machine.
-    """
-    if requested == "auto":
-        return "cuda" if cuda_available else "cpu"
-    if requested == "cuda":
-        if not cuda_available:
-            raise ValueError(
-                "ocr.device = 'cuda' but torch sees no CUDA GPU on this worker; "
-                "use device = 'auto' (falls back to CPU) or 'cpu'"
-            )
-        return "cuda"
-    if requested == "cpu":
-        return "cpu"
-    raise ValueError(f"ocr.device must be auto, cpu or cuda, not {requested!r}")
-
-
 def threads_for(cpus: float) -> int:
     """Intra-op threads for a replica granted ``cpus`` cores: floor, at least 1.
 
@@ -121,21 +111,12 @@ class Region:
     confidence: float
 
 
-def _as_rgb(image: np.ndarray) -> np.ndarray:
-    """Accept HxWx3 RGB (the contract), and tolerate greyscale or RGBA arrays."""
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    elif image.ndim == 3 and image.shape[2] == 4:
-        image = image[:, :, :3]
-    elif image.ndim == 3 and image.shape[2] == 1:
-        image = np.repeat(image, 3, axis=2)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an HxWx3 RGB array, got shape {image.shape}")
+def _ocr_rgb(image: np.ndarray) -> np.ndarray:
+    """RGB uint8 (core.images.as_rgb), refusing images too small to hold a text region."""
+    image = as_rgb(image)
     if image.shape[0] < 2 or image.shape[1] < 2:
         raise ValueError(f"image too small for OCR: {image.shape[1]}x{image.shape[0]}")
-    if image.dtype != np.uint8:
-        image = np.clip(image, 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(image)
+    return image
 
 
 def _detector_shape(h: int, w: int, detector_size: int) -> tuple[float, int, int]:
@@ -443,7 +424,7 @@ class EasyOcrEngine:
         """Detect and read text in each image; one result list per image, same order."""
         if not images:
             return []
-        rgb = [_as_rgb(im) for im in images]
+        rgb = [_ocr_rgb(im) for im in images]
         with _quiet():
             polys = self._detect(rgb, detector_size)
             return self._recognise(rgb, polys)
@@ -526,7 +507,7 @@ class RapidOcrEngine:
         self._set_detector_size(detector_size)
         out: list[list[Region]] = []
         for image in images:
-            rgb = _as_rgb(image)
+            rgb = _ocr_rgb(image)
             h, w = rgb.shape[:2]
             scale = 1.0
             if max(h, w) < detector_size:  # limit_type "max" only shrinks: upscale small images here
@@ -547,18 +528,18 @@ class RapidOcrEngine:
 OcrEngine = EasyOcrEngine | RapidOcrEngine
 
 
-def engine_device(config: "OcrConfig", cuda_available: bool) -> str:
+def engine_device(config: EngineSettings, cuda_available: bool) -> str:
     """The device an engine built from ``config`` would use, without loading anything."""
     if config.engine == "rapidocr":
         if config.device == "cuda":
             raise ValueError("ocr.engine = 'rapidocr' runs on CPU (onnxruntime CPU build); use device 'auto' or 'cpu'")
         return "cpu"
     if config.engine == "easyocr":
-        return resolve_device(config.device, cuda_available)
+        return resolve_device(config.device, cuda_available, "ocr.device")
     raise ValueError(f"unknown ocr.engine {config.engine!r}")
 
 
-def make_engine(config: "OcrConfig", cuda_available: bool | None = None) -> OcrEngine:
+def make_engine(config: EngineSettings, cuda_available: bool | None = None) -> OcrEngine:
     """Build the configured engine on the resolved device, with the replica's thread budget."""
     if cuda_available is None:
         import torch
@@ -579,6 +560,5 @@ __all__ = [
     "engine_device",
     "group_by_canvas",
     "make_engine",
-    "resolve_device",
     "threads_for",
 ]

@@ -26,6 +26,12 @@ def _default_output(dataset: str) -> str:
     return str(Path("output") / dataset)
 
 
+def _dag_table() -> str:
+    from pipeline.dag import describe
+
+    return "\n".join("  " + line for line in describe().splitlines())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
@@ -41,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the curation DAG for a dataset (resumable: finished shards are skipped)",
         description="Run the curation DAG for one dataset into one output folder. Rerunning with the "
         "same output does only the work that is missing.",
+        epilog="the DAG (pipeline/dag.py), in order:\n" + _dag_table(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     curate.add_argument(
         "--dataset",
@@ -143,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_curate(args: argparse.Namespace) -> int:
     from manifests.store import RunLayout
     from pipeline.curate import curate
-    from pipeline.datasets import open_source
     from pipeline.summary import run_summary
+    from sources import open_source
 
     config = load_config(args.config)
     dataset_name = args.dataset or ("laion-subset" if args.url_list else "embedded")
@@ -230,7 +238,7 @@ def _with_train(config: Config, **changes: object) -> Config:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from manifests.store import RunLayout
-    from pipeline.ablation import train_on_policy
+    from training.ablation import train_on_policy
 
     config = _with_train(load_config(args.config), steps=args.steps, masking=args.masking)
     result = train_on_policy(config, RunLayout(args.output), args.policy, progress=not args.no_progress)
@@ -239,8 +247,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pipeline.ablation import evaluate_checkpoint
-    from pipeline.datasets.eval_sets import build_eval_sets
+    from sources.eval_sets import build_eval_sets
+    from training.ablation import evaluate_checkpoint
 
     config = load_config(args.config)
     ablation = config.ablation
@@ -253,7 +261,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_ablation(args: argparse.Namespace) -> int:
-    from pipeline.ablation import format_result, run_ablation
+    from training.ablation import format_result, run_ablation
 
     config = _with_train(load_config(args.config), steps=args.steps)
     ablation = config.ablation

@@ -1,10 +1,23 @@
-"""The DAG, declared in one place.
+"""The curation DAG, declared in one place: every step of a ``curate`` run, in order.
 
-    download (img2dataset, one Ray task per shard)
-      -> [ decode -> ocr -> parrot -> clip_score ]   one streaming Ray Data pipeline,
-                                                      each image read and decoded once
-Each per-sample stage writes its own manifest part per shard; a shard runs only the stages whose
-part is missing.
+    step         kind    runs as                                       writes
+    download     shard   one Ray task per shard (img2dataset)          shards/, manifests/download/
+    ocr          sample  \\                                            manifests/ocr/
+    parrot       sample   | one streaming Ray Data pipeline: each      manifests/parrot/
+    clip_score   sample   | image read and decoded once, an actor      manifests/clip_score/
+    dedup        sample  /  pool per stage                             manifests/dedup/
+    dup_group    pool    on the driver, over the whole pool            manifests/dup_group/
+    filter       policy  one DuckDB query per policy                   selections/<policy>.parquet
+    reshard      policy  one Ray task per output shard                 curated/<policy>/
+    report       run     HTML statistics and sample grids              report/index.html
+
+What each step reads and writes is declared by its stage class (``stages/base.py``) and checked
+before any work (:func:`check_reads`): a step that reads a column no earlier step writes stops
+the run at start, naming both. ``done`` says how a rerun knows a step's work is on disk; a step
+with nothing missing is skipped, and Ray starts only when some step has work.
+
+Adding a stage is one file in ``stages/`` and one line here (plus its schema in
+``manifests/schemas.py``).
 """
 
 from __future__ import annotations
@@ -13,45 +26,102 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import Config
+from core.errors import ConfigError
+from stages.base import IMAGE, Stage
+from stages.clip_score import ClipScoreStage
+from stages.dedup import DedupStage, DupGroupStage
+from stages.download import DownloadStage
+from stages.filter import FilterStage
+from stages.ocr import OcrStage
+from stages.parrot import ParrotStage
+from stages.reshard import ReshardStage
+
+SHARD, SAMPLE, POOL, POLICY, RUN = "shard", "sample", "pool", "policy", "run"
+INPUT_COLUMNS = ("uid", "url", "caption")  # what a URL list gives every sample (manifests.schemas.INPUT)
 
 
 @dataclass(frozen=True)
-class StageSpec:
-    """A per-sample stage as the runner sees it: a name, a factory, and what it reads."""
+class Step:
+    """One step of a run: its stage, how the stage is built from the run's config, and how a
+    rerun knows the step is done."""
 
     name: str
-    make: Callable[[Config], Any]  # -> a stage object with resources(), setup(), process_batch()
-    reads: tuple[str, ...]  # input columns: "image", "caption", or an earlier stage's columns
+    kind: str  # SHARD | SAMPLE | POOL | POLICY | RUN
+    stage: type[Stage] | None  # declares reads / output_schema; None for the report
+    make: Callable[[Any, str | None], Stage] | None  # (config, policy) -> stage; policy for POLICY steps
+    done: str
+    also_writes: tuple[str, ...] = ()  # beyond the schema: download makes the pixels available
+
+    def reads(self, config: Any, policy: str | None = None) -> tuple[str, ...]:
+        if self.stage is None:
+            return ()
+        if self.stage is FilterStage and policy is not None:  # a policy reads what its SQL names
+            return FilterStage(config.policy(policy)).policy_reads()
+        return self.stage.reads
+
+    def writes(self) -> tuple[str, ...]:
+        return (self.stage.writes() if self.stage is not None else ()) + self.also_writes
 
 
-def _ocr(config: Config) -> Any:
-    from stages.ocr import OcrStage
-
-    return OcrStage(config.ocr)
-
-
-def _parrot(config: Config) -> Any:
-    from stages.parrot import ParrotStage
-
-    return ParrotStage(config.parrot)
-
-
-def _clip_score(config: Config) -> Any:
-    from stages.clip_score import ClipScoreStage
-
-    return ClipScoreStage(config.clip)
-
-
-PER_SAMPLE_STAGES: tuple[StageSpec, ...] = (
-    StageSpec("ocr", _ocr, reads=("image",)),
-    StageSpec("parrot", _parrot, reads=("caption", "texts", "n_regions", "ocr_status")),
-    StageSpec("clip_score", _clip_score, reads=("image", "caption", "quads", "n_regions")),
+STEPS: tuple[Step, ...] = (
+    Step("download", SHARD, DownloadStage, lambda c, _: DownloadStage(c.download),
+         done="manifests/download/part-<shard>.parquet exists for every planned shard", also_writes=(IMAGE,)),
+    Step("ocr", SAMPLE, OcrStage, lambda c, _: OcrStage(c.ocr),
+         done="manifests/ocr/part-<shard>.parquet exists for every downloaded shard"),
+    Step("parrot", SAMPLE, ParrotStage, lambda c, _: ParrotStage(c.parrot),
+         done="manifests/parrot/part-<shard>.parquet exists for every downloaded shard"),
+    Step("clip_score", SAMPLE, ClipScoreStage, lambda c, _: ClipScoreStage(c.clip),
+         done="manifests/clip_score/part-<shard>.parquet exists for every downloaded shard"),
+    Step("dedup", SAMPLE, DedupStage, lambda c, _: DedupStage(c.dedup),
+         done="manifests/dedup/part-<shard>.parquet exists for every downloaded shard"),
+    Step("dup_group", POOL, DupGroupStage, lambda c, _: DupGroupStage(c.dedup),
+         done="recomputed from the manifests on every run; rewritten only when it changed"),
+    Step("filter", POLICY, FilterStage, lambda c, p: FilterStage(c.policy(p)),
+         done="recomputed on every run (cheap SQL); selections/<policy>.parquet rewritten only when it changed"),
+    Step("reshard", POLICY, ReshardStage, lambda c, p: ReshardStage(p, c.reshard.samples_per_shard),
+         done="curated/<policy>/sizes.json exists and records the current selection's sha256"),
+    Step("report", RUN, None, None, done="rewritten at the end of every run"),
 )
 
+SAMPLE_STEPS: tuple[Step, ...] = tuple(s for s in STEPS if s.kind == SAMPLE)
+STAGE_ORDER: tuple[str, ...] = tuple(s.name for s in STEPS if s.kind in (SHARD, SAMPLE, POOL))  # catalog joins
 
-def per_sample_stage(name: str) -> StageSpec:
-    for spec in PER_SAMPLE_STAGES:
-        if spec.name == name:
-            return spec
+
+def step(name: str) -> Step:
+    for s in STEPS:
+        if s.name == name:
+            return s
     raise KeyError(name)
+
+
+def check_reads(config: Any, policies: tuple[str, ...], steps: tuple[Step, ...] = STEPS) -> None:
+    """Walk the steps in order; every column a step reads must be written by an earlier one.
+
+    Runs before any work: a policy rule that names a misspelt column, or a stage put before the
+    stage it depends on, stops the run here with one message naming the column and the step.
+    """
+    available = set(INPUT_COLUMNS)
+    for s in steps:
+        for policy in (policies if s.kind == POLICY else (None,)):
+            missing = sorted(set(s.reads(config, policy)) - available)
+            if missing:
+                who = f"step {s.name!r}" + (f" (policy {policy!r})" if policy else "")
+                raise ConfigError(
+                    f"{who} reads {', '.join(repr(m) for m in missing)}, which no earlier step writes; "
+                    f"written before it: {', '.join(sorted(available))}"
+                )
+        available |= set(s.writes())
+
+
+def describe() -> str:
+    """The DAG as a table, for ``--help`` and the README."""
+    rows = [("step", "kind", "reads", "writes", "done when")]
+    for s in STEPS:
+        reads = ", ".join(s.stage.reads) if s.stage is not None else "every manifest"
+        if s.stage is FilterStage:
+            reads += " + the columns its rules name"
+        written = s.writes()
+        writes = ", ".join(written[:4]) + (", ..." if len(written) > 4 else "") if s.stage is not None else "report/index.html"
+        rows.append((s.name, s.kind, reads, writes, s.done))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows)

@@ -1,8 +1,9 @@
 """Runs the download stage on Ray: plan shards, skip the done ones, commit each shard atomically.
 
-A shard is downloaded by one Ray task (declared CPUs, retried if its worker dies) into a private
-temporary folder; the task then renames the tar and img2dataset's sidecar files into
-``shards/`` and hands the shard's manifest back to the driver, which writes it as the part last.
+A shard is downloaded by one Ray task (``pipeline.shard_tasks``: declared CPUs, retried if its
+worker dies, a failed shard recorded while the others go on) into a private temporary folder;
+the task then renames the tar and img2dataset's sidecar files into ``shards/`` and hands the
+shard's manifest back to the driver, which writes it as the part last.
 The part is the completion marker: a killed run leaves at most temporaries and a tar without a
 part, and the rerun redoes exactly those shards.
 
@@ -27,6 +28,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from core.errors import ConfigError
 from manifests.schemas import INPUT
 from manifests.store import (
     RunLayout,
@@ -34,24 +36,21 @@ from manifests.store import (
     move_into_place,
     read_table,
     remove_stale_temporaries,
+    shard_name,
+    tar_key,
     write_json_atomic,
     write_table_atomic,
 )
-from pipeline.config import ConfigError, DownloadConfig
-from pipeline.datasets import DatasetSource, ground_truth_path
-from stages.download import DownloadStage
+from pipeline.shard_tasks import ShardTask, run_shard_tasks
+from sources import DatasetSource, ground_truth_path
+from stages.base import ShardOutput
+from stages.download import DownloadConfig, DownloadStage
 from stages.reshard import TAR_MODE, TAR_MTIME, TAR_OWNER
-
-STALL_SECONDS = 600.0  # no shard finished for this long: fail with the pending shards named
 
 
 def make_uid(url: str, caption: str) -> str:
     """Stable, content-derived sample id: first 128 bits of sha256(url, caption), hex."""
     return hashlib.sha256(f"{url}\n{caption}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
-
-
-def shard_name(index: int) -> str:
-    return f"{index:06d}"
 
 
 def plan_shards(urls: pa.Table, shard_size: int) -> tuple[pa.Table, int]:
@@ -100,7 +99,7 @@ def canonical_tar(src: Path, dst: Path) -> None:
     """
     with tarfile.open(src, "r:") as source, open(dst, "wb") as out, tarfile.open(fileobj=out, mode="w:", format=tarfile.USTAR_FORMAT) as target:
         members = [m for m in source.getmembers() if m.isfile()]
-        members.sort(key=lambda m: (m.name.split(".", 1)[0], m.name))
+        members.sort(key=lambda m: (tar_key(m.name)[0], m.name))
         for member in members:
             info = tarfile.TarInfo(member.name)
             info.size, info.mtime, info.mode = member.size, TAR_MTIME, TAR_MODE  # the curated shards' header fields
@@ -120,8 +119,9 @@ def _refuse_local_write_failures(manifest: pa.Table, shard: str) -> None:
             raise OSError(28, f"shard {shard}: a sample could not be written locally ({error[:200]}); not committed")
 
 
-def _download_shard_task(config: DownloadConfig, shard: str, rows: pa.Table, root: str) -> pa.Table:
-    """Body of one Ray task: download, move the files into place, return the manifest.
+def _download_shard_task(config: DownloadConfig, shard: str, rows: pa.Table, root: str) -> ShardOutput:
+    """Body of one Ray task: download, move the files into place, return the manifest and where
+    the files went.
 
     The caller (the driver) writes the manifest as the shard's part: see the module docstring.
     """
@@ -131,14 +131,15 @@ def _download_shard_task(config: DownloadConfig, shard: str, rows: pa.Table, roo
     else:  # same filesystem as the shards: the move is a rename
         work = layout.shards_dir / f".tmp-{shard}-{uuid.uuid4().hex[:8]}"
     try:
-        result = DownloadStage(config).run_shard(rows, shard, work)
+        result = DownloadStage(config).process_shard(shard, rows, work)
         _refuse_local_write_failures(result.manifest, shard)
         canonical = work / f"canonical-{shard}.tar"
-        canonical_tar(result.tar_path, canonical)
-        move_into_place(canonical, layout.shards_dir / f"{shard}.tar")
-        move_into_place(result.sidecar_parquet, layout.shards_dir / f"{shard}.parquet")
-        move_into_place(result.stats_path, layout.shards_dir / f"{shard}_stats.json")
-        return result.manifest
+        canonical_tar(result.files["tar"], canonical)
+        committed = {role: layout.shards_dir / path.name for role, path in result.files.items()}
+        move_into_place(canonical, committed["tar"])
+        move_into_place(result.files["parquet"], committed["parquet"])
+        move_into_place(result.files["stats"], committed["stats"])
+        return ShardOutput(result.manifest, files=committed, bytes_written=result.bytes_written)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -196,44 +197,25 @@ def run_download(
     source: DatasetSource, layout: RunLayout, config: DownloadConfig, work: DownloadPlan, progress: bool = True
 ) -> DownloadReport:
     """Download every shard of ``work.todo`` on Ray (which must be up), one task per shard."""
-    import ray
-    from tqdm import tqdm
-
     started = time.monotonic()
     plan, todo, report = work.plan, work.todo, work.report
     if not todo:
         return report
 
-    stage = DownloadStage(config)
-    task = ray.remote(_download_shard_task).options(
-        num_cpus=stage.resources.cpus, max_retries=2, retry_exceptions=False, name="download_shard"
-    )
+    def commit(shard: str, output: ShardOutput) -> None:
+        """On the driver: the part, last (see the module docstring)."""
+        write_table_atomic(output.manifest, layout.part_path("download", shard))
+        report.shards_run += 1
+        report.samples_run += output.manifest.num_rows
+
+    tasks = []
+    for shard in todo:
+        rows = plan.filter(pc.equal(plan.column("shard"), shard))
+        tasks.append(ShardTask(shard, (config, shard, rows, str(layout.root)), rows.num_rows))
     with source.serve():
-        pending = {}
-        for shard in todo:
-            rows = plan.filter(pc.equal(plan.column("shard"), shard))
-            pending[task.remote(config, shard, rows, str(layout.root))] = (shard, rows.num_rows)
-        bar = tqdm(total=sum(n for _, n in pending.values()), unit="sample", desc="download", disable=not progress)
-        last_progress = time.monotonic()
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=5.0)
-            if not ready:
-                if time.monotonic() - last_progress > STALL_SECONDS:
-                    names = ", ".join(sorted(s for s, _ in pending.values()))
-                    for ref in pending:
-                        ray.cancel(ref, force=True)
-                    raise RuntimeError(f"download stalled: no shard finished in {STALL_SECONDS:.0f} s; pending: {names}")
-                continue
-            last_progress = time.monotonic()
-            for ref in ready:
-                shard, n = pending.pop(ref)
-                try:
-                    write_table_atomic(ray.get(ref), layout.part_path("download", shard))
-                    report.shards_run += 1
-                    report.samples_run += n
-                except Exception as err:  # noqa: BLE001 - one shard's failure must not sink the others
-                    report.shards_failed[shard] = f"{type(err).__name__}: {str(err).splitlines()[-1][:300]}"
-                bar.update(n)
-        bar.close()
+        failed = run_shard_tasks(
+            DownloadStage(config), _download_shard_task, tasks, on_done=commit, failure="continue", progress=progress
+        )
+    report.shards_failed.update(failed)
     report.seconds = time.monotonic() - started
     return report

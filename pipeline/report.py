@@ -19,7 +19,7 @@ from typing import Any
 import duckdb
 
 from manifests.catalog import connect
-from manifests.store import RunLayout, read_bytes, write_bytes_atomic
+from manifests.store import RunLayout, read_bytes, tar_key, write_bytes_atomic
 
 GRID_SIZE = 8  # images per kept / dropped grid
 THUMB = 200  # longest side of a grid thumbnail, px
@@ -81,7 +81,7 @@ def _fetch_images(layout: RunLayout, wanted: list[tuple[str, str]]) -> dict[tupl
             continue
         with tarfile.open(fileobj=io.BytesIO(read_bytes(path))) as tar:
             for member in tar:
-                key, _, ext = member.name.partition(".")
+                key, ext = tar_key(member.name)
                 if ext == "jpg" and key in keys:
                     found[(shard, key)] = tar.extractfile(member).read()
     return found

@@ -2,7 +2,8 @@
 
 Decide, then materialise (DataComp). The plan is made on the driver from two small tables, the
 selection (kept uids) and the download manifest (uid -> source shard and key); the bytes are moved
-by one Ray task per output shard (``num_cpus=1``), each streaming its source tars.
+by one Ray task per output shard (``pipeline.shard_tasks``, with the CPUs ``ReshardStage``
+declares), each streaming its source tars; the first shard that fails cancels the others.
 
 Order, chosen so a selection always gives the same shards:
 
@@ -38,6 +39,7 @@ import pyarrow.compute as pc
 
 from manifests.schemas import CURATED
 from manifests.store import (
+    SIZES_FILE,
     TMP_PREFIX,
     RunLayout,
     as_path,
@@ -48,20 +50,18 @@ from manifests.store import (
     read_table,
     remove_tree,
     sha256_of,
+    shard_name,
     tmp_sibling,
     write_json_atomic,
     write_table_atomic,
 )
+from pipeline.shard_tasks import ShardTask, run_shard_tasks
+from stages.base import ShardOutput
 from stages.reshard import ReshardStage
 
-SIZES = "sizes.json"  # open_clip reads {"<shard>.tar": n} from the shards' folder; our completion marker
 MANIFEST = "manifest.parquet"
 PARAMS = "reshard.json"
 _POLICY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
-def shard_name(index: int) -> str:
-    return f"{index:06d}"
 
 
 @dataclass
@@ -161,7 +161,7 @@ def is_up_to_date(layout: RunLayout, policy: str, samples_per_shard: int) -> boo
     ``samples_per_shard`` means other shards.
     """
     folder = layout.curated_dir(policy)
-    marker, params_path, selection = folder / SIZES, folder / PARAMS, layout.selection_path(policy)
+    marker, params_path, selection = folder / SIZES_FILE, folder / PARAMS, layout.selection_path(policy)
     if not (marker.is_file() and params_path.is_file() and selection.is_file()):
         return False
     if mtime_ns(selection) > mtime_ns(marker):  # whole seconds on object stores: the hash below decides
@@ -182,7 +182,7 @@ def _remove_policy_dir(layout: RunLayout, policy: str) -> None:
     """
     folder = _check_policy_name(layout, policy)
     if layout.remote:  # no rename on an object store: marker, manifest, then every object under the prefix
-        for name in (SIZES, MANIFEST):
+        for name in (SIZES_FILE, MANIFEST):
             if (folder / name).exists():
                 (folder / name).unlink()
         remove_tree(folder)
@@ -198,7 +198,7 @@ def _remove_policy_dir(layout: RunLayout, policy: str) -> None:
         return
     if not folder.exists():
         return
-    (folder / SIZES).unlink(missing_ok=True)
+    (folder / SIZES_FILE).unlink(missing_ok=True)
     (folder / MANIFEST).unlink(missing_ok=True)
     trash = tmp_sibling(folder)
     os.replace(folder, trash)
@@ -207,21 +207,22 @@ def _remove_policy_dir(layout: RunLayout, policy: str) -> None:
 
 def _reshard_shard_task(
     policy: str, samples_per_shard: int, shard: str, inputs: list[tuple[str, dict[str, str]]], out_dir: str
-) -> tuple[pa.Table, int]:
+) -> ShardOutput:
     """Body of one Ray task: one output shard, committed by rename inside the stage.
 
     For an object-store root the shard is written to a local temporary folder, then its tar and
     Parquet sibling are uploaded whole (a PUT is atomic) before the task returns.
     """
+    stage = ReshardStage(policy, samples_per_shard)
     target = as_path(out_dir)
     if not is_remote(target):
-        result = ReshardStage(policy, samples_per_shard).run_shard(inputs, shard, Path(out_dir))
-        return result.manifest, result.bytes_written
+        return stage.process_shard(shard, inputs, Path(out_dir))
     with tempfile.TemporaryDirectory(prefix=f"reshard-{shard}-") as work:
-        result = ReshardStage(policy, samples_per_shard).run_shard(inputs, shard, Path(work))
-        for path in (result.tar_path, result.parquet_path):
-            move_into_place(path, target / path.name)
-    return result.manifest, result.bytes_written
+        result = stage.process_shard(shard, inputs, Path(work))
+        committed = {role: target / path.name for role, path in result.files.items()}
+        for role, path in result.files.items():
+            move_into_place(path, committed[role])
+    return ShardOutput(result.manifest, files=committed, bytes_written=result.bytes_written)
 
 
 def reshard_policy(layout: RunLayout, policy: str, samples_per_shard: int, progress: bool = True) -> ReshardReport:
@@ -233,7 +234,7 @@ def reshard_policy(layout: RunLayout, policy: str, samples_per_shard: int, progr
     started = time.monotonic()
     folder = _check_policy_name(layout, policy)
     if is_up_to_date(layout, policy, samples_per_shard):
-        sizes = json.loads((folder / SIZES).read_text())
+        sizes = json.loads((folder / SIZES_FILE).read_text())
         params = json.loads((folder / PARAMS).read_text())
         return ReshardReport(
             policy,
@@ -261,7 +262,7 @@ def reshard_policy(layout: RunLayout, policy: str, samples_per_shard: int, progr
         "order": "uid-sorted, cut every samples_per_shard; inside a shard by source shard, then source tar order",
     }
     write_json_atomic(params, folder / PARAMS)
-    write_json_atomic({f"{s.shard}.tar": s.samples for s in plan.shards}, folder / SIZES)  # last: the marker
+    write_json_atomic({f"{s.shard}.tar": s.samples for s in plan.shards}, folder / SIZES_FILE)  # last: the marker
     return ReshardReport(
         policy,
         kept=plan.kept,
@@ -276,33 +277,20 @@ def _run_shards(plan: ReshardPlan, folder: Path, progress: bool) -> list[pa.Tabl
     """One Ray task per output shard; the manifests in shard order. The first failure stops all."""
     if not plan.shards:
         return []
-    import ray
-    from tqdm import tqdm
-
-    if not ray.is_initialized():
-        raise RuntimeError("reshard_policy needs a running Ray session (ray.init or pipeline.ray_runtime.ray_session)")
-    task = ray.remote(_reshard_shard_task).options(num_cpus=1, max_retries=2, retry_exceptions=False, name="reshard_shard")
-    pending = {
-        task.remote(plan.policy, plan.samples_per_shard, s.shard, s.inputs, str(folder)): s for s in plan.shards
-    }
+    planned = {s.shard: s.samples for s in plan.shards}
     done: dict[str, pa.Table] = {}
-    bar = tqdm(total=plan.kept, unit="sample", desc=f"reshard {plan.policy}", disable=not progress)
-    try:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                shard = pending.pop(ref)
-                try:
-                    table, _size = ray.get(ref)
-                except Exception as err:
-                    for other in pending:
-                        ray.cancel(other)  # not force: a killed worker costs a restart
-                    message = str(err).strip().splitlines()[-1][:300] if str(err).strip() else type(err).__name__
-                    raise RuntimeError(f"reshard {plan.policy}: shard {shard.shard} failed: {message}") from err
-                if table.num_rows != shard.samples:
-                    raise RuntimeError(f"reshard {plan.policy}: shard {shard.shard} wrote {table.num_rows} of {shard.samples}")
-                done[shard.shard] = table
-                bar.update(shard.samples)
-    finally:
-        bar.close()
+
+    def collect(shard: str, output: ShardOutput) -> None:
+        if output.manifest.num_rows != planned[shard]:
+            raise RuntimeError(f"wrote {output.manifest.num_rows} of {planned[shard]} samples")
+        done[shard] = output.manifest
+
+    tasks = [
+        ShardTask(s.shard, (plan.policy, plan.samples_per_shard, s.shard, s.inputs, str(folder)), s.samples)
+        for s in plan.shards
+    ]
+    run_shard_tasks(
+        ReshardStage(plan.policy, plan.samples_per_shard), _reshard_shard_task, tasks,
+        on_done=collect, failure="stop", label=f"reshard {plan.policy}", progress=progress,
+    )
     return [done[s.shard] for s in plan.shards]

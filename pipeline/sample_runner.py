@@ -5,12 +5,16 @@ Each downloaded shard is read once and each image decoded once; model stages run
 loads once per replica. Only small result columns come back to the driver, which writes one
 manifest part per shard per stage, atomically, as soon as the shard's last sample arrives. Shards
 whose parts exist are skipped; a shard missing only some stages runs only those.
+
+What a stage ``reads`` decides what is read: the sample rows come from the shard's download part
+(uid, key, caption), earlier stages' columns from their parts, and the tar is opened and images
+decoded only when a stage that runs reads ``image``. A rerun that lacks only text stages' parts
+(parrot) touches no tar and decodes nothing.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import tarfile
 import time
@@ -22,10 +26,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from manifests.schemas import schema_for
-from manifests.store import RunLayout, as_path, read_bytes, read_table, write_table_atomic
+from manifests.store import RunLayout, as_path, read_bytes, read_table, tar_key, write_table_atomic
 from pipeline.config import Config
-from pipeline.dag import StageSpec
+from pipeline.dag import Step
+from stages.base import IMAGE, Resources, Stage, StageContractError
 
 _NO_IMAGE = np.zeros((0, 0, 3), np.uint8)  # Ray Data columns cannot hold None among arrays
 
@@ -43,6 +47,7 @@ class SampleReport:
     stages: dict[str, StageReport] = field(default_factory=dict)
     seconds: float = 0.0
     samples: int = 0
+    images_decoded: int = 0  # rows that went through the decoder (0 when no stage that ran reads image)
     incomplete_shards: dict[str, str] = field(default_factory=dict)
 
 
@@ -60,37 +65,33 @@ def ok_counts(layout: RunLayout) -> dict[str, int]:
 
 
 def read_shard(item: dict[str, Any]) -> list[dict[str, Any]]:
-    """All samples of one WebDataset tar: uid (from the json), key, caption, encoded image.
-
-    Columns of stages already done for this shard (``item["parts"]``) are joined on uid, so a
-    later stage reads them instead of the earlier stage running again.
+    """The downloaded samples of one shard: uid, shard, key and caption from its download part,
+    the encoded image (``jpg``) from its tar only when ``item["tar"]`` is set, and the columns
+    of stages already done (``item["parts"]``: path and the columns wanted), joined on uid.
     """
-    samples: dict[str, dict[str, Any]] = defaultdict(dict)
-    # one read of the whole shard (one GET from an object store), then members from memory
-    with tarfile.open(fileobj=io.BytesIO(read_bytes(item["tar"]))) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            samples[key][ext] = tar.extractfile(member).read()
-    done: dict[str, dict[str, Any]] = defaultdict(dict)
-    for part in item.get("parts", []):
-        for row in read_table(as_path(part)).to_pylist():
-            done[row.pop("uid")].update(row)
-    rows = []
-    for key, parts in samples.items():
-        meta = json.loads(parts.get("json", b"{}"))
-        rows.append(
-            {
-                "uid": meta.get("uid"),
-                "shard": item["shard"],
-                "key": key,
-                "caption": parts.get("txt", b"").decode("utf-8", "replace"),
-                "jpg": parts.get("jpg", b""),
-                **done.get(meta.get("uid"), {}),
-            }
-        )
-    return rows
+    manifest = read_table(as_path(item["download_part"]), columns=["uid", "key", "caption", "status"])
+    ok = manifest.filter(pc.and_(pc.equal(manifest.column("status"), "ok"), pc.is_valid(manifest.column("key"))))
+    rows = {
+        uid: {"uid": uid, "shard": item["shard"], "key": key, "caption": caption or ""}
+        for uid, key, caption in zip(*(ok.column(c).to_pylist() for c in ("uid", "key", "caption")))
+    }
+    if item.get("tar"):
+        images: dict[str, bytes] = {}
+        # one read of the whole shard (one GET from an object store), then members from memory
+        with tarfile.open(fileobj=io.BytesIO(read_bytes(item["tar"]))) as tar:
+            for member in tar:
+                key, ext = tar_key(member.name)
+                if member.isfile() and ext == "jpg":
+                    images[key] = tar.extractfile(member).read()
+        for row in rows.values():
+            row["jpg"] = images.get(row["key"], b"")
+    for path, columns in item.get("parts", []):
+        table = read_table(as_path(path), columns=["uid", *columns])
+        for values in table.to_pylist():
+            row = rows.get(values.pop("uid"))
+            if row is not None:
+                row.update(values)
+    return sorted(rows.values(), key=lambda r: r["key"])  # the tar's order: batches as before
 
 
 def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -119,21 +120,27 @@ def _plain(values: Any) -> list[Any]:
 
 
 class StageActor:
-    """One replica of a stage in a Ray Data actor pool: set up once, then called per batch."""
+    """One replica of a stage in a Ray Data actor pool: set up once, then called per batch.
 
-    def __init__(self, spec: StageSpec, config: Config, keep_image: bool = True) -> None:
-        self.stage = spec.make(config)
+    The stage gets ``uid`` and what it declares it reads; what it returns must be exactly its
+    output schema's columns (checked on every batch: a missing column is named, never filled in).
+    """
+
+    def __init__(self, step: Step, config: Config, keep_image: bool = True) -> None:
+        self.stage: Stage = step.make(config, None)
         self.stage.setup()
-        self.keep_image = keep_image  # the last stage drops the pixels: only small columns leave it
+        self.keep_image = keep_image  # the last stage that reads pixels drops them: only small columns go on
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        inputs = {k: list(v) for k, v in batch.items()}
-        inputs["image"] = [None if a is None or a.size == 0 else a for a in batch["image"]]
+        inputs = {k: list(v) for k, v in batch.items() if k != IMAGE}
+        if IMAGE in batch:
+            inputs[IMAGE] = [None if a is None or a.size == 0 else a for a in batch[IMAGE]]
         produced = self.stage.process_batch(inputs)
+        self.stage.check_output(produced)
         out: dict[str, Any] = {
-            k: (v if k == "image" or v.dtype != object else _plain(v))
+            k: (v if k == IMAGE or v.dtype != object else _plain(v))
             for k, v in batch.items()
-            if k != "image" or self.keep_image
+            if k != IMAGE or self.keep_image
         }
         for column, values in produced.items():
             if column != "uid":
@@ -165,34 +172,35 @@ def fit_to_cluster(declared: dict[str, Any], cluster_cpus: float) -> float:
 
 
 def _typed(column: pa.ChunkedArray, target: pa.DataType) -> pa.ChunkedArray:
-    """Cast a column to its schema type. Ray turns an integer column with missing values into
-    floats with NaN; those NaNs are the missing values, so they become nulls, not a cast error."""
-    if pa.types.is_floating(column.type) and pa.types.is_integer(target):
+    """Cast a column to its schema type. Ray turns a column with missing values into floats with
+    NaN on its way through a later actor (all-null strings too, which would cast to the text
+    "nan"); where the schema says int or string, those NaNs are the missing values: nulls."""
+    if pa.types.is_floating(column.type) and not pa.types.is_floating(target):
         column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
     return column.cast(target)
 
 
-def _stage_table(batch: pa.Table, stage: str) -> pa.Table:
-    schema = schema_for(stage)
-    columns = [_typed(batch.column(f.name), f.type) if f.name in batch.column_names else pa.nulls(batch.num_rows, f.type)
-               for f in schema]
-    return pa.Table.from_arrays(columns, schema=schema)
+def _stage_table(batch: pa.Table, stage: type[Stage]) -> pa.Table:
+    """The stage's part: exactly its schema's columns, typed; a missing one is a contract error."""
+    schema = stage.output_schema
+    missing = [f.name for f in schema if f.name not in batch.column_names]
+    if missing:
+        raise StageContractError(f"stage {stage.name!r} produced no column(s) {', '.join(missing)}")
+    return pa.Table.from_arrays([_typed(batch.column(f.name), f.type) for f in schema], schema=schema)
 
 
-def run_per_sample(
-    layout: RunLayout, config: Config, specs: tuple[StageSpec, ...], progress: bool = True
-) -> SampleReport:
-    """Run every per-sample stage on every shard that lacks its part. Ray must be up."""
+def run_per_sample(layout: RunLayout, config: Config, steps: tuple[Step, ...], progress: bool = True) -> SampleReport:
+    """Run every per-sample step on every shard that lacks its part. Ray must be up."""
     import ray
 
     started = time.monotonic()
-    report = SampleReport(stages={s.name: StageReport() for s in specs})
+    report = SampleReport(stages={s.name: StageReport() for s in steps})
     counts = ok_counts(layout)
     groups: dict[tuple[str, ...], list[str]] = defaultdict(list)
-    done = {s.name: layout.done_shards(s.name) for s in specs}  # one listing per stage, not a probe per part
+    done = {s.name: layout.done_shards(s.name) for s in steps}  # one listing per stage, not a probe per part
     for shard in sorted(counts):
-        missing = tuple(s.name for s in specs if shard not in done[s.name])
-        for s in specs:
+        missing = tuple(s.name for s in steps if shard not in done[s.name])
+        for s in steps:
             if s.name not in missing:
                 report.stages[s.name].shards_already_done += 1
         if missing:
@@ -208,59 +216,60 @@ def run_per_sample(
     logging.disable(logging.INFO)  # Ray Data re-configures its loggers per execution; its INFO lines are noise here
     try:
         for missing, shards in groups.items():
-            _run_group(layout, config, specs, missing, shards, counts, report, gpus_available, cluster_cpus, progress)
+            run_steps = [s for s in steps if s.name in missing]
+            done_steps = [s for s in steps if s.name not in missing]
+            _run_group(layout, config, run_steps, done_steps, shards, counts, report, gpus_available, cluster_cpus,
+                       progress)
     finally:
         logging.disable(logging.NOTSET)
     report.seconds = time.monotonic() - started
     return report
 
 
-def _run_group(
+def _earlier_parts(layout: RunLayout, run_steps: list[Step], done_steps: list[Step], shard: str) -> list[tuple[str, list[str]]]:
+    """The done stages' parts of a shard, each with only the columns the running stages read."""
+    wanted = {c for s in run_steps for c in s.stage.reads}
+    parts = []
+    for s in done_steps:
+        columns = [c for c in s.stage.writes() if c in wanted]
+        if columns:
+            parts.append((str(layout.part_path(s.name, shard)), columns))
+    return parts
+
+
+def _streaming_dataset(
     layout: RunLayout,
     config: Config,
-    specs: tuple[StageSpec, ...],
-    missing: tuple[str, ...],
+    run_steps: list[Step],
+    done_steps: list[Step],
     shards: list[str],
-    counts: dict[str, int],
-    report: SampleReport,
+    read_images: bool,
     gpus_available: bool,
     cluster_cpus: float,
-    progress: bool,
-) -> None:
-    """One streaming pipeline over the shards that miss the same set of stages."""
+) -> Any:
+    """read shard -> (decode) -> one actor pool per stage, as a lazy Ray Data pipeline."""
     import ray
-    from tqdm import tqdm
 
-    from stages.base import Resources
-
-
-    run_specs = [s for s in specs if s.name in missing]
-    empty = [s for s in shards if counts[s] == 0]
-    for shard in empty:  # nothing downloaded: an empty part says "done" all the same
-        for spec in run_specs:
-            write_table_atomic(schema_for(spec.name).empty_table(), layout.part_path(spec.name, shard))
-            report.stages[spec.name].shards_run += 1
-    shards = [s for s in shards if counts[s] > 0]
-    if not shards:
-        return
-    done_before = [s.name for s in specs if s.name not in missing]
     items = [
         {
-            "shard": s,
-            "tar": str(layout.shards_dir / f"{s}.tar"),
-            "parts": [str(layout.part_path(name, s)) for name in done_before],
+            "shard": shard,
+            "download_part": str(layout.part_path("download", shard)),
+            "tar": str(layout.shards_dir / f"{shard}.tar") if read_images else None,
+            "parts": _earlier_parts(layout, run_steps, done_steps, shard),
         }
-        for s in shards
+        for shard in shards
     ]
     ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(read_shard, num_cpus=READ_CPUS)
-    ds = ds.map_batches(decode_batch, batch_size=16, batch_format="numpy", num_cpus=READ_CPUS)
-    declared = {spec.name: spec.make(config).resources(gpus_available) for spec in run_specs}
+    if read_images:
+        ds = ds.map_batches(decode_batch, batch_size=16, batch_format="numpy", num_cpus=READ_CPUS)
+    declared = {s.name: s.make(config, None).resources(gpus_available) for s in run_steps}
     scale = fit_to_cluster(declared, cluster_cpus)
-    for spec in run_specs:
-        res: Resources = declared[spec.name]
+    for i, s in enumerate(run_steps):
+        res: Resources = declared[s.name]
+        keep_image = any(IMAGE in later.stage.reads for later in run_steps[i + 1:])  # else the pixels stop here
         ds = ds.map_batches(
             StageActor,
-            fn_constructor_args=(spec, config, spec is not run_specs[-1]),
+            fn_constructor_args=(s, config, keep_image),
             batch_size=res.batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=res.replicas),
@@ -269,11 +278,39 @@ def _run_group(
         )
     # No drop_columns step here: a task operator after the actor pools would need a CPU that the
     # pools hold, and Ray Data would buffer every result until the pools finish (not streaming).
+    return ds
+
+
+def _run_group(
+    layout: RunLayout,
+    config: Config,
+    run_steps: list[Step],
+    done_steps: list[Step],
+    shards: list[str],
+    counts: dict[str, int],
+    report: SampleReport,
+    gpus_available: bool,
+    cluster_cpus: float,
+    progress: bool,
+) -> None:
+    """One streaming pipeline over the shards that miss the same set of stages."""
+    from tqdm import tqdm
+
+    for shard in [s for s in shards if counts[s] == 0]:  # nothing downloaded: an empty part says "done" all the same
+        for s in run_steps:
+            write_table_atomic(s.stage.output_schema.empty_table(), layout.part_path(s.name, shard))
+            report.stages[s.name].shards_run += 1
+    shards = [s for s in shards if counts[s] > 0]
+    if not shards:
+        return
+    image_readers = [s for s in run_steps if IMAGE in s.stage.reads]
+    ds = _streaming_dataset(layout, config, run_steps, done_steps, shards, bool(image_readers), gpus_available,
+                            cluster_cpus)
 
     expected = {s: counts[s] for s in shards}
     pending: dict[str, list[pa.Table]] = defaultdict(list)
     arrived: dict[str, int] = defaultdict(int)
-    bar = tqdm(total=sum(expected.values()), unit="img", desc="+".join(missing), disable=not progress)
+    bar = tqdm(total=sum(expected.values()), unit="img", desc="+".join(s.name for s in run_steps), disable=not progress)
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         for shard in batch.column("shard").unique().to_pylist():
             rows = batch.filter(pc.equal(batch.column("shard"), shard))
@@ -282,23 +319,25 @@ def _run_group(
             bar.update(rows.num_rows)
             if arrived[shard] == expected[shard]:
                 whole = pa.concat_tables(pending.pop(shard), promote_options="permissive")
-                for spec in run_specs:
-                    table = _stage_table(whole, spec.name)
-                    write_table_atomic(table, layout.part_path(spec.name, shard))
-                    stage_report = report.stages[spec.name]
+                for s in run_steps:
+                    table = _stage_table(whole, s.stage)
+                    write_table_atomic(table, layout.part_path(s.name, shard))
+                    stage_report = report.stages[s.name]
                     stage_report.shards_run += 1
                     stage_report.samples += table.num_rows
-                    status_col = next(c for c in table.column_names if c.endswith("_status"))
-                    stage_report.failed += int(pc.sum(pc.not_equal(table.column(status_col), "ok")).as_py() or 0)
+                    status = s.stage.status_column
+                    if status:
+                        stage_report.failed += int(pc.sum(pc.not_equal(table.column(status), "ok")).as_py() or 0)
                 report.samples += whole.num_rows
+                if image_readers:
+                    report.images_decoded += whole.num_rows
     bar.close()
     for shard, want in expected.items():
         if arrived.get(shard, 0) != want:
-            report.incomplete_shards[shard] = f"expected {want} samples, the tar gave {arrived.get(shard, 0)}"
+            report.incomplete_shards[shard] = f"expected {want} samples, the pipeline gave {arrived.get(shard, 0)}"
 
 
-def shards_missing(layout: RunLayout, specs: tuple[StageSpec, ...]) -> list[str]:
-    """Downloaded shards that lack a part of at least one of ``specs`` (cheap: no Ray)."""
-    done = {x.name: layout.done_shards(x.name) for x in specs}
-    return [s for s in ok_counts(layout) if any(s not in done[x.name] for x in specs)]
-
+def shards_missing(layout: RunLayout, steps: tuple[Step, ...]) -> list[str]:
+    """Downloaded shards that lack a part of at least one of ``steps`` (cheap: no Ray)."""
+    done = {x.name: layout.done_shards(x.name) for x in steps}
+    return [s for s in ok_counts(layout) if any(s not in done[x.name] for x in steps)]

@@ -53,11 +53,14 @@ def download_summary(layout: RunLayout, report: DownloadReport, seconds: float) 
 
 def samples_summary(layout: RunLayout, report: SampleReport, stages: list[str]) -> str:
     """Per-stage work of this run, what the manifests hold, and OCR accuracy where ground truth exists."""
-    catalog = layout.catalog_path
     lines = []
     rate = report.samples / report.seconds if report.seconds > 0 else 0.0
     if report.samples:
-        lines.append(f"== per-sample stages: {report.samples} images in {report.seconds:.1f} s ({rate:.2f} images/s)")
+        decoded = f"{report.images_decoded} decoded" if report.images_decoded else "none decoded: text-only stages"
+        lines.append(
+            f"== per-sample stages: {report.samples} samples in {report.seconds:.1f} s ({rate:.2f} samples/s; "
+            f"images {decoded})"
+        )
     else:
         lines.append("== per-sample stages: every shard already done (resumed run)")
     for name in stages:
@@ -89,12 +92,23 @@ def samples_summary(layout: RunLayout, report: SampleReport, stages: list[str]) 
         from pipeline.stats import parrot_stats
 
         lines.append(parrot_stats(layout).format())
+    if "dup_group" in layout.stages_present():
+        _, rows = run_query(
+            layout,
+            "select count(*), count(distinct dup_group) filter (where dup_group_size > 1), "
+            "count(*) filter (where dup_group_size > 1) from dup_group",
+        )
+        n, groups, members = rows[0]
+        lines.append(
+            f"   dedup: {members}/{n} samples are near-duplicates, in {groups} group(s); "
+            f"the dedup policy keeps one per group ({members - groups} dropped)"
+        )
     return "\n".join(lines)
 
 
 def ocr_accuracy_lines(layout: RunLayout) -> str | None:
     """OCR accuracy against the embedded dataset's ground truth, or None where there is none."""
-    from pipeline.datasets import ground_truth_path
+    from sources import ground_truth_path
 
     gt_path = ground_truth_path(layout.root)
     if not gt_path.exists() or "ocr" not in layout.stages_present():
@@ -111,7 +125,9 @@ def run_summary(result: "CurateResult") -> str:
     layout = result.layout
     lines = [download_summary(layout, result.download, result.seconds)]
     if "ocr" in layout.stages_present() or result.samples.samples:
-        lines.append(samples_summary(layout, result.samples, ["ocr", "parrot", "clip_score"]))
+        from pipeline.dag import SAMPLE_STEPS
+
+        lines.append(samples_summary(layout, result.samples, [s.name for s in SAMPLE_STEPS]))
     if result.selections:
         lines.append("== policies (kept / downloaded samples)")
         resharded = {r.policy: r for r in result.reshards}

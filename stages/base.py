@@ -1,15 +1,123 @@
-"""What every stage declares as data, so the runner can schedule it without knowing what it does."""
+"""The stage contract: what every stage declares as data, so a runner can check and schedule it
+without knowing what it does (NeMo Curator's declared inputs and outputs, datatrove's one method).
+
+Three kinds, by the unit of work:
+
+- :class:`BatchStage`, per sample: a batch of columns in, one output row per input row
+  (ocr, parrot, clip_score, dedup). Runs as a Ray Data actor pool, streaming.
+- :class:`ShardStage`, per shard: one shard's rows or inputs in, files plus manifest rows out
+  (download, reshard). Runs as one Ray task per shard.
+- :class:`PoolStage`, over the whole pool: a DuckDB connection to the run's catalog in, one table
+  out (filter, dup_group). Runs on the driver; SQL does the heavy lifting.
+
+Every stage declares ``name``, the columns it ``reads`` ("image" means the decoded pixels), the
+``output_schema`` it writes (``uid`` first), the ``status_column`` that says ok/failed per row
+(None when every row is a decision, not an attempt), ``resources`` in one form, and ``setup``
+(load models once per worker). Stages know nothing of Ray, paths of a run, or each other.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pyarrow as pa
+
+IMAGE = "image"  # the decoded pixels (HxWx3 uint8), read from the downloaded shard
 
 
 @dataclass(frozen=True)
 class Resources:
-    """Resources one replica of a stage asks the scheduler for."""
+    """Resources one replica (actor or task) of a stage asks the scheduler for."""
 
     cpus: float = 1.0
     gpus: float = 0.0  # fractional GPUs allowed: 0.25 packs four replicas on one GPU
-    batch_size: int = 1
-    replicas: int = 1
+    batch_size: int = 1  # rows per process_batch call (batch stages)
+    replicas: int = 1  # actors in the pool (batch stages); shard stages run one task per shard
+
+
+class StageContractError(RuntimeError):
+    """A stage produced other columns than its schema declares: a bug in the stage, named."""
+
+
+class Stage(ABC):
+    """What every stage declares. Construction is cheap (the driver builds stages to plan);
+    ``setup`` loads models, once per worker."""
+
+    name: ClassVar[str]
+    reads: ClassVar[tuple[str, ...]]
+    output_schema: ClassVar[pa.Schema]
+    status_column: ClassVar[str | None] = None
+
+    @abstractmethod
+    def resources(self, gpus_available: bool) -> Resources:
+        """Per-replica request; may depend on whether the cluster has GPUs."""
+
+    def setup(self) -> None:
+        """Load what the stage needs, once per worker; a second call is a no-op."""
+
+    @classmethod
+    def writes(cls) -> tuple[str, ...]:
+        """The columns this stage adds to a sample (its schema without ``uid``)."""
+        return tuple(n for n in cls.output_schema.names if n != "uid")
+
+    @classmethod
+    def check_output(cls, columns: Any) -> None:
+        """Refuse output whose columns differ from the declared schema, naming the difference."""
+        got = set(columns)
+        want = set(cls.output_schema.names)
+        missing = sorted(want - got)
+        extra = sorted(got - want)
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing column(s) {', '.join(missing)}")
+            if extra:
+                parts.append(f"undeclared column(s) {', '.join(extra)}")
+            raise StageContractError(f"stage {cls.name!r} broke its output schema: {'; '.join(parts)}")
+
+
+def optional_column(batch: dict[str, Any], name: str, n: int) -> list:
+    """A batch column as a list, or ``n`` Nones when the batch lacks it (a stage called on its own,
+    e.g. in a test, without an optional earlier stage's columns)."""
+    values = batch.get(name)
+    return [None] * n if values is None else list(values)
+
+
+class BatchStage(Stage):
+    """Per-sample: ``process_batch`` maps columns to the output schema's columns, one row per
+    input row, in order. A row that fails is a row with a failed status and a reason, never an
+    exception for the batch."""
+
+    @abstractmethod
+    def process_batch(self, batch: dict[str, list]) -> dict[str, list]:
+        """``batch`` holds ``uid`` and the declared ``reads``; returns every schema column."""
+
+
+@dataclass
+class ShardOutput:
+    """What one shard's work left behind: the manifest rows and the files it wrote."""
+
+    manifest: pa.Table
+    files: dict[str, Path] = field(default_factory=dict)  # by role: "tar", "parquet", "stats"
+    bytes_written: int = 0
+
+
+class ShardStage(Stage):
+    """Per-shard: ``process_shard`` does one shard's work into ``work_dir`` (a private folder the
+    runner commits from) and returns its manifest rows and files."""
+
+    @abstractmethod
+    def process_shard(self, shard: str, inputs: Any, work_dir: Path) -> ShardOutput:
+        """``inputs`` is the shard's planned work (rows of a URL list, source samples, ...)."""
+
+
+class PoolStage(Stage):
+    """Over the whole pool: ``process_pool`` reads the run's catalog (DuckDB, views ``samples``
+    and one per stage) and returns one table of ``output_schema``."""
+
+    @abstractmethod
+    def process_pool(self, con: Any) -> pa.Table:
+        """``con`` is a read-only DuckDB connection to the run's catalog."""

@@ -22,24 +22,43 @@ from typing import Any
 
 import numpy as np
 
-from models.clip import ClipModel, cosine_rows, load_clip, mask_text_regions, resolve_device
-from pipeline.config import ClipConfig
-from stages.base import Resources
+from core.devices import resolve_device
+from core.settings import config_section, require
+from manifests.schemas import schema_for
+from models.clip import ClipModel, cosine_rows, load_clip, mask_text_regions
+from stages.base import BatchStage, Resources, optional_column
+
+
+@config_section
+class ClipConfig:
+    """CLIP scoring (stages/clip_score.py, models/clip.py) with open_clip."""
+
+    model: str = "ViT-S-32"  # any open_clip model name
+    pretrained: str = ""  # "" = random init (scores NOT meaningful); an open_clip tag; or a checkpoint file
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    batch_size: int = 32
+    replicas: int = 1
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.5
+    precision: str = "fp32"  # "fp32" | "amp" (autocast fp16/bf16 on GPU)
+    seed: int = 0  # seed of the random init, so offline scores are reproducible
+
+    def problems(self) -> list[str]:
+        """What types cannot say: ranges and choices, as readable messages (empty when fine)."""
+        problems = require(
+            (bool(self.model), "clip.model must name an open_clip model"),
+            (self.device in {"auto", "cpu", "cuda"}, f"clip.device must be auto, cpu or cuda, not {self.device!r}"),
+            (self.batch_size >= 1, "clip.batch_size must be >= 1"),
+            (self.replicas >= 1, "clip.replicas must be >= 1"),
+            (self.cpus_per_replica > 0, "clip.cpus_per_replica must be > 0"),
+            (0 < self.gpus_per_replica <= 1, "clip.gpus_per_replica must be in (0, 1]"),
+            (self.precision in {"fp32", "amp"}, "clip.precision must be fp32 or amp"),
+        )
+        return problems
+
 
 logger = logging.getLogger(__name__)
 
-_COLUMNS = (
-    "uid",
-    "clip_status",
-    "clip_error",
-    "clip_score",
-    "clip_score_masked",
-    "clip_n_masked",
-    "clip_model",
-    "clip_weights_meaningful",
-    "clip_device",
-    "clip_precision",
-)
 
 
 def _cuda_available() -> bool:
@@ -48,17 +67,20 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-class ClipScoreStage:
+class ClipScoreStage(BatchStage):
     """Scores (image, caption) with open_clip, raw and with OCR text regions masked."""
 
     name = "clip_score"
+    reads = ("image", "caption", "ocr_status", "quads")
+    output_schema = schema_for("clip_score")
+    status_column = "clip_status"
 
     def __init__(self, config: ClipConfig) -> None:
         self.config = config
         self.clip: ClipModel | None = None
 
     def resources(self, gpus_available: bool) -> Resources:
-        device = resolve_device(self.config.device, gpus_available)
+        device = resolve_device(self.config.device, gpus_available, "clip.device")
         return Resources(
             cpus=self.config.cpus_per_replica,
             gpus=self.config.gpus_per_replica if device == "cuda" else 0.0,
@@ -74,7 +96,7 @@ class ClipScoreStage:
         self.clip = load_clip(
             cfg.model,
             cfg.pretrained,
-            device=resolve_device(cfg.device, _cuda_available()),
+            device=resolve_device(cfg.device, _cuda_available(), "clip.device"),
             precision=cfg.precision,
             seed=cfg.seed,
             num_threads=max(1, int(cfg.cpus_per_replica)),
@@ -90,13 +112,13 @@ class ClipScoreStage:
         clip = self.clip
         assert clip is not None
         n = len(batch["uid"])
-        images = _column(batch, "image", n)
-        captions = [c if c is not None else "" for c in _column(batch, "caption", n)]
-        decode_errors = _column(batch, "decode_error", n)
-        ocr_status = _column(batch, "ocr_status", n)
-        quads_col = _column(batch, "quads", n)
+        images = optional_column(batch, "image", n)
+        captions = [c if c is not None else "" for c in optional_column(batch, "caption", n)]
+        decode_errors = optional_column(batch, "decode_error", n)
+        ocr_status = optional_column(batch, "ocr_status", n)
+        quads_col = optional_column(batch, "quads", n)
 
-        out: dict[str, list] = {c: [None] * n for c in _COLUMNS}
+        out: dict[str, list] = {c: [None] * n for c in self.output_schema.names}
         out["uid"] = [str(u) for u in batch["uid"]]
         out["clip_model"] = [clip.description] * n
         out["clip_weights_meaningful"] = [clip.meaningful] * n
@@ -176,8 +198,3 @@ class ClipScoreStage:
                 raise FloatingPointError("non-finite CLIP score")
         return result
 
-
-def _column(batch: dict[str, list], name: str, n: int) -> list:
-    """A batch column as a list, or n Nones when the batch lacks it (e.g. OCR did not run)."""
-    values = batch.get(name)
-    return [None] * n if values is None else list(values)

@@ -7,7 +7,7 @@ shard, and an account of every input row. The gaps of img2dataset closed here:
 
 - it fetches any URL urllib can open, wherever it points, for as long as the server trickles and
   however large the body: the shard's download runs with the guarded opener of
-  ``pipeline.net_guard`` installed (http(s) only, no loopback/private/link-local/... address
+  ``core.net_guard`` installed (http(s) only, no loopback/private/link-local/... address
   unless ``download.allow_networks`` holds it, checked at every redirect before connecting; a
   deadline per request; a body cap);
 - a URL that is missing or malformed, or of another scheme, is refused here without being
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -39,10 +38,51 @@ import pyarrow.feather as feather
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
+from core import net_guard
+from core.net_guard import parse_network
+from core.settings import config_section, network_problems, require
 from manifests.schemas import schema_for
-from pipeline import net_guard
-from pipeline.config import DownloadConfig
-from stages.base import Resources
+from stages.base import Resources, ShardOutput, ShardStage
+
+
+@config_section
+class DownloadConfig:
+    """How the download stage calls img2dataset's downloader for each shard."""
+
+    shard_size: int = 64
+    thread_count: int = 16
+    timeout_s: float = 2.0
+    retries: int = 0
+    image_size: int = 512
+    resize_mode: str = "keep_ratio_largest"
+    encode_quality: int = 95
+    max_image_pixels: int = 40_000_000
+    cpus_per_task: float = 1.0
+    # The network guard (core/net_guard.py). URL lists are untrusted input: by default a host
+    # that resolves to a loopback, private, link-local (cloud metadata), multicast or reserved
+    # address is refused before connecting. allow_networks lets chosen networks through (CIDR).
+    allow_networks: tuple[str, ...] = ()
+    max_response_bytes: int = 32 * 1024 * 1024  # body cap: declared or streamed beyond it = failed
+    request_deadline_s: float = 20.0  # whole request incl. redirects and body (timeout_s is per read)
+    max_redirects: int = 5  # each hop is checked like the first request
+
+    def problems(self) -> list[str]:
+        """What types cannot say: ranges and choices, as readable messages (empty when fine)."""
+        problems = require(
+            (self.shard_size >= 1, "download.shard_size must be >= 1"),
+            (self.thread_count >= 1, "download.thread_count must be >= 1"),
+            (self.timeout_s > 0, "download.timeout_s must be > 0"),
+            (self.retries >= 0, "download.retries must be >= 0"),
+            (self.image_size >= 16, "download.image_size must be >= 16"),
+            (self.resize_mode in {"no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"}, f"download.resize_mode {self.resize_mode!r} is not an img2dataset resize mode"),
+            (self.max_image_pixels > 0, "download.max_image_pixels must be > 0"),
+            (self.cpus_per_task > 0, "download.cpus_per_task must be > 0"),
+            (self.max_response_bytes >= 1024, "download.max_response_bytes must be >= 1024 (bytes)"),
+            (self.request_deadline_s > 0, "download.request_deadline_s must be > 0 (seconds)"),
+            (0 <= self.max_redirects <= 20, "download.max_redirects must be within 0..20"),
+        )
+        problems += network_problems(self.allow_networks, "download.allow_networks", parse_network)
+        return problems
 
 Image.MAX_IMAGE_PIXELS = None  # our own, configurable guard below replaces Pillow's warning
 
@@ -139,26 +179,19 @@ class ValidatingResizer:
         return self.resizer(img_stream, blurring_bbox_list)
 
 
-@dataclass
-class ShardDownload:
-    """What one shard's download produced, all inside the work folder the runner gave."""
-
-    tar_path: Path
-    sidecar_parquet: Path  # img2dataset's own per-shard parquet
-    stats_path: Path
-    manifest: pa.Table  # schema manifests.schemas.DOWNLOAD, one row per input row
-
-
-class DownloadStage:
+class DownloadStage(ShardStage):
     """Downloads one shard of (uid, url, caption) rows with img2dataset's downloader."""
 
     name = "download"
+    reads = ("url", "caption")
+    output_schema = schema_for("download")
+    status_column = "status"
 
     def __init__(self, config: DownloadConfig) -> None:
         self.config = config
 
-    @property
-    def resources(self) -> Resources:
+    def resources(self, gpus_available: bool) -> Resources:
+        """CPUs per shard task as configured; downloading never needs a GPU."""
         return Resources(cpus=self.config.cpus_per_task, batch_size=self.config.shard_size)
 
     def _downloader(self, work_dir: Path, n_rows: int) -> Any:
@@ -193,30 +226,35 @@ class DownloadStage:
             disallowed_header_directives=["noai", "noimageai", "noindex", "noimageindex"],
         )
 
-    def run_shard(self, rows: pa.Table, shard: str, work_dir: Path) -> ShardDownload:
-        """Download ``rows`` (uid, url, caption) as shard ``shard`` into ``work_dir``.
+    def process_shard(self, shard: str, inputs: pa.Table, work_dir: Path) -> ShardOutput:
+        """Download ``inputs`` (uid, url, caption) as shard ``shard`` into ``work_dir``.
 
-        Rows whose URL is refused without a request (see ``refuse_urls``) are not given to
-        img2dataset; they come back in the manifest as failures with their reason.
+        Files by role: "tar" (img2dataset's WebDataset shard), "parquet" (its sidecar table),
+        "stats" (its stats json). Rows whose URL is refused without a request (see
+        ``refuse_urls``) are not given to img2dataset; they come back in the manifest as
+        failures with their reason.
         """
         work_dir.mkdir(parents=True, exist_ok=True)
-        refused = refuse_urls(rows)
-        fetch = rows
+        refused = refuse_urls(inputs)
+        fetch = inputs
         if refused:
-            keep = [uid not in refused for uid in rows.column("uid").to_pylist()]
-            fetch = rows.filter(pa.array(keep, pa.bool_()))
+            keep = [uid not in refused for uid in inputs.column("uid").to_pylist()]
+            fetch = inputs.filter(pa.array(keep, pa.bool_()))
         input_path = work_dir / "input.feather"
         feather.write_feather(fetch.select(["url", "caption", "uid"]), input_path, compression="uncompressed")
         downloader = self._downloader(work_dir, fetch.num_rows)
         with net_guard.installed_opener(net_guard.NetPolicy.from_config(self.config)):
             downloader.download_shard((int(shard), str(input_path)))  # raises on shard-level failure
-        sidecar = work_dir / f"{shard}.parquet"
-        produced = pq.read_table(sidecar)
-        return ShardDownload(
-            tar_path=work_dir / f"{shard}.tar",
-            sidecar_parquet=sidecar,
-            stats_path=work_dir / f"{shard}_stats.json",
-            manifest=self._manifest(rows, produced, shard, refused),
+        files = {
+            "tar": work_dir / f"{shard}.tar",
+            "parquet": work_dir / f"{shard}.parquet",
+            "stats": work_dir / f"{shard}_stats.json",
+        }
+        produced = pq.read_table(files["parquet"])
+        return ShardOutput(
+            manifest=self._manifest(inputs, produced, shard, refused),
+            files=files,
+            bytes_written=sum(path.stat().st_size for path in files.values()),
         )
 
     def _manifest(
@@ -260,8 +298,7 @@ class DownloadStage:
                     "downloaded_at": now,
                 }
             )
-        return pa.Table.from_pylist(out, schema=schema_for("download"))
-
+        return pa.Table.from_pylist(out, schema=self.output_schema)
 
 
 def refuse_urls(rows: pa.Table) -> dict[str, str]:

@@ -8,11 +8,39 @@ evaluates to NULL (a score is missing) fails with that said.
 
 from __future__ import annotations
 
+from dataclasses import field
+
 import duckdb
 import pyarrow as pa
 
+from core.errors import ConfigError
+from core.settings import config_section, require
 from manifests.schemas import SELECTION
-from pipeline.config import ConfigError, PolicyConfig
+from stages.base import PoolStage, Resources
+
+
+@config_section
+class PolicyConfig:
+    """A named filter policy: SQL rules over the catalog's ``samples`` view; kept when all hold.
+
+    Each rule is a DuckDB boolean expression evaluated per downloaded sample, and may use window
+    functions over the pool (``quantile_cont(x, 0.5) over ()``), so percentile policies stay SQL.
+    A rule that evaluates to NULL (a score is missing) counts as failed, with that as the reason.
+    """
+
+    name: str
+    description: str = ""
+    rules: dict[str, str] = field(default_factory=dict)
+
+    def problems(self) -> list[str]:
+        """What types cannot say: ranges and choices, as readable messages (empty when fine)."""
+        problems = require(
+            (bool(self.rules), f"policies.{self.name} needs at least one rule (rules = {{ name = \"sql\" }})"),
+        )
+        problems += require(
+            *((sql.strip() != "", f"policies.{self.name}.rules.{rule} must be SQL text") for rule, sql in self.rules.items())
+        )
+        return problems
 
 
 def _ident(name: str) -> str:
@@ -25,15 +53,55 @@ def policy_sql(policy: PolicyConfig) -> str:
     return f"select uid,\n       {rules}\nfrom samples\nwhere status = 'ok'\norder by uid"
 
 
-class FilterStage:
+def referenced_columns(policy: PolicyConfig) -> tuple[str, ...]:
+    """The ``samples`` columns a policy's rules name, from DuckDB's own parser (no data needed),
+    so a rule naming a column that no stage writes stops the run before any work. A rule that
+    does not parse is a ConfigError naming it."""
+    import json
+
+    con = duckdb.connect()
+    try:
+        names: set[str] = set()
+        for rule, sql in policy.rules.items():
+            tree = json.loads(con.execute("select json_serialize_sql(?)", [f"select ({sql}) from samples"]).fetchone()[0])
+            if tree.get("error"):
+                raise ConfigError(f"policies.{policy.name}.rules.{rule} is not valid SQL: {tree.get('error_message')}")
+            names.update(_column_refs(tree))
+        return tuple(sorted(names))
+    finally:
+        con.close()
+
+
+def _column_refs(node: object) -> set[str]:
+    if isinstance(node, dict):
+        found = {node["column_names"][-1]} if node.get("class") == "COLUMN_REF" else set()
+        for value in node.values():
+            found |= _column_refs(value)
+        return found
+    if isinstance(node, list):
+        return set().union(*(_column_refs(v) for v in node)) if node else set()
+    return set()
+
+
+class FilterStage(PoolStage):
     """Evaluates one policy over a catalog connection (the runner owns paths and the connection)."""
 
     name = "filter"
+    reads = ("uid", "status")  # and whatever the policy's rules name: see ``policy_reads``
+    output_schema = SELECTION
+    status_column = None
 
     def __init__(self, policy: PolicyConfig) -> None:
         self.policy = policy
 
-    def select(self, con: duckdb.DuckDBPyConnection) -> pa.Table:
+    def resources(self, gpus_available: bool) -> Resources:
+        return Resources(cpus=1.0)  # one DuckDB query on the driver
+
+    def policy_reads(self) -> tuple[str, ...]:
+        """This policy's columns: the stage's own reads plus those its rules name."""
+        return tuple(sorted(set(self.reads) | set(referenced_columns(self.policy))))
+
+    def process_pool(self, con: duckdb.DuckDBPyConnection) -> pa.Table:
         try:
             result = con.execute(policy_sql(self.policy))
         except duckdb.Error as err:

@@ -15,10 +15,39 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from manifests.schemas import OCR
+from core.settings import config_section, require
+from manifests.schemas import OCR, schema_for
 from models.ocr import OcrEngine, Region, engine_device, make_engine
-from pipeline.config import OcrConfig
-from stages.base import Resources
+from stages.base import BatchStage, Resources
+
+
+@config_section
+class OcrConfig:
+    """Text-region detection and recognition (stages/ocr.py, models/ocr.py)."""
+
+    engine: str = "easyocr"  # "easyocr" (CRAFT + english_g2, torch) | "rapidocr" (PP-OCRv4, onnxruntime)
+    device: str = "auto"  # "auto" (GPU when torch sees one) | "cpu" | "cuda"
+    batch_size: int = 8  # images per process_batch call (one batched detector forward)
+    replicas: int = 1  # model actors; each loads the model once
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.25  # used only on GPU; fractional packs replicas on one GPU
+    detector_size: int = 512  # longest image side fed to the text detector, pixels
+    min_confidence: float = 0.0  # regions recognised below this confidence are dropped
+    quantize: bool = True  # easyocr's dynamic int8 quantisation on CPU (recorded as ocr_precision)
+
+    def problems(self) -> list[str]:
+        """What types cannot say: ranges and choices, as readable messages (empty when fine)."""
+        problems = require(
+            (self.engine in {"easyocr", "rapidocr"}, f"ocr.engine must be easyocr or rapidocr, not {self.engine!r}"),
+            (self.device in {"auto", "cpu", "cuda"}, f"ocr.device must be auto, cpu or cuda, not {self.device!r}"),
+            (self.batch_size >= 1, "ocr.batch_size must be >= 1"),
+            (self.replicas >= 1, "ocr.replicas must be >= 1"),
+            (self.cpus_per_replica > 0, "ocr.cpus_per_replica must be > 0"),
+            (0 < self.gpus_per_replica <= 1, "ocr.gpus_per_replica must be in (0, 1]"),
+            (64 <= self.detector_size <= 4096, "ocr.detector_size must be within 64..4096"),
+            (0 <= self.min_confidence <= 1, "ocr.min_confidence must be within 0..1"),
+        )
+        return problems
 
 OCR_COLUMNS: tuple[str, ...] = tuple(OCR.names)
 _RESULT_COLUMNS = ("n_regions", "text_area_ratio", "quads", "texts", "confidences", "ocr_text")
@@ -50,10 +79,13 @@ def _visible(region: Region, width: int, height: int) -> bool:
     return text_area_ratio([region.quad], width, height) > 0.0
 
 
-class OcrStage:
+class OcrStage(BatchStage):
     """Detects and reads embedded text; one output row per input row, in order."""
 
     name = "ocr"
+    reads = ("image",)
+    output_schema = schema_for("ocr")
+    status_column = "ocr_status"
 
     def __init__(self, config: OcrConfig, engine: OcrEngine | None = None) -> None:
         """Cheap: no model is loaded here (the driver builds stages; actors call ``setup``).

@@ -25,8 +25,31 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from pipeline.config import ParrotConfig
-from stages.base import Resources
+from core.settings import config_section, require
+from manifests.schemas import schema_for
+from stages.base import BatchStage, Resources, optional_column
+
+
+@config_section
+class ParrotConfig:
+    """Parrot-caption scoring (stages/parrot.py): how caption words are matched to OCR words."""
+
+    stop_words: str = "english"  # "english" (a fixed built-in list) | "none"
+    fuzzy_max_distance: int = 1  # edit distance at which a caption word still counts as spelled
+    fuzzy_min_length: int = 4  # words shorter than this must match exactly (short words collide)
+    min_word_length: int = 1  # caption words shorter than this are ignored
+    parrot_threshold: float = 0.5  # is_parrot when parrot_score >= this
+
+    def problems(self) -> list[str]:
+        """What types cannot say: ranges and choices, as readable messages (empty when fine)."""
+        problems = require(
+            (self.stop_words in {"english", "none"}, "parrot.stop_words must be 'english' or 'none'"),
+            (self.fuzzy_max_distance >= 0, "parrot.fuzzy_max_distance must be >= 0"),
+            (self.fuzzy_min_length >= 1, "parrot.fuzzy_min_length must be >= 1"),
+            (self.min_word_length >= 1, "parrot.min_word_length must be >= 1"),
+            (0 < self.parrot_threshold <= 1, "parrot.parrot_threshold must be within (0, 1]"),
+        )
+        return problems
 
 PARAMS_VERSION = 1
 
@@ -106,10 +129,13 @@ def levenshtein_within(a: str, b: str, max_distance: int) -> bool:
     return previous[len(b)] <= max_distance
 
 
-class ParrotStage:
+class ParrotStage(BatchStage):
     """Scores each caption against its image's OCR words (needs the OCR stage's columns)."""
 
     name = "parrot"
+    reads = ("caption", "ocr_status", "texts", "ocr_text")  # text only: a parrot-only rerun decodes no image
+    output_schema = schema_for("parrot")
+    status_column = "parrot_status"
 
     def __init__(self, config: ParrotConfig) -> None:
         self.config = config
@@ -183,10 +209,10 @@ class ParrotStage:
         """One PARROT row per input row, same order (see the module docstring for OCR failures)."""
         uids = list(batch["uid"])
         n = len(uids)
-        captions = _column(batch, "caption", n)
-        statuses = _column(batch, "ocr_status", n)
-        texts_col = _column(batch, "texts", n)
-        joined_col = _column(batch, "ocr_text", n)
+        captions = optional_column(batch, "caption", n)
+        statuses = optional_column(batch, "ocr_status", n)
+        texts_col = optional_column(batch, "texts", n)
+        joined_col = optional_column(batch, "ocr_text", n)
         out: dict[str, list] = {
             "uid": [str(u) for u in uids],
             "parrot_status": [],
@@ -216,8 +242,3 @@ class ParrotStage:
             out["is_parrot"].append(score >= self.config.parrot_threshold)
         return out
 
-
-def _column(batch: dict[str, list], name: str, n: int) -> list:
-    """A batch column as a list, or n Nones when the batch lacks it (e.g. OCR did not run)."""
-    values = batch.get(name)
-    return [None] * n if values is None else list(values)

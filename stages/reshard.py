@@ -2,7 +2,7 @@
 
 DataComp's split of work: a policy *decides* (``selections/<policy>.parquet``), this stage
 *materialises*. It is Ray-free; ``pipeline.reshard_runner`` plans which source samples go into which
-output shard and runs one call of :meth:`ReshardStage.run_shard` per output shard as a Ray task.
+output shard and runs one call of :meth:`ReshardStage.process_shard` per output shard as a Ray task.
 
 Why it looks the way it does:
 
@@ -25,7 +25,6 @@ import json
 import os
 import tarfile
 from collections.abc import Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Union
 
@@ -33,10 +32,25 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
-from webdataset.tariterators import base_plus_ext
 
+from core.settings import config_section, require
 from manifests.schemas import CURATED
-from manifests.store import tmp_sibling
+from manifests.store import tar_key, tmp_sibling
+from stages.base import Resources, ShardOutput, ShardStage
+
+
+@config_section
+class ReshardConfig:
+    """Materialising a policy's kept samples as new WebDataset shards."""
+
+    samples_per_shard: int = 64  # DataComp uses 10000; small here so the embedded run has several
+
+    def problems(self) -> list[str]:
+        """What types cannot say: ranges and choices, as readable messages (empty when fine)."""
+        problems = require(
+            (self.samples_per_shard >= 1, "reshard.samples_per_shard must be >= 1"),
+        )
+        return problems
 
 # Fixed tar header fields: the same samples give the same bytes on any machine, any day.
 TAR_MTIME = 0  # an int: a float mtime makes tarfile add a PAX header (1 KiB) to every member
@@ -81,10 +95,10 @@ def iter_kept_samples(fileobj: BinaryIO, keep: Collection[str], name: str = "tar
     """Yield ``(key, {ext: bytes})`` for each kept sample, in tar order, holding one sample at a time.
 
     ``fileobj`` must be seekable: members that are not kept are skipped by seeking past their data.
-    Samples are grouped as webdataset groups them (``base_plus_ext``: key = name up to the first dot
-    of the basename), and, like webdataset, a sample is consecutive members with the same key. A kept
-    key that shows up twice (or a sample with one extension twice) is an error: which copy to take
-    would be a guess.
+    Samples are grouped as webdataset groups them (``manifests.store.tar_key``: key = name up to
+    the first dot of the basename), and, like webdataset, a sample is consecutive members with the
+    same key. A kept key that shows up twice (or a sample with one extension twice) is an error:
+    which copy to take would be a guess.
     """
     yielded: set[str] = set()
     key: str | None = None
@@ -94,13 +108,13 @@ def iter_kept_samples(fileobj: BinaryIO, keep: Collection[str], name: str = "tar
             tar.members.clear()  # tarfile remembers every header it read; a long tar must not grow memory
             if not info.isfile():
                 continue
-            member_key, ext = base_plus_ext(info.name)
+            member_key, ext = tar_key(info.name)
             if member_key != key:
                 if members:
                     yield key, members  # type: ignore[misc]
                     yielded.add(key)  # type: ignore[arg-type]
                 key, members = member_key, {}
-            if member_key is None or member_key not in keep:
+            if member_key not in keep:
                 continue
             if member_key in yielded or ext in members:
                 raise ValueError(f"{name}: sample {member_key!r} appears twice (member {info.name!r})")
@@ -111,22 +125,13 @@ def iter_kept_samples(fileobj: BinaryIO, keep: Collection[str], name: str = "tar
             yield key, members  # type: ignore[misc]
 
 
-@dataclass
-class ShardReshard:
-    """What one output shard's reshard produced (files already renamed into place)."""
-
-    shard: str
-    tar_path: Path
-    parquet_path: Path
-    manifest: pa.Table  # schema manifests.schemas.CURATED, one row per sample in tar order
-    samples: int
-    bytes_written: int  # tar + Parquet sibling
-
-
-class ReshardStage:
+class ReshardStage(ShardStage):
     """Writes one output shard of a policy from an ordered list of (source tar, kept keys)."""
 
     name = "reshard"
+    reads = ("uid", "kept", "shard", "key")  # the selection's kept uids; the download manifest's shard/key
+    output_schema = CURATED
+    status_column = None  # every row is a sample written; a shard that fails writes nothing
 
     def __init__(self, policy: str, samples_per_shard: int) -> None:
         if samples_per_shard < 1:
@@ -134,12 +139,17 @@ class ReshardStage:
         self.policy = policy
         self.samples_per_shard = samples_per_shard
 
-    def run_shard(self, inputs: Sequence[tuple[Path | str, SourceKeys]], shard: str, out_dir: Path) -> ShardReshard:
-        """Write ``out_dir/<shard>.tar`` and ``<shard>.parquet`` from ``inputs``; return its manifest.
+    def resources(self, gpus_available: bool) -> Resources:
+        """One CPU per output shard: a task streams bytes from tar to tar, never decodes."""
+        return Resources(cpus=1.0)
 
-        Source tars are read in the order given, and inside each tar in the tar's own member order
-        (that is what lets each tar be streamed once); the ``i``-th sample written gets key
-        ``new_key(shard, i)``. Every listed key must be in its tar, else nothing is written.
+    def process_shard(self, shard: str, inputs: Sequence[tuple[Path | str, SourceKeys]], work_dir: Path) -> ShardOutput:
+        """Write ``work_dir/<shard>.tar`` and ``<shard>.parquet`` from ``inputs``; return its manifest.
+
+        Files by role: "tar", "parquet" (already renamed into place). Source tars are read in the
+        order given, and inside each tar in the tar's own member order (that is what lets each tar
+        be streamed once); the ``i``-th sample written gets key ``new_key(shard, i)``. Every listed
+        key must be in its tar, else nothing is written.
         """
         tars = [_normalise(t) for t, _ in inputs]
         if len(set(tars)) != len(tars):
@@ -147,9 +157,9 @@ class ReshardStage:
         total = sum(len(set(keys)) for _, keys in inputs)
         if total > self.samples_per_shard:
             raise ValueError(f"shard {shard}: {total} samples planned, more than samples_per_shard={self.samples_per_shard}")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tar_path = out_dir / f"{shard}.tar"
-        parquet_path = out_dir / f"{shard}.parquet"
+        work_dir.mkdir(parents=True, exist_ok=True)
+        tar_path = work_dir / f"{shard}.tar"
+        parquet_path = work_dir / f"{shard}.parquet"
         tmp_tar, tmp_parquet = tmp_sibling(tar_path), tmp_sibling(parquet_path)
         rows: list[dict] = []
         try:
@@ -181,7 +191,7 @@ class ReshardStage:
             schema=CURATED,
         )
         size = tar_path.stat().st_size + parquet_path.stat().st_size
-        return ShardReshard(shard, tar_path, parquet_path, manifest, len(rows), size)
+        return ShardOutput(manifest, files={"tar": tar_path, "parquet": parquet_path}, bytes_written=size)
 
     def _copy_source(self, source_tar: str, keys: SourceKeys, shard: str, writer: wds.TarWriter, rows: list[dict]) -> None:
         """Stream one source tar (a local path or an fsspec URL), writing its kept samples; raise if a

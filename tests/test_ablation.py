@@ -8,8 +8,8 @@ import csv
 from pathlib import Path
 
 import duckdb
-
 from conftest import free_port
+
 from pipeline.cli import main
 
 STEPS = 3

@@ -20,11 +20,12 @@ import pytest
 import torch
 from PIL import Image
 
+from core.devices import resolve_device
 from manifests.schemas import schema_for
 from models import clip as clip_mod
-from models.clip import ClipModel, RandomWeightsWarning, load_clip, mask_text_regions, quad_points, resolve_device
+from models.clip import ClipModel, RandomWeightsWarning, load_clip, mask_text_regions, quad_points
 from pipeline.config import ClipConfig, ConfigError
-from pipeline.datasets.embedded import generate
+from sources.embedded import generate
 from stages.clip_score import ClipScoreStage
 
 TINY = "curation-test-tiny-clip"
@@ -95,12 +96,12 @@ def _stage(model: ClipModel, **overrides) -> ClipScoreStage:
 
 
 def test_resolve_device() -> None:
-    assert resolve_device("auto", cuda_available=False) == "cpu"
-    assert resolve_device("auto", cuda_available=True) == "cuda"
-    assert resolve_device("cpu", cuda_available=True) == "cpu"
-    assert resolve_device("cuda", cuda_available=True) == "cuda"
+    assert resolve_device("auto", cuda_available=False, key="clip.device") == "cpu"
+    assert resolve_device("auto", cuda_available=True, key="clip.device") == "cuda"
+    assert resolve_device("cpu", cuda_available=True, key="clip.device") == "cpu"
+    assert resolve_device("cuda", cuda_available=True, key="clip.device") == "cuda"
     with pytest.raises(ValueError, match="no CUDA"):
-        resolve_device("cuda", cuda_available=False)
+        resolve_device("cuda", cuda_available=False, key="clip.device")
     assert issubclass(ConfigError, ValueError)
 
 

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port
 from run_compare import assert_runs_equal, curated_digests, load_run
 

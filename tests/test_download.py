@@ -19,14 +19,16 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
+from conftest import SMALL_SAMPLES, free_port
 from PIL import Image
 
-from conftest import SMALL_SAMPLES, free_port
-from manifests.store import RunLayout
+from manifests.schemas import schema_for
+from manifests.store import RunLayout, tar_key
 from pipeline.cli import main
-from pipeline.datasets.embedded import BROKEN_KINDS, generate
-from pipeline.download_runner import make_uid
-from stages.download import classify_error
+from pipeline.download_runner import canonical_tar, make_uid
+from sources.embedded import BROKEN_KINDS, generate
+from stages.base import Resources
+from stages.download import DownloadConfig, DownloadStage, classify_error
 
 EXPECTED_KIND = {"http_404": "http_404", "timeout": "timeout", "corrupt": "corrupt_image", "html": "not_an_image"}
 
@@ -182,3 +184,32 @@ def test_classify_error_messages():
     # the download guard's own reasons win over the words they contain (tests/test_hostile_inputs.py)
     assert classify_error("blocked address: 'timed-out.example' resolves to 10.0.0.1") == "blocked_address"
     assert classify_error("something new") == "other"
+
+
+def _tar_of(path: Path, members: list[tuple[str, bytes]], mtime: float) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), mtime
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_canonical_tar_is_a_function_of_the_samples(tmp_path):
+    """Completion order and header times do not reach the bytes; members sort by WebDataset key."""
+    members = [(f"{key}.{ext}", f"{key}-{ext}".encode()) for key in ("000000012", "000000003", "000000007") for ext in ("txt", "jpg", "json")]
+    _tar_of(tmp_path / "a.tar", members, mtime=1_700_000_000)
+    _tar_of(tmp_path / "b.tar", members[::-1], mtime=1_800_000_000.5)
+    for name in ("a", "b"):
+        canonical_tar(tmp_path / f"{name}.tar", tmp_path / f"{name}-canonical.tar")
+    digests = {hashlib.sha256((tmp_path / f"{n}-canonical.tar").read_bytes()).hexdigest() for n in ("a", "b")}
+    assert len(digests) == 1
+    with tarfile.open(tmp_path / "a-canonical.tar") as tar:
+        names = tar.getnames()
+    assert names == sorted(names, key=lambda n: (tar_key(n)[0], n)) and names[0] == "000000003.jpg"
+
+
+def test_download_stage_declares_its_contract():
+    stage = DownloadStage(DownloadConfig(cpus_per_task=0.5, shard_size=8))
+    assert stage.resources(gpus_available=True) == Resources(cpus=0.5, batch_size=8)
+    assert (stage.name, stage.reads, stage.status_column) == ("download", ("url", "caption"), "status")
+    assert stage.output_schema.equals(schema_for("download")) and stage.writes()[0] == "url"

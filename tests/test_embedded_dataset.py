@@ -20,8 +20,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from pipeline.datasets import embedded as E
-from pipeline.datasets.embedded import (
+from sources import embedded as E
+from sources.embedded import (
     BACKGROUNDS,
     BROKEN_KINDS,
     CLASS_WORD_TEXT_FRACTION,

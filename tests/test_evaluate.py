@@ -15,15 +15,16 @@ import warnings
 import numpy as np
 import pytest
 
-from pipeline.datasets import embedded as E
-from pipeline.datasets.eval_sets import (
+from sources import embedded as E
+from sources.eval_sets import (
     CLASSES,
     TYPO_OFFSET_FRACTION,
     EvalSets,
     build_eval_sets,
     write_eval_sets,
 )
-from stages.evaluate import (
+from stages.parrot import levenshtein_within
+from training.evaluate import (
     PROMPTS,
     attack_success_rate,
     class_embeddings,
@@ -33,7 +34,6 @@ from stages.evaluate import (
     top1,
     top1_by_class,
 )
-from stages.parrot import levenshtein_within
 
 SEED = 5
 PER_CLASS = 3

@@ -38,11 +38,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
-from pipeline import net_guard
+from core import net_guard
 from pipeline.config import ConfigError, DatasetConfig, DownloadConfig, load_config
-from pipeline.datasets import DatasetSource
-from pipeline.datasets.url_list import read_url_list
 from pipeline.download_runner import make_uid
+from sources import DatasetSource
+from sources.url_list import read_url_list
 from stages.download import DownloadStage, classify_error
 
 # ---------------------------------------------------------------------------
@@ -328,8 +328,8 @@ def _rows(cases: list[tuple[Any, str]]) -> pa.Table:
 
 def _run(config: DownloadConfig, rows: pa.Table, work: Path) -> tuple[list[dict[str, Any]], float, Path]:
     started = time.monotonic()
-    result = DownloadStage(config).run_shard(rows, "000000", work)
-    return result.manifest.to_pylist(), time.monotonic() - started, result.tar_path
+    result = DownloadStage(config).process_shard("000000", rows, work)
+    return result.manifest.to_pylist(), time.monotonic() - started, result.files["tar"]
 
 
 # ---------------------------------------------------------------------------

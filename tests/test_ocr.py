@@ -16,11 +16,12 @@ import pytest
 from PIL import Image
 
 import pipeline  # noqa: F401  (environment for easyocr's imports)
+from core.devices import resolve_device
 from manifests.schemas import schema_for
-from models.ocr import EasyOcrEngine, RapidOcrEngine, group_by_canvas, make_engine, resolve_device
+from models.ocr import EasyOcrEngine, RapidOcrEngine, group_by_canvas, make_engine
 from pipeline.config import OcrConfig
-from pipeline.datasets.embedded import generate, ground_truth_table
 from pipeline.ocr_accuracy import match_regions, polygon_iou, score_ocr, score_ocr_rows
+from sources.embedded import generate, ground_truth_table
 from stages.ocr import OcrStage, text_area_ratio
 
 N_IMAGES = 40
@@ -41,12 +42,12 @@ def _config(**overrides: object) -> OcrConfig:
 
 
 def test_resolve_device_both_ways() -> None:
-    assert resolve_device("auto", cuda_available=True) == "cuda"
-    assert resolve_device("auto", cuda_available=False) == "cpu"
-    assert resolve_device("cpu", cuda_available=True) == "cpu"
-    assert resolve_device("cuda", cuda_available=True) == "cuda"
+    assert resolve_device("auto", cuda_available=True, key="ocr.device") == "cuda"
+    assert resolve_device("auto", cuda_available=False, key="ocr.device") == "cpu"
+    assert resolve_device("cpu", cuda_available=True, key="ocr.device") == "cpu"
+    assert resolve_device("cuda", cuda_available=True, key="ocr.device") == "cuda"
     with pytest.raises(ValueError, match="no CUDA GPU"):
-        resolve_device("cuda", cuda_available=False)
+        resolve_device("cuda", cuda_available=False, key="ocr.device")
 
 
 def test_stage_resources_ask_for_a_gpu_only_when_it_runs_on_one() -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from manifests.schemas import schema_for
 from pipeline.config import ParrotConfig
-from pipeline.datasets.embedded import CAPTION_KINDS, generate
+from sources.embedded import CAPTION_KINDS, generate
 from stages.parrot import (
     ENGLISH_STOP_WORDS,
     ParrotStage,

@@ -22,6 +22,7 @@ from PIL import Image
 from manifests.schemas import CURATED, SELECTION, schema_for
 from manifests.store import RunLayout
 from pipeline.reshard_runner import ReshardReport, is_up_to_date, plan_reshard, reshard_policy
+from stages.base import Resources
 from stages.reshard import CURATED_SHARD, TAR_MTIME, TAR_OWNER, ReshardStage, iter_kept_samples
 
 SOURCE_SHARDS = 3
@@ -285,18 +286,28 @@ def test_stage_holds_one_sample_and_skips_dropped_bytes(tmp_path):
 
     out = tmp_path / "out"
     stage = ReshardStage(POLICY, samples_per_shard=2)
-    result = stage.run_shard([(path, {"k3": "u3", "k0": "u0"})], "000007", out)
+    result = stage.process_shard("000007", [(path, {"k3": "u3", "k0": "u0"})], out)
     assert result.manifest.column("key").to_pylist() == ["0000070", "0000071"]  # tar order, new keys
     assert result.manifest.column("source_key").to_pylist() == ["k0", "k3"]
+    assert result.files == {"tar": out / "000007.tar", "parquet": out / "000007.parquet"}
+    assert result.bytes_written == sum(p.stat().st_size for p in result.files.values())
+    ReshardStage.check_output(result.manifest.column_names)
     with pytest.raises(ValueError, match="not in the tar"):
-        stage.run_shard([(path, ["k1", "nope"])], "000008", out)
+        stage.process_shard("000008", [(path, ["k1", "nope"])], out)
     with pytest.raises(ValueError, match="holds uid"):
-        stage.run_shard([(path, {"k1": "wrong"})], "000009", out)
+        stage.process_shard("000009", [(path, {"k1": "wrong"})], out)
     with pytest.raises(ValueError, match="more than samples_per_shard"):
-        stage.run_shard([(path, ["k0", "k1", "k2"])], "000010", out)
+        stage.process_shard("000010", [(path, ["k0", "k1", "k2"])], out)
     with pytest.raises(ValueError, match="listed twice"):
-        stage.run_shard([(path, ["k0"]), (path, ["k1"])], "000011", out)
+        stage.process_shard("000011", [(path, ["k0"]), (path, ["k1"])], out)
     assert sorted(p.name for p in out.iterdir()) == ["000007.parquet", "000007.tar"]  # failures leave nothing
+
+
+def test_reshard_stage_declares_its_contract():
+    stage = ReshardStage(POLICY, PER_OUTPUT)
+    assert stage.resources(gpus_available=True) == Resources(cpus=1.0)  # what each Ray task asks for
+    assert (stage.name, stage.reads, stage.status_column) == ("reshard", ("uid", "kept", "shard", "key"), None)
+    assert stage.output_schema.equals(CURATED)
 
 
 def test_failed_shard_leaves_no_marker_and_the_rerun_redoes(source, ray_local, tmp_path):

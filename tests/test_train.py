@@ -16,14 +16,14 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 
 from pipeline.config import ConfigError, TrainConfig, load_config
-from stages.train import LATEST, LOG, RESULT, TrainResult, shard_urls, train
+from training.train import LATEST, LOG, RESULT, TrainResult, shard_urls, train
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 210, 20)}
 SHAPES = ("circle", "square", "triangle", "cross")
 SAMPLES, PER_SHARD = 64, 32
 # Small batches, no worker process and one torch thread (more only spin against the other
 # processes of a busy machine) keep a step to about 0.1 s.
-TINY = TrainConfig(batch_size=8, lr=1e-3, warmup_steps=3, workers=0, shuffle_buffer=64, device="cpu", cpus=1.0)
+TINY = TrainConfig(batch_size=8, lr=1e-3, warmup_steps=3, workers=0, shuffle_buffer=64, device="cpu", threads=1)
 
 
 def _image(colour: tuple[int, int, int], shape: str, rng: random.Random) -> bytes:

@@ -18,7 +18,7 @@ from PIL import Image
 from manifests.store import RunLayout
 from pipeline.cli import main
 from pipeline.config import ConfigError, load_config
-from pipeline.datasets.url_list import read_url_list
+from sources.url_list import read_url_list
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):

@@ -19,8 +19,44 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.config import ConfigError, DatasetConfig, DownloadConfig
-from pipeline.datasets.url_list import read_url_list
+from core.errors import ConfigError
+from core.net_guard import parse_network
+from core.settings import config_section, network_problems, require
+from sources.url_list import read_url_list
+from stages.download import DownloadConfig
+
+
+@config_section
+class DatasetConfig:
+    """A named dataset: the embedded offline generator, or a URL list (path or fsspec URL)."""
+
+    name: str
+    description: str = ""
+    source: str = "url_list"  # "embedded" | "url_list"
+    url_list: str = ""
+    url_column: str = "url"
+    caption_column: str = "caption"
+    samples: int = 320
+    seed: int = 0
+    port: int = 8710
+    policies: tuple[str, ...] = ("all", "no-text", "no-parrot", "clip-threshold", "tmars", "combined", "dedup")
+    # Networks this dataset's URLs may reach despite the download guard, added to
+    # download.allow_networks for this dataset only: the embedded dataset is served on 127.0.0.1,
+    # an intranet mirror might be on 10.1.0.0/16. Empty for an ordinary web URL list.
+    allow_networks: tuple[str, ...] = ()
+
+    def problems(self) -> list[str]:
+        """What types cannot say: ranges and choices, as readable messages (empty when fine)."""
+        problems = require(
+            (self.source in {"embedded", "url_list"}, f"datasets.{self.name}.source must be 'embedded' or 'url_list', not {self.source!r}"),
+        )
+        problems += network_problems(self.allow_networks, f"datasets.{self.name}.allow_networks", parse_network)
+        if self.source == "embedded":
+            problems += require(
+                (self.samples >= 1, f"datasets.{self.name}.samples must be >= 1"),
+                (0 <= self.port < 65536, f"datasets.{self.name}.port must be a TCP port"),
+            )
+        return problems
 
 EMBEDDED_GENERATOR_VERSION = "2"
 
@@ -76,7 +112,7 @@ class DatasetSource:
 
     def _embedded_samples(self) -> list[Any]:
         if self._samples is None:
-            from pipeline.datasets.embedded import generate
+            from sources.embedded import generate
 
             self._samples = generate(self.config.samples, self.config.seed)
         return self._samples
@@ -84,7 +120,7 @@ class DatasetSource:
     def load_urls(self) -> pa.Table:
         """The URL rows (url, caption) in input order."""
         if self.is_embedded:
-            from pipeline.datasets.embedded import EmbeddedServer
+            from sources.embedded import EmbeddedServer
 
             unstarted = EmbeddedServer(self._embedded_samples(), port=self.config.port)
             unstarted.base_url = self.base_url()  # rows depend only on the address, not a live server
@@ -100,7 +136,7 @@ class DatasetSource:
         """Ground truth of the embedded dataset (None for URL lists)."""
         if not self.is_embedded:
             return None
-        from pipeline.datasets.embedded import ground_truth_table
+        from sources.embedded import ground_truth_table
 
         return ground_truth_table(self._embedded_samples(), self.base_url())
 
@@ -110,7 +146,7 @@ class DatasetSource:
         if not self.is_embedded:
             yield
             return
-        from pipeline.datasets.embedded import EmbeddedServer
+        from sources.embedded import EmbeddedServer
 
         try:
             server = EmbeddedServer(self._embedded_samples(), port=self.config.port, slow_seconds=self.slow_seconds)

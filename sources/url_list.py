@@ -29,7 +29,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from pipeline.config import ConfigError
+from core.errors import ConfigError
 
 # pyarrow parses csv/json in blocks of 1 MiB and refuses a row longer than a block ("straddles
 # block boundaries"); such a list (a very long caption) is read again with blocks this large. The

@@ -39,10 +39,59 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from manifests.store import tmp_sibling, write_json_atomic
-from models.clip import resolve_device
-from pipeline.config import ConfigError, TrainConfig
-from stages.base import Resources
+from core.devices import resolve_device
+from core.errors import ConfigError
+from core.settings import config_section, require
+from manifests.store import SIZES_FILE, tmp_sibling, write_json_atomic
+
+
+@config_section
+class TrainConfig:
+    """Training a CLIP model on one policy's curated shards (training/train.py, in the driver process).
+
+    The budget is a fixed number of optimisation steps at a fixed batch size, not epochs, so the
+    models of every curation policy get the same compute however many samples a policy kept.
+    """
+
+    model: str = "curation-tiny"  # open_clip model name (models/model_configs/ adds curation-tiny)
+    pretrained: str = ""  # "" = seeded random init; an open_clip tag; or a checkpoint file to start from
+    steps: int = 300  # optimisation steps in total (a resumed run continues up to this)
+    batch_size: int = 64
+    lr: float = 1e-3  # peak learning rate of the warmup + cosine schedule
+    weight_decay: float = 0.1  # AdamW; gains, biases and logit_scale get none
+    warmup_steps: int = 20
+    seed: int = 0  # model init, data order and masks
+    precision: str = "amp"  # "amp" (autocast bf16/fp16 on CUDA; fp32 on CPU, recorded so) | "fp32"
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    masking: str = "none"  # image patches dropped per step: "none" | "random" (FLIP) | "pgs"
+    mask_ratio: float = 0.5  # fraction of patches dropped when masking
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
+    log_every: int = 1  # steps between train_log.jsonl lines
+    workers: int = 1  # DataLoader worker processes decoding and transforming images
+    shuffle_buffer: int = 500  # samples in the shuffle buffer of each worker
+    threads: int = 2  # torch intra-op threads of the training process (the driver's; on CPU, its cores)
+
+    def problems(self) -> list[str]:
+        """What types cannot say: ranges and choices, as readable messages (empty when fine)."""
+        problems = require(
+            (bool(self.model), "train.model must name an open_clip model"),
+            (self.steps >= 1, "train.steps must be >= 1"),
+            (self.batch_size >= 2, "train.batch_size must be >= 2 (a contrastive loss needs negatives)"),
+            (self.lr > 0, "train.lr must be > 0"),
+            (self.weight_decay >= 0, "train.weight_decay must be >= 0"),
+            (self.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+            (self.precision in {"fp32", "amp"}, f"train.precision must be fp32 or amp, not {self.precision!r}"),
+            (self.device in {"auto", "cpu", "cuda"}, f"train.device must be auto, cpu or cuda, not {self.device!r}"),
+            (self.masking in {"none", "random", "pgs"}, f"train.masking must be none, random or pgs, not {self.masking!r}"),
+            (0 < self.mask_ratio < 1, "train.mask_ratio must be within (0, 1)"),
+            (self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0"),
+            (self.log_every >= 1, "train.log_every must be >= 1"),
+            (self.workers >= 0, "train.workers must be >= 0"),
+            (self.shuffle_buffer >= 1, "train.shuffle_buffer must be >= 1"),
+            (self.threads >= 1, "train.threads must be >= 1"),
+        )
+        return problems
+
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +100,6 @@ CHECKPOINTS = "checkpoints"  # step_<n>.pt and latest.pt, inside the output fold
 LATEST = "latest.pt"
 LOG = "train_log.jsonl"  # one line per logged step: step, loss, lr, logit_scale, step_s
 RESULT = "result.json"  # the TrainResult and the config, written when a run ends
-SIZES = "sizes.json"  # open_clip's {"<shard>.tar": n}, beside curated shards
 IMAGE_EXTS = "jpg;png;jpeg;webp"
 
 Shards = Sequence[str | Path] | str | Path  # a list of tars, a brace pattern, or a curated folder
@@ -88,23 +136,6 @@ class TrainResult:
         )
 
 
-class TrainStage:
-    """Trains one model on one set of shards; declares what the scheduler must give it."""
-
-    name = "train"
-
-    def __init__(self, config: TrainConfig) -> None:
-        self.config = config
-
-    def resources(self, gpus_available: bool) -> Resources:
-        cfg = self.config
-        on_gpu = resolve_device(cfg.device, gpus_available, TRAIN_DEVICE) == "cuda"
-        return Resources(cpus=cfg.cpus, gpus=cfg.gpus if on_gpu else 0.0, batch_size=cfg.batch_size)
-
-    def run(self, shards: Shards, out_dir: Path, progress: bool = True) -> TrainResult:
-        return train(shards, out_dir, self.config, progress)
-
-
 def shard_urls(shards: Shards) -> list[str]:
     """The tars to train on, from a list, a brace pattern (``dir/{000000..000003}.tar``), or a
     curated folder (the non-empty shards its ``sizes.json`` lists)."""
@@ -112,9 +143,9 @@ def shard_urls(shards: Shards) -> list[str]:
 
     if isinstance(shards, (str, Path)) and Path(shards).is_dir():
         folder = Path(shards)
-        if not (folder / SIZES).is_file():
-            raise ValueError(f"{folder} has no {SIZES}: not a finished curated shard folder")
-        sizes = json.loads((folder / SIZES).read_text())
+        if not (folder / SIZES_FILE).is_file():
+            raise ValueError(f"{folder} has no {SIZES_FILE}: not a finished curated shard folder")
+        sizes = json.loads((folder / SIZES_FILE).read_text())
         urls = [str(folder / name) for name, n in sorted(sizes.items()) if n > 0]
     elif isinstance(shards, (str, Path)):
         urls = wds.shardlists.expand_urls(str(shards))
@@ -180,7 +211,7 @@ def train(shards: Shards, out_dir: Path, cfg: TrainConfig, progress: bool = True
     step_times: list[float] = []
     last = time.perf_counter()
     with (
-        _intra_op_threads(max(1, int(cfg.cpus))),
+        _intra_op_threads(cfg.threads),
         torch.random.fork_rng(devices=[]),
         open(log_path, "a") as log,
         tqdm(total=cfg.steps, initial=start, unit="step", desc=f"train {cfg.model}", disable=not progress) as bar,

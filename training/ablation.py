@@ -24,11 +24,34 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from manifests.store import RunLayout
-from pipeline.config import AblationConfig, Config, ConfigError
-from stages.train import LATEST  # the link to the newest checkpoint: one name across reruns
+from core.errors import ConfigError
+from core.settings import config_section, require
+from manifests.store import SIZES_FILE, RunLayout
+from training.train import LATEST  # the link to the newest checkpoint: one name across reruns
+
+if TYPE_CHECKING:  # pragma: no cover - the run's whole config, composed by pipeline/config.py
+    from pipeline.config import Config
+
+
+@config_section
+class AblationConfig:
+    """`make ablation`: one model per policy, trained on the embedded dataset at equal steps."""
+
+    samples: int = 640  # embedded samples to curate (OCR sets the pace on a CPU: ~1 image/s)
+    policies: tuple[str, ...] = ("all", "no-text", "no-parrot", "clip-threshold", "tmars", "combined")
+    eval_seed: int = 10_000  # held-out sets: a seed stream apart from the training data's
+    eval_per_class: int = 40  # images per class in each labelled eval set
+
+    def problems(self) -> list[str]:
+        """What types cannot say: ranges and choices, as readable messages (empty when fine)."""
+        problems = require(
+            (self.samples >= 16, "ablation.samples must be >= 16"),
+            (bool(self.policies), "ablation.policies must name at least one policy"),
+            (self.eval_per_class >= 1, "ablation.eval_per_class must be >= 1"),
+        )
+        return problems
 
 SCORER_POLICY = "all"  # its model re-scores CLIP for the score-based policies
 SECTION = "section.html"  # the report's ablation section, picked up by pipeline/report.py
@@ -73,8 +96,8 @@ class AblationResult:
 
 def _curate(config: Config, ablation: AblationConfig, root: Path, policies: tuple[str, ...], progress: bool) -> None:
     from pipeline.curate import curate
-    from pipeline.datasets import open_source
     from pipeline.summary import run_summary
+    from sources import open_source
 
     dataset = dataclasses.replace(config.dataset("embedded"), samples=ablation.samples)
     dataset.validate()
@@ -100,11 +123,10 @@ def _rescore_clip(layout: RunLayout, scorer: Config, progress: bool) -> bool:
     import pyarrow.parquet as pq
 
     from manifests.catalog import build_catalog
-    from pipeline.dag import PER_SAMPLE_STAGES
+    from models.clip import file_sha256
+    from pipeline.dag import SAMPLE_STEPS, STAGE_ORDER
     from pipeline.ray_runtime import ray_session
     from pipeline.sample_runner import run_per_sample
-
-    from models.clip import file_sha256
 
     folder = layout.stage_dir("clip_score")
     weights = scorer.clip.pretrained
@@ -116,8 +138,8 @@ def _rescore_clip(layout: RunLayout, scorer: Config, progress: bool) -> bool:
     for part in stale:
         part.unlink()
     with ray_session(None):
-        run_per_sample(layout, scorer, PER_SAMPLE_STAGES, progress=progress)
-    build_catalog(layout)
+        run_per_sample(layout, scorer, SAMPLE_STEPS, progress=progress)
+    build_catalog(layout, STAGE_ORDER)
     return True
 
 
@@ -143,10 +165,10 @@ def _train(config: Config, layout: RunLayout, policy: str, progress: bool) -> An
 
 def train_on_policy(config: Config, layout: RunLayout, policy: str, progress: bool) -> Any:
     """Train on a policy's finished curated folder (its ``sizes.json`` lists the non-empty tars)."""
-    from stages.train import shard_urls, train
+    from training.train import shard_urls, train
 
     folder = layout.curated_dir(policy)
-    if not (folder / "sizes.json").is_file():
+    if not (folder / SIZES_FILE).is_file():
         raise ConfigError(f"no finished curated shards in {folder}: run `make curate` (with policy {policy!r}) first")
     if layout.remote:
         folder = _local_copy(folder, layout.local_dir / "curated" / policy)
@@ -161,15 +183,15 @@ def _local_copy(remote: Any, local: Path) -> Path:
     """Copy a finished curated folder from the object store, unless the copy is already that one."""
     from manifests.store import read_bytes, write_bytes_atomic
 
-    marker = read_bytes(remote / "sizes.json")
-    if (local / "sizes.json").is_file() and (local / "sizes.json").read_bytes() == marker:
+    marker = read_bytes(remote / SIZES_FILE)
+    if (local / SIZES_FILE).is_file() and (local / SIZES_FILE).read_bytes() == marker:
         return local
     local.mkdir(parents=True, exist_ok=True)
-    (local / "sizes.json").unlink(missing_ok=True)
+    (local / SIZES_FILE).unlink(missing_ok=True)
     for entry in remote.iterdir():
-        if entry.name != "sizes.json":
+        if entry.name != SIZES_FILE:
             write_bytes_atomic(read_bytes(entry), local / entry.name)
-    write_bytes_atomic(marker, local / "sizes.json")  # last: the copy's completion marker
+    write_bytes_atomic(marker, local / SIZES_FILE)  # last: the copy's completion marker
     return local
 
 
@@ -177,8 +199,9 @@ def evaluate_checkpoint(config: Config, checkpoint: str, sets: Any, model: str |
     """Load ``checkpoint`` (a file, an open_clip tag, or "" for the seeded random init) and evaluate it."""
     import torch
 
-    from models.clip import load_clip, resolve_device
-    from stages.evaluate import evaluate
+    from core.devices import resolve_device
+    from models.clip import load_clip
+    from training.evaluate import evaluate
 
     device = resolve_device(config.train.device, torch.cuda.is_available(), "train.device")
     clip = load_clip(model or config.train.model, checkpoint, device=device, precision="fp32",
@@ -190,8 +213,8 @@ def run_ablation(config: Config, ablation: AblationConfig, root: Path, progress:
     """Curate, train one model per policy at equal steps, evaluate all; write tables and plots."""
     import pyarrow.parquet as pq
 
-    from pipeline.datasets.eval_sets import build_eval_sets
     from pipeline.report import write_report
+    from sources.eval_sets import build_eval_sets
 
     started = time.monotonic()
     policies = ablation.policies

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from models.clip import ClipModel
-from pipeline.datasets.eval_sets import EvalItem, EvalSets
+from sources.eval_sets import EvalItem, EvalSets
 
 PROMPTS: tuple[str, ...] = ("a photo of a {}.", "a drawing of a {}.", "a {}.")
 

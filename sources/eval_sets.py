@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.datasets.embedded import (
+from sources.embedded import (
     BACKGROUNDS,
     CLASSES,
     COMMON_BACKGROUND,

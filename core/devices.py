@@ -1,0 +1,19 @@
+"""Where a model runs: one rule for every torch stage (OCR, CLIP scoring, training, evaluation)."""
+
+from __future__ import annotations
+
+from core.errors import ConfigError
+
+
+def resolve_device(requested: str, cuda_available: bool, key: str) -> str:
+    """"auto" -> "cuda" when a GPU is visible, else "cpu"; "cuda" without a GPU is a config error
+    naming ``key`` (e.g. ``ocr.device``). Pure, so both branches are testable on a CPU machine."""
+    if requested == "auto":
+        return "cuda" if cuda_available else "cpu"
+    if requested == "cuda" and not cuda_available:
+        raise ConfigError(
+            f"{key} is 'cuda' but torch sees no CUDA GPU on this worker; use 'auto' (falls back to CPU) or 'cpu'"
+        )
+    if requested not in {"cpu", "cuda"}:
+        raise ConfigError(f"{key} must be auto, cpu or cuda, not {requested!r}")
+    return requested
