@@ -8,6 +8,7 @@ evaluates to NULL (a score is missing) fails with that said.
 
 from __future__ import annotations
 
+import re
 from dataclasses import field
 
 import duckdb
@@ -26,11 +27,21 @@ class PolicyConfig:
     Each rule is a DuckDB boolean expression evaluated per downloaded sample, and may use window
     functions over the pool (``quantile_cont(x, 0.5) over ()``), so percentile policies stay SQL.
     A rule that evaluates to NULL (a score is missing) counts as failed, with that as the reason.
+
+    ``params`` are the policy's numbers, named once: a rule says ``{keep_fraction}`` and the value
+    comes from ``params`` (``[policies.x] params = { keep_fraction = 0.3 }``), so a threshold is
+    changed in one place and the description can name the setting.
     """
 
     name: str
     description: str = ""
     rules: dict[str, str] = field(default_factory=dict)
+    params: dict[str, float] = field(default_factory=dict)
+
+    def rendered_rules(self) -> dict[str, str]:
+        """The rules with each ``{param}`` replaced by its number (a plain SQL literal)."""
+        values = {k: repr(float(v)) for k, v in self.params.items()}
+        return {rule: _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), sql) for rule, sql in self.rules.items()}
 
     def problems(self) -> list[str]:
         """What types cannot say: ranges and choices, as readable messages (empty when fine)."""
@@ -40,7 +51,14 @@ class PolicyConfig:
         problems += require(
             *((sql.strip() != "", f"policies.{self.name}.rules.{rule} must be SQL text") for rule, sql in self.rules.items())
         )
+        used = {m for sql in self.rules.values() for m in _PLACEHOLDER.findall(sql)}
+        problems += [f"policies.{self.name}.rules names {{{m}}}, which is not in policies.{self.name}.params"
+                     for m in sorted(used - set(self.params))]
+        problems += [f"policies.{self.name}.params.{m} is not used by any rule" for m in sorted(set(self.params) - used)]
         return problems
+
+
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def _ident(name: str) -> str:
@@ -49,7 +67,7 @@ def _ident(name: str) -> str:
 
 def policy_sql(policy: PolicyConfig) -> str:
     """The query whose rows are the selection; printed in the docs and tested against DuckDB."""
-    rules = ",\n       ".join(f"({sql}) as {_ident('rule:' + name)}" for name, sql in policy.rules.items())
+    rules = ",\n       ".join(f"({sql}) as {_ident('rule:' + name)}" for name, sql in policy.rendered_rules().items())
     return f"select uid,\n       {rules}\nfrom samples\nwhere status = 'ok'\norder by uid"
 
 
@@ -62,7 +80,7 @@ def referenced_columns(policy: PolicyConfig) -> tuple[str, ...]:
     con = duckdb.connect()
     try:
         names: set[str] = set()
-        for rule, sql in policy.rules.items():
+        for rule, sql in policy.rendered_rules().items():
             tree = json.loads(con.execute("select json_serialize_sql(?)", [f"select ({sql}) from samples"]).fetchone()[0])
             if tree.get("error"):
                 raise ConfigError(f"policies.{policy.name}.rules.{rule} is not valid SQL: {tree.get('error_message')}")

@@ -81,12 +81,17 @@ def test_each_policy_selection_matches_its_sql_in_duckdb(embedded_run):
         selection = pq.read_table(RunLayout(root).selection_path(name)).to_pylist()
         assert len(selection) == SMALL_SAMPLES
         kept = {r["uid"] for r in selection if r["kept"]}
-        assert kept == _direct_sql_kept(con, config.policy(name).rules), name
+        assert kept == _direct_sql_kept(con, config.policy(name).rendered_rules()), name
         assert all(r["reason"].startswith("kept" if r["kept"] else "dropped") for r in selection)
     counts = dict(con.execute("select policy, count(*) filter (where kept) from selections group by 1").fetchall())
     assert counts["all"] == SMALL_SAMPLES
     assert 0 < counts["no-text"] < SMALL_SAMPLES
     assert 0 < counts["tmars"] < SMALL_SAMPLES
+    # the fractions the policies' params name are what they keep (ties aside)
+    assert abs(counts["clip-score-top"] - 0.3 * SMALL_SAMPLES) <= 1
+    assert abs(counts["tmars"] - 0.5 * SMALL_SAMPLES) <= 1
+    parrots = con.execute("select count(*) filter (where is_parrot) from samples where status = 'ok'").fetchone()[0]
+    assert counts["no-parrot"] == SMALL_SAMPLES - parrots  # is_parrot, set by [parrot] parrot_threshold, decides
 
 
 def test_resharded_shards_hold_exactly_the_kept_uids(embedded_run):

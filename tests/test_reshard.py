@@ -191,7 +191,7 @@ def test_rerun_is_skipped_and_a_new_policy_reshards_only_itself(source, resharde
     assert again.skipped and again.kept == resharded["report"].kept and again.bytes_written == 0
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
 
-    other = "clip-threshold"
+    other = "clip-score-top"
     rows = pq.read_table(layout.selection_path(POLICY)).to_pylist()
     pq.write_table(pa.Table.from_pylist([{**r, "policy": other, "kept": True} for r in rows], schema=SELECTION),
                    layout.selection_path(other))

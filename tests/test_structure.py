@@ -202,3 +202,22 @@ def test_tar_key_is_webdatasets_rule(name):
 
     key, ext = base_plus_ext(name)
     assert tar_key(name) == ((key, ext) if key is not None else (name, ""))
+
+
+def test_policy_params_are_named_once_and_checked(tmp_path):
+    config = load_config()
+    top = config.policy("clip-score-top")
+    assert top.params == {"keep_fraction": 0.3} and "{keep_fraction}" in top.rules["top_fraction"]
+    assert "1 - 0.3" in top.rendered_rules()["top_fraction"]
+    path = tmp_path / "p.toml"
+    path.write_text('[policies.clip-score-top]\nparams = { keep_fraction = 0.1 }\n')
+    assert "1 - 0.1" in load_config(path).policy("clip-score-top").rendered_rules()["top_fraction"]
+    path.write_text('[policies.x]\nrules = { a = "clip_score > {floor}" }\n')
+    with pytest.raises(ConfigError, match=r"policies.x.rules names \{floor\}, which is not in policies.x.params"):
+        load_config(path)
+    path.write_text('[policies.x]\nrules = { a = "true" }\nparams = { unused = 1 }\n')
+    with pytest.raises(ConfigError, match="policies.x.params.unused is not used by any rule"):
+        load_config(path)
+    path.write_text('[policies.x]\nrules = { a = "clip_score > {floor}" }\nparams = { floor = "high" }\n')
+    with pytest.raises(ConfigError, match="policies.x.params.floor must be float"):
+        load_config(path)

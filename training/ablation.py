@@ -40,7 +40,7 @@ class AblationConfig:
     """`make ablation`: one model per policy, trained on the embedded dataset at equal steps."""
 
     samples: int = 640  # embedded samples to curate (OCR sets the pace on a CPU: ~1 image/s)
-    policies: tuple[str, ...] = ("all", "no-text", "no-parrot", "clip-threshold", "tmars", "combined")
+    policies: tuple[str, ...] = ("all", "no-text", "no-parrot", "clip-score-top", "tmars", "no-parrot-tmars")
     eval_seed: int = 10_000  # held-out sets: a seed stream apart from the training data's
     eval_per_class: int = 40  # images per class in each labelled eval set
 
