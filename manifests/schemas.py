@@ -67,13 +67,15 @@ PARROT = pa.schema(
     [
         pa.field("uid", pa.string(), nullable=False),
         pa.field("parrot_status", pa.string(), nullable=False),  # "ok" | "failed"
-        pa.field("caption_words", pa.list_(pa.string())),  # normalised caption words (stop words per config)
-        pa.field("parroted_words", pa.list_(pa.string())),  # caption words spelled in the image (fuzzy)
+        pa.field("caption_words", pa.list_(pa.string())),  # cleaned, normalised caption words (stop words per config)
+        pa.field("parroted_words", pa.list_(pa.string())),  # caption words spelled in the image (exact, misread or merged)
         pa.field("n_caption_words", pa.int32()),
-        pa.field("parrot_score", pa.float32()),  # fuzzy CoTR: share of caption words spelled; 0 without text
-        pa.field("parrot_score_exact", pa.float32()),  # CoTR with exact word matches only
-        pa.field("is_parrot", pa.bool_()),  # caption mostly spells the image's text (score >= threshold)
-        pa.field("parrot_params", pa.string()),  # the normalisation/matching parameters used, as JSON
+        pa.field("parrot_score", pa.float32()),  # share of caption_words spelled (fuzzy); 0 without text
+        pa.field("parrot_score_exact", pa.float32()),  # same, exact word matches only
+        pa.field("is_parrot", pa.bool_()),  # parrot_score >= parrot.parrot_threshold
+        pa.field("cotr", pa.float32()),  # the paper's CoTR: distinct caption words found as OCR words / all of them, no stop words removed
+        pa.field("cotr_fuzzy", pa.float32()),  # the paper's fuzzy CoTR, with this stage's matcher (misreads, merged tokens)
+        pa.field("parrot_params", pa.string()),  # the cleaning/normalisation/matching parameters used, as JSON
     ]
 )
 

@@ -3,6 +3,11 @@ measured LAION-2B: share of images with embedded text, co-emb. text rate (CoTR, 
 over all captions and over captions of images with text, the parrot-score distribution, and how
 CLIP score relates to it. With ground truth (embedded dataset): mean score per caption kind and
 the AUC of parrot vs descriptive captions.
+
+Like with like: the paper's figures are set against the ``cotr`` / ``cotr_fuzzy`` columns (every
+caption word counted, as the paper does), never against ``parrot_score``, whose stop-word removal
+changes the scale ("to be or not to be" with "NOT" is 1.0 there, 0.25 as CoTR). Each line names
+the column it averages. A run scored before those columns existed shows n/a there.
 """
 
 from __future__ import annotations
@@ -26,11 +31,13 @@ BUCKETS = "case when parrot_score = 0 then '0' when parrot_score < 0.25 then '(0
 class ParrotStats:
     samples: int = 0
     text_share: float = 0.0
-    cotr_all: float = 0.0
-    cotr_text: float = 0.0
-    fuzzy_all: float = 0.0
-    fuzzy_text: float = 0.0
-    parroting_share: float = 0.0  # captions with at least one spelled word (CoTR > 0)
+    cotr_all: float | None = None  # mean cotr (None: the run has no cotr column)
+    cotr_text: float | None = None
+    fuzzy_all: float | None = None  # mean cotr_fuzzy
+    fuzzy_text: float | None = None
+    score_exact_all: float = 0.0  # mean parrot_score_exact: the project's scale, no paper figure
+    score_all: float = 0.0  # mean parrot_score
+    parroting_share: float | None = None  # the paper's parrots: cotr > 0
     is_parrot_share: float = 0.0
     histogram: list[tuple[str, int]] = field(default_factory=list)
     clip_by_bucket: list[tuple[str, int, float | None, float | None]] = field(default_factory=list)
@@ -39,16 +46,22 @@ class ParrotStats:
     auc_parrot_vs_descriptive: float | None = None
 
     def format(self) -> str:
-        pct = lambda x: f"{100 * (x or 0):5.1f}%"  # noqa: E731
+        pct = lambda x: "  n/a " if x is None else f"{100 * x:5.1f}%"  # noqa: E731
+        paper = lambda key: f"[{pct(PAPER_LAION[key])}]"  # noqa: E731
         lines = [
             f"== parrot statistics ({self.samples} scored samples; LAION-2B per the Parrot Captions paper in brackets)",
-            f"   images with embedded text       {pct(self.text_share)}   [{pct(PAPER_LAION['text_share'])}]",
-            f"   CoTR, all captions              {pct(self.cotr_all)}   [{pct(PAPER_LAION['cotr_all'])}]",
-            f"   CoTR, captions of text images   {pct(self.cotr_text)}   [{pct(PAPER_LAION['cotr_text'])}]",
-            f"   fuzzy CoTR, all captions        {pct(self.fuzzy_all)}   [{pct(PAPER_LAION['fuzzy_all'])}]",
-            f"   fuzzy CoTR, text images         {pct(self.fuzzy_text)}   [{pct(PAPER_LAION['fuzzy_text'])}]",
-            f"   captions spelling >= 1 word     {pct(self.parroting_share)}",
-            f"   captions flagged is_parrot      {pct(self.is_parrot_share)}",
+            "   like with like: the paper's CoTR counts every caption word (columns cotr, cotr_fuzzy)",
+            f"   images with embedded text       {pct(self.text_share)}   {paper('text_share')}   n_regions > 0",
+            f"   CoTR, all captions              {pct(self.cotr_all)}   {paper('cotr_all')}   mean cotr",
+            f"   CoTR, captions of text images   {pct(self.cotr_text)}   {paper('cotr_text')}   mean cotr",
+            f"   fuzzy CoTR, all captions        {pct(self.fuzzy_all)}   {paper('fuzzy_all')}   mean cotr_fuzzy",
+            f"   fuzzy CoTR, text images         {pct(self.fuzzy_text)}   {paper('fuzzy_text')}   mean cotr_fuzzy",
+            "     (fuzzy: our matcher, one edit on non-words and merged words; the paper's edit threshold is not given)",
+            f"   captions spelling >= 1 word     {pct(self.parroting_share)}              cotr > 0 (the paper's parrots)",
+            "   this project's score (stop words removed per [parrot]; a different scale, no paper figure):",
+            f"   parrot_score_exact, all         {pct(self.score_exact_all)}              mean parrot_score_exact",
+            f"   parrot_score, all               {pct(self.score_all)}              mean parrot_score",
+            f"   captions flagged is_parrot      {pct(self.is_parrot_share)}              parrot_score >= parrot.parrot_threshold",
             "   parrot_score histogram: " + ", ".join(f"{b}: {n}" for b, n in self.histogram),
         ]
         if self.clip_by_bucket:
@@ -93,21 +106,24 @@ def _one(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[Any, ...]:
 
 def _compute(con: duckdb.DuckDBPyConnection, root: Path) -> ParrotStats:
     scored = "from samples where status = 'ok' and parrot_status = 'ok' and ocr_status = 'ok'"
-    n, text_share, cotr_all, fuzzy_all, parroting, flagged = _one(
+    columns = {r[0] for r in con.execute("select column_name from (describe samples)").fetchall()}
+    n, text_share, score_exact_all, score_all, flagged = _one(
         con,
         "select count(*), avg((n_regions > 0)::int), avg(parrot_score_exact), avg(parrot_score), "
-        f"avg((parrot_score > 0)::int), avg(is_parrot::int) {scored}",
+        f"avg(is_parrot::int) {scored}",
     )
     stats = ParrotStats(samples=n or 0)
     if not n:
         return stats
-    cotr_text, fuzzy_text = _one(con, f"select avg(parrot_score_exact), avg(parrot_score) {scored} and n_regions > 0")
-    stats.text_share, stats.cotr_all, stats.fuzzy_all = text_share, cotr_all, fuzzy_all
-    stats.cotr_text, stats.fuzzy_text = cotr_text or 0.0, fuzzy_text or 0.0
-    stats.parroting_share, stats.is_parrot_share = parroting, flagged
+    stats.text_share, stats.score_exact_all, stats.score_all, stats.is_parrot_share = (
+        text_share, score_exact_all, score_all, flagged)
+    if {"cotr", "cotr_fuzzy"} <= columns:  # absent in runs scored before the paper's CoTR columns
+        stats.cotr_all, stats.fuzzy_all, stats.parroting_share = _one(
+            con, f"select avg(cotr), avg(cotr_fuzzy), avg((cotr > 0)::int) {scored}")
+        cotr_text, fuzzy_text = _one(con, f"select avg(cotr), avg(cotr_fuzzy) {scored} and n_regions > 0")
+        stats.cotr_text, stats.fuzzy_text = cotr_text or 0.0, fuzzy_text or 0.0
     stats.histogram = con.execute(f"select {BUCKETS} as b, count(*) {scored} group by b order by min(parrot_score)").fetchall()
-    has_clip = "clip_score" in [r[0] for r in con.execute("select column_name from (describe samples)").fetchall()]
-    if has_clip:
+    if "clip_score" in columns:
         stats.clip_by_bucket = con.execute(
             f"select {BUCKETS} as b, count(*), avg(clip_score), avg(clip_score - clip_score_masked) "
             f"{scored} and clip_status = 'ok' group by b order by min(parrot_score)"

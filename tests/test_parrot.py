@@ -1,5 +1,7 @@
-"""Parrot-caption scoring (CoTR): word normalisation, stop words, fuzzy matching of OCR misreads,
-and separation of parrot from descriptive captions on the embedded dataset's ground-truth text.
+"""Parrot-caption scoring (CoTR): caption cleaning, word normalisation, stop words, the paper's
+CoTR beside the project's score, fuzzy matching of OCR misreads (but not of distinct real words),
+merged OCR tokens, and separation of parrot from descriptive captions on the embedded dataset's
+ground-truth text.
 
 No models: the ground-truth ``box_texts`` stand in for OCR, so these tests measure the scoring
 rule itself, not an OCR engine.
@@ -8,9 +10,11 @@ rule itself, not an OCR engine.
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 from collections import defaultdict
 
+import ftfy
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -21,6 +25,8 @@ from sources.embedded import CAPTION_KINDS, generate
 from stages.parrot import (
     ENGLISH_STOP_WORDS,
     ParrotStage,
+    clean_caption,
+    clip_vocab_words,
     levenshtein_within,
     normalise_text,
     split_words,
@@ -148,7 +154,93 @@ def test_short_words_are_not_fuzzily_matched() -> None:
     assert row["parroted_words"] == ["cat"]
     # A long caption word is not fuzzily matched to a short OCR fragment either.
     assert _one(stage, "cars", ["CAR"])["parroted_words"] == []
-    assert _one(_stage(fuzzy_min_length=3), "cat bar", ["CAT", "CAR"])["parroted_words"] == ["cat", "bar"]
+    # With the length rule alone, "bar"~"car" would match at fuzzy_min_length=3; "car" is a real
+    # word, so the dictionary guard (on by default) refuses it (changed on purpose, issue #14).
+    assert _one(_stage(fuzzy_min_length=3), "cat bar", ["CAT", "CAR"])["parroted_words"] == ["cat"]
+    no_guard = _stage(fuzzy_min_length=3, fuzzy_dictionary="none")
+    assert _one(no_guard, "cat bar", ["CAT", "CAR"])["parroted_words"] == ["cat", "bar"]
+
+
+FALSE_PARROTS = [("live", "LOVE"), ("hostel", "HOTEL"), ("sale", "SOLE"), ("poster", "POTTER"), ("black", "BLANK")]
+
+
+def test_distinct_words_one_edit_apart_are_not_parrots() -> None:
+    stage = _stage()
+    for caption_word, ocr_word in FALSE_PARROTS:
+        row = _one(stage, caption_word, [ocr_word])
+        assert row["parroted_words"] == [] and row["cotr_fuzzy"] == 0.0, (caption_word, ocr_word)
+    row = _one(stage, "live music", ["LOVE", "MUSE"])  # two words, no exact match: not a parrot
+    assert row["parrot_score"] == 0.0 and row["is_parrot"] is False
+    # The guard is what refuses them: edit distance alone calls every pair a parrot.
+    no_guard = _stage(fuzzy_dictionary="none")
+    assert all(_one(no_guard, c, [o])["parroted_words"] == [c] for c, o in FALSE_PARROTS)
+    assert {"live", "love", "hostel", "hotel", "sale", "sole", "poster", "potter", "black", "blank"} <= clip_vocab_words()
+
+
+def test_numbers_one_digit_apart_are_not_misreads() -> None:
+    stage = _stage(fuzzy_dictionary="none")  # whatever the dictionary holds
+    assert _one(stage, "calendar 2014", ["CALENDAR", "2015"])["parroted_words"] == ["calendar"]
+
+
+def test_merged_ocr_tokens_match_consecutive_caption_words() -> None:
+    stage = _stage()
+    row = _one(stage, "Golden Tokyo", ["GOLDENTOKYO"])
+    assert row["parroted_words"] == ["golden", "tokyo"] and row["is_parrot"] is True
+    assert row["cotr"] == 0.0 and row["cotr_fuzzy"] == 1.0  # not an exact word match
+    assert _one(stage, "Golden Tokyo", ["G0LDENTOKYO"])["parroted_words"] == ["golden", "tokyo"]  # plus a misread
+    pursuit = _one(stage, "The Pursuit of God", ["THE", "PURSUITOF", "GOD"])
+    assert pursuit["cotr_fuzzy"] == 1.0  # "of" found inside the merged token, beside "pursuit"
+    # A token that happens to be a web word still counts when it is the caption's words run together.
+    assert _one(stage, "Black Panther Necklace", ["BLACKPANTHER"])["parroted_words"] == ["black", "panther"]
+
+
+def test_words_inside_longer_tokens_are_not_merges() -> None:
+    stage = _stage()
+    assert _one(stage, "car", ["SCARF"])["parroted_words"] == []  # a short word inside a long token
+    assert _one(stage, "party art", ["PARTYART"])["parroted_words"] == ["party", "art"]  # both words, in order: a merge
+    assert _one(stage, "art party", ["PARTYART"])["parroted_words"] == []  # OCR reads in order
+    assert _one(stage, "art", ["PARTY"])["parroted_words"] == []
+    assert _one(stage, "golden hotel tokyo", ["GOLDENTOKYO"])["parroted_words"] == []  # not consecutive
+    assert _one(stage, "log in to", ["INTO"])["cotr_fuzzy"] == 0.0  # shorter than merged_min_length
+    assert _one(_stage(merged_min_length=0), "Golden Tokyo", ["GOLDENTOKYO"])["parroted_words"] == []
+
+
+# -- the paper's CoTR and cleaning ---------------------------------------------------------------
+
+
+def test_paper_cotr_counts_every_word_beside_the_project_score() -> None:
+    row = _one(_stage(), "to be or not to be", ["NOT"])
+    assert row["cotr"] == 0.25 and row["cotr_fuzzy"] == 0.25  # {to, be, or, not}: one of four
+    assert row["caption_words"] == ["not"] and row["parrot_score"] == 1.0  # stop words removed
+    row = _one(_stage(), "the coffee shop of the town", ["COFFEE", "SH0P"])
+    assert row["cotr"] == pytest.approx(1 / 5) and row["cotr_fuzzy"] == pytest.approx(2 / 5)
+    assert row["parrot_score_exact"] == pytest.approx(1 / 3) and row["parrot_score"] == pytest.approx(2 / 3)
+    assert _one(_stage(), "grand hotel", [])["cotr"] == 0.0
+    assert _one(_stage(), "grand hotel", None, status="failed")["cotr"] is None
+
+
+def test_captions_are_cleaned_like_open_clip() -> None:
+    stage = _stage(stop_words="none")
+    assert stage.caption_words("Tom &amp; Jerry &#39;Don&#39;t Stop&#39;") == ["tom", "jerry", "don", "t", "stop"]
+    assert stage.caption_words("Fish &amp;amp; Chips") == ["fish", "chips"]  # escaped twice
+    assert stage.caption_words("cafÃ© Ã  la carte") == ["cafe", "a", "la", "carte"]  # mojibake
+    assert _one(stage, "Caf&eacute; M&Uuml;ller", ["CAFE", "MULLER"])["cotr"] == 1.0
+    # The same text as open_clip.tokenizer.basic_clean, including where we skip ftfy for speed.
+    for text in ("plain ascii", " Tom &amp; Jerry ", "cafÃ© Ã  la carte", "tab\there", "&lt;b&gt;x", "ﬁne Ｃａｆé"):
+        assert clean_caption(text) == html.unescape(html.unescape(ftfy.fix_text(text))).strip(), text
+
+
+def test_params_record_the_rule() -> None:
+    params = json.loads(_stage().params_json)
+    assert params["version"] >= 2 and params["fuzzy_dictionary"] == "clip_bpe"
+    assert params["merged_min_length"] == DEFAULT.merged_min_length and params["clean"]
+
+
+def test_config_problems() -> None:
+    assert DEFAULT.problems() == []
+    assert any("fuzzy_dictionary" in p for p in dataclasses.replace(DEFAULT, fuzzy_dictionary="x").problems())
+    assert any("merged_min_length" in p for p in dataclasses.replace(DEFAULT, merged_min_length=1).problems())
+    assert dataclasses.replace(DEFAULT, merged_min_length=0).problems() == []
 
 
 def test_score_zero_without_text_and_failed_ocr_is_unknown() -> None:
