@@ -26,17 +26,19 @@ import os
 import tarfile
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import TYPE_CHECKING, BinaryIO, Union
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 
 from core.settings import config_section, require
 from manifests.schemas import CURATED
 from manifests.store import tar_key, tmp_sibling
 from stages.base import Resources, ShardOutput, ShardStage
+
+if TYPE_CHECKING:  # pragma: no cover
+    import webdataset as wds
 
 
 @config_section
@@ -162,6 +164,8 @@ class ReshardStage(ShardStage):
         parquet_path = work_dir / f"{shard}.parquet"
         tmp_tar, tmp_parquet = tmp_sibling(tar_path), tmp_sibling(parquet_path)
         rows: list[dict] = []
+        import webdataset as wds  # here, not at import: webdataset imports torch (seconds), and the CLI imports every stage
+
         try:
             with open(tmp_tar, "wb") as out:
                 # closed on error too, while ``out`` is open: else tarfile flushes into a closed file later
@@ -193,7 +197,7 @@ class ReshardStage(ShardStage):
         size = tar_path.stat().st_size + parquet_path.stat().st_size
         return ShardOutput(manifest, files={"tar": tar_path, "parquet": parquet_path}, bytes_written=size)
 
-    def _copy_source(self, source_tar: str, keys: SourceKeys, shard: str, writer: wds.TarWriter, rows: list[dict]) -> None:
+    def _copy_source(self, source_tar: str, keys: SourceKeys, shard: str, writer: "wds.TarWriter", rows: list[dict]) -> None:
         """Stream one source tar (a local path or an fsspec URL), writing its kept samples; raise if a
         listed key is missing. Remote tars are read with seeks too: skipped members are not fetched."""
         wanted = set(keys)
