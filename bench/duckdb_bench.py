@@ -68,7 +68,8 @@ STAGE_SQL = {
     "parrot": f"""
         select md5(i::varchar) as uid, 'ok' as parrot_status,
                (case when {_h('i', 3)} % 100 < 40 then ({_h('i', 6)} % 1001) / 1000.0 else 0 end)::float
-                   as parrot_score
+                   as parrot_score,
+               ({_h('i', 3)} % 100 < 40 and ({_h('i', 6)} % 1001) / 1000.0 >= 0.3) as is_parrot
         from range({{lo}}, {{hi}}) t(i)""",
     "clip_score": f"""
         select md5(i::varchar) as uid, 'ok' as clip_status,
@@ -124,7 +125,7 @@ def count_sql(rules: dict[str, str], source: str) -> str:
 def time_policies(con: Any, policies: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
     out = {}
     for name, policy in policies.items():
-        sql = count_sql(policy.rules, source)
+        sql = count_sql(policy.rendered_rules(), source)
         started = time.perf_counter()
         kept, total = con.execute(sql).fetchone()  # warm-up: Parquet metadata, page cache
         first = time.perf_counter() - started
