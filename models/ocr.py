@@ -18,7 +18,8 @@ Why ``EasyOcrEngine`` does not just call ``easyocr.Reader.readtext`` per image:
   load time (in memory, no file), check it against the torch output, and keep torch on GPU and as
   the fallback.
 - Images are scaled so that their longest side is ``detector_size``: the detector's cost grows
-  with pixels, and this dataset's text stays detectable well below 512 px.
+  with pixels, and this dataset's text stays detectable well below 512 px. Small images are
+  enlarged at most ``MAX_UPSCALE`` (2x) times: beyond that CRAFT reads no more and costs more.
 - Recognition (the small english_g2 CRNN) runs only on detected boxes, per crop on CPU (as
   easyocr does: padding crops to a common width costs more than it saves there) and in one batch
   over all crops of all images on GPU. On CPU it runs on one torch thread whatever the replica's
@@ -57,10 +58,29 @@ log = logging.getLogger(__name__)
 
 Quad = list[list[float]]
 
-# easyocr's readtext defaults, named once so both engines and the benchmark agree.
-_TEXT_THRESHOLD = 0.7
-_LINK_THRESHOLD = 0.4
-_LOW_TEXT = 0.4
+# CRAFT's thresholds: a component needs a peak region score of TEXT_THRESHOLD to count as text,
+# and its box extends over pixels scoring at least LOW_TEXT (readtext's defaults: 0.7, 0.4, 0.4).
+# LOW_TEXT 0.4 -> 0.3 because CRAFT's boxes on real photos were too tight: on the two WildReceipt
+# photos (tests/test_ocr_real.py) at the 512-px download, annotated text area covered went
+# 0.805 -> 0.876, regions found (IoU >= 0.5) 32 -> 34 of 82, words read 14 -> 17; with the
+# detector at 512 on the originals 0.69 -> 0.83, 38 -> 46 and 22 -> 26 (a stock readtext on the
+# 512-px download: 0.799, 29 and 12; it matches our old boxes exactly once given readtext's line
+# grouping, so the batched ONNX detector itself loses nothing). Rendered text (embedded
+# set, 40 images, seed 11, 512 px) and 14 text-free photos (scikit-image's) are unchanged (same
+# F1 and word recall, no region on a text-free photo), and so is the cost (post-processing only).
+# 0.25 covers more (0.908) but merges neighbours and finds fewer regions (31).
+TEXT_THRESHOLD = 0.7
+LINK_THRESHOLD = 0.4
+LOW_TEXT = 0.3
+# Images smaller than detector_size are enlarged for the detector at most this much. Enlarging
+# without a cap fed a 35x19 word crop to CRAFT at 512 px (15x): letters ~250 px high, which CRAFT
+# splits into pieces, at the cost of a full 512-px forward. Measured with the stage (easyocr,
+# 1 thread, busy 2 cores): 2x reads as much as no cap everywhere we have real text (10 mmocr
+# crops 3/10, 10 dtrb crops 6/10, both receipts, the 9 rapidocr test images' region counts) at
+# 0.16 vs 1.22 CPU-s per mmocr crop and 0.68 vs 1.12 per dtrb crop; 1.5x lost a dtrb word and 1x
+# (readtext's behaviour) lost 4 of the 9 crop words. On 36 real images at 512 px (receipts,
+# RapidOCR's test images, the crops, 5 text-free photos) the stage went 1.61 -> 1.14 CPU-s/image.
+MAX_UPSCALE = 2.0
 _MIN_SIZE = 20  # px in the original image: smaller boxes are dropped, as readtext does
 _SLOPE_THS, _YCENTER_THS, _HEIGHT_THS = 0.1, 0.5, 0.5
 # Line grouping: readtext uses width_ths 0.5 and add_margin 0.1. We merge word boxes on one line
@@ -119,9 +139,15 @@ def _ocr_rgb(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def _detector_shape(h: int, w: int, detector_size: int) -> tuple[float, int, int]:
-    """Scale so the longest side is ``detector_size``; returns (scale, target_h, target_w)."""
-    scale = detector_size / max(h, w)
+def detector_scale(h: int, w: int, detector_size: int, max_upscale: float = MAX_UPSCALE) -> float:
+    """Scale that makes the longest side ``detector_size``, but enlarging at most ``max_upscale``
+    times (see MAX_UPSCALE); shrinking is never limited."""
+    return min(detector_size / max(h, w), max(1.0, max_upscale))
+
+
+def _detector_shape(h: int, w: int, detector_size: int, max_upscale: float = MAX_UPSCALE) -> tuple[float, int, int]:
+    """``detector_scale`` and the detector's input size: (scale, target_h, target_w)."""
+    scale = detector_scale(h, w, detector_size, max_upscale)
     return scale, max(1, int(h * scale)), max(1, int(w * scale))
 
 
@@ -245,6 +271,10 @@ class EasyOcrEngine:
         canvas_tolerance: float | None = None,
         width_ths: float = WIDTH_THS,
         add_margin: float = ADD_MARGIN,
+        text_threshold: float = TEXT_THRESHOLD,
+        low_text: float = LOW_TEXT,
+        link_threshold: float = LINK_THRESHOLD,
+        max_upscale: float = MAX_UPSCALE,
     ) -> None:
         """Load the models (seconds; do it once per actor).
 
@@ -253,6 +283,8 @@ class EasyOcrEngine:
         detector_backend: "auto" (onnxruntime on CPU when the export validates, else torch),
         "torch" or "onnxruntime". canvas_tolerance: see ``group_by_canvas``.
         width_ths, add_margin: easyocr's line grouping (readtext's own are 0.5 and 0.1).
+        text_threshold, low_text, link_threshold: CRAFT's score thresholds (see LOW_TEXT).
+        max_upscale: how much a small image may be enlarged for the detector (see MAX_UPSCALE).
         """
         import easyocr
         import easyocr_en_models
@@ -289,6 +321,10 @@ class EasyOcrEngine:
 
         self._width_ths = float(width_ths)
         self._add_margin = float(add_margin)
+        self._text_threshold = float(text_threshold)
+        self._low_text = float(low_text)
+        self._link_threshold = float(link_threshold)
+        self._max_upscale = float(max_upscale)
         self._ort: _OrtCraft | None = None
         want_ort = detector_backend == "onnxruntime" or (detector_backend == "auto" and not self._on_gpu)
         if want_ort:
@@ -336,7 +372,7 @@ class EasyOcrEngine:
         import cv2
         from easyocr.craft_utils import getDetBoxes
 
-        plans = [_detector_shape(im.shape[0], im.shape[1], detector_size) for im in images]
+        plans = [_detector_shape(im.shape[0], im.shape[1], detector_size, self._max_upscale) for im in images]
         groups = group_by_canvas([(th, tw) for _, th, tw in plans], self.canvas_tolerance)
         polys: list[list[np.ndarray]] = [[] for _ in images]
         for group in groups:
@@ -355,7 +391,9 @@ class EasyOcrEngine:
                 mh, mw = (th + 1) // 2, (tw + 1) // 2
                 score_text = np.ascontiguousarray(maps[k, :mh, :mw, 0])
                 score_link = np.ascontiguousarray(maps[k, :mh, :mw, 1])
-                boxes, _, _ = getDetBoxes(score_text, score_link, _TEXT_THRESHOLD, _LINK_THRESHOLD, _LOW_TEXT)
+                boxes, _, _ = getDetBoxes(
+                    score_text, score_link, self._text_threshold, self._link_threshold, self._low_text
+                )
                 polys[i] = [(np.asarray(b, dtype=np.float64) * (2.0 / scale)).astype(np.int32).reshape(-1)
                             for b in boxes]
         return polys
@@ -436,10 +474,18 @@ class RapidOcrEngine:
     Its recogniser is the Chinese+English model: on the embedded set it reads drawn shapes as
     "★" or "中" on text-free images, so with ``latin_only`` (default) a region must contain an
     ASCII letter or digit, like everything the English easyocr model can output. It also tends
-    to drop the spaces between widely set words ("SUNNYHARBORREALTY"), which costs word recall.
+    to drop the spaces between widely set words ("SUNNYHARBORREALTY"), which costs word recall;
+    on real printed English too: RapidOCR's own en_rec.jpg line at 512 px reads
+    "Tofacilitate theshottype analysisinvideos,..." (0 of 13 words; easyocr reads all 13). Its
+    letters are often right where easyocr's are not (real receipts, compared without spaces: 37
+    of 82 words vs 17), so it suits text-area and has-text decisions better than word matching.
     """
 
-    def __init__(self, num_threads: int | None = None, latin_only: bool = True) -> None:
+    def __init__(self, num_threads: int | None = None, latin_only: bool = True,
+                 max_upscale: float = math.inf) -> None:
+        """``max_upscale``: unlike easyocr's (MAX_UPSCALE), not capped by default. rapidocr reads
+        from the enlarged image too, and enlarging is cheap here: capping at 2x saved 0.03 CPU-s
+        per dtrb word crop and lost one of its 5 words read (mmocr crops and receipts unchanged)."""
         from rapidocr_onnxruntime import RapidOCR
 
         threads = -1 if num_threads is None else max(1, int(num_threads))
@@ -448,6 +494,7 @@ class RapidOcrEngine:
         self._engine = f"rapidocr-onnxruntime {version('rapidocr-onnxruntime')} ppocr-v4"
         self._size: int | None = None
         self._latin_only = latin_only
+        self._max_upscale = float(max_upscale)
 
     def _quiet_threads(self, threads: int) -> None:
         """Re-open rapidocr's three ONNX sessions (det, cls, rec) with idle threads that sleep.
@@ -511,7 +558,7 @@ class RapidOcrEngine:
             h, w = rgb.shape[:2]
             scale = 1.0
             if max(h, w) < detector_size:  # limit_type "max" only shrinks: upscale small images here
-                scale = detector_size / max(h, w)
+                scale = detector_scale(h, w, detector_size, self._max_upscale)
                 rgb = cv2.resize(rgb, (max(1, int(w * scale)), max(1, int(h * scale))), interpolation=cv2.INTER_LINEAR)
             # rapidocr's loader treats arrays as BGR (OpenCV): hand it BGR.
             result, _ = self._ocr(np.ascontiguousarray(rgb[:, :, ::-1]))
@@ -555,8 +602,10 @@ def make_engine(config: EngineSettings, cuda_available: bool | None = None) -> O
 __all__ = [
     "EasyOcrEngine",
     "OcrEngine",
+    "MAX_UPSCALE",
     "RapidOcrEngine",
     "Region",
+    "detector_scale",
     "engine_device",
     "group_by_canvas",
     "make_engine",

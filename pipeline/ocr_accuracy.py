@@ -9,6 +9,15 @@ does not care about box granularity.
 
 Words: ground-truth words and recognised words are compared case-insensitively with punctuation
 stripped, exact match, per image.
+
+Real photographs (``tests/test_ocr_real.py``) need two more measures. Their annotations are not
+line-shaped like ours: WildReceipt boxes one field and writes its text without the spaces the
+receipt prints ("THANKYOUFORSHOPPINGWITHUS!"), so ``spaceless_words_found`` accepts a truth word
+that equals any run of consecutive recognised words of one region joined without spaces (a
+one-letter truth word still needs a one-letter reading: no substring matches). And region IoU
+punishes a detector that boxes a whole line where the truth boxes fields, so
+``text_area_coverage`` asks the granularity-free question: what share of the annotated text area
+do the detected quads cover at all.
 """
 
 from __future__ import annotations
@@ -87,6 +96,60 @@ def match_regions(pred: Sequence[QuadLike], gt: Sequence[QuadLike], iou_threshol
         used_g.add(j)
         matches.append((i, j, float(iou)))
     return matches
+
+
+def _union(quads: Iterable[QuadLike]) -> Any:
+    """One shapely geometry for a set of quads, so that overlapping boxes count once."""
+    from shapely.ops import unary_union
+
+    return unary_union([p for p in (_polygon(q) for q in quads) if not p.is_empty])
+
+
+def union_area(quads: Sequence[QuadLike]) -> float:
+    """Area of the union of ``quads`` (overlaps counted once): the weight of an image's coverage
+    when pooling several images."""
+    return float(_union(quads).area) if quads else 0.0
+
+
+def text_area_coverage(pred: Sequence[QuadLike], gt: Sequence[QuadLike]) -> float:
+    """Share of the annotated text area (union of ``gt``) that the union of ``pred`` covers.
+
+    Unions on both sides, so overlapping boxes count once; 1.0 when there is no annotated text
+    (nothing to miss). Blind to box granularity: one line box over three field boxes covers all
+    three, which region IoU would call three misses.
+    """
+    truth = _union(gt)
+    if truth.is_empty or truth.area <= 0:
+        return 1.0
+    found = _union(pred)
+    if found.is_empty:
+        return 0.0
+    return float(found.intersection(truth).area / truth.area)
+
+
+# Longest run of consecutive recognised words joined when looking for a spaceless truth word:
+# a receipt field holds up to ~6 printed words; more only makes the candidate set grow.
+MAX_JOINED_WORDS = 8
+
+
+def joined_runs(texts: Iterable[str], max_words: int = MAX_JOINED_WORDS) -> set[str]:
+    """Every run of up to ``max_words`` consecutive normalised words within one region's text,
+    joined without spaces ("THANK YOU" -> {"thank", "you", "thankyou"})."""
+    runs: set[str] = set()
+    for text in texts:
+        words = words_of([text])
+        for start in range(len(words)):
+            for stop in range(start + 1, min(len(words), start + max_words) + 1):
+                runs.add("".join(words[start:stop]))
+    return runs
+
+
+def spaceless_words_found(pred_texts: Sequence[str], truth_words: Sequence[str]) -> tuple[int, int]:
+    """(found, total) truth words of one image, each compared without its spaces and punctuation
+    to ``joined_runs`` of the recognised texts; empty truth words (unreadable boxes) not counted."""
+    truth = [w for w in (normalise_word(t.replace(" ", "")) for t in truth_words) if w]
+    runs = joined_runs(pred_texts)
+    return sum(1 for w in truth if w in runs), len(truth)
 
 
 def _ratio(num: int, den: int, empty: float) -> float:
@@ -216,11 +279,16 @@ def score_ocr(ocr: pa.Table, download: pa.Table, ground_truth: pa.Table, iou_thr
 
 
 __all__ = [
+    "MAX_JOINED_WORDS",
     "OcrAccuracy",
+    "joined_runs",
     "match_regions",
     "normalise_word",
     "polygon_iou",
     "score_ocr",
     "score_ocr_rows",
+    "spaceless_words_found",
+    "text_area_coverage",
+    "union_area",
     "words_of",
 ]

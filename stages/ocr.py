@@ -31,7 +31,7 @@ class OcrConfig:
     replicas: int = 1  # model actors; each loads the model once
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.25  # used only on GPU; fractional packs replicas on one GPU
-    detector_size: int = 512  # longest image side fed to the text detector, pixels
+    detector_size: int = 512  # longest image side fed to the text detector, pixels (small images enlarged <= 2x)
     min_confidence: float = 0.0  # regions recognised below this confidence are dropped
     quantize: bool = True  # easyocr's dynamic int8 quantisation on CPU (recorded as ocr_precision)
 

@@ -18,7 +18,7 @@ from PIL import Image
 import pipeline  # noqa: F401  (environment for easyocr's imports)
 from core.devices import resolve_device
 from manifests.schemas import schema_for
-from models.ocr import EasyOcrEngine, RapidOcrEngine, group_by_canvas, make_engine
+from models.ocr import MAX_UPSCALE, EasyOcrEngine, RapidOcrEngine, detector_scale, group_by_canvas, make_engine
 from pipeline.config import OcrConfig
 from pipeline.ocr_accuracy import match_regions, polygon_iou, score_ocr, score_ocr_rows
 from sources.embedded import generate, ground_truth_table
@@ -62,6 +62,16 @@ def test_stage_resources_ask_for_a_gpu_only_when_it_runs_on_one() -> None:
     assert OcrStage(_config(engine="rapidocr", device="auto")).resources(gpus_available=True).gpus == 0.0
     with pytest.raises(ValueError):
         OcrStage(_config(device="cuda")).resources(gpus_available=False)
+
+
+def test_small_images_are_enlarged_for_the_detector_at_most_max_upscale() -> None:
+    """Large images shrink to detector_size; a 35x19 word crop is not blown up 15x (that split its
+    letters and cost a full forward, see models.ocr.MAX_UPSCALE)."""
+    assert detector_scale(1200, 1600, 512) == pytest.approx(0.32)
+    assert detector_scale(348, 348, 512) == pytest.approx(512 / 348)  # within the cap
+    assert detector_scale(19, 35, 512) == MAX_UPSCALE == 2.0
+    assert detector_scale(19, 35, 512, max_upscale=float("inf")) == pytest.approx(512 / 35)
+    assert detector_scale(19, 35, 512, max_upscale=0.5) == 1.0  # a cap below 1 never shrinks
 
 
 def test_canvas_groups_cover_the_batch_once() -> None:
