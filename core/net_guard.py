@@ -10,11 +10,14 @@ download (:func:`installed_opener`):
 
 - only ``http`` and ``https``; no file, ftp, data or other handler exists in the opener, so a
   ``file://`` URL (or a redirect to one) can never touch the filesystem;
-- every hop, redirects included, resolves its host once with ``getaddrinfo``, refuses it when
-  *any* resolved address is loopback, private, link-local (cloud metadata), multicast,
-  unspecified, reserved or otherwise not globally routable, unless an allowlisted network
-  (``download.allow_networks``) holds it, and then connects to exactly the address it checked:
-  no second lookup, so DNS rebinding between check and connect is not possible;
+- every hop, redirects included, takes its host's addresses from ``getaddrinfo`` (through a
+  per-process cache, :class:`HostAddressCache`: one lookup per host per
+  ``download.dns_cache_ttl_s``), refuses it when *any* of them is loopback, private, link-local
+  (cloud metadata), multicast, unspecified, reserved or otherwise not globally routable, unless
+  an allowlisted network (``download.allow_networks``) holds it, and then connects to exactly
+  the address it checked: no second lookup, so DNS rebinding between check and connect is not
+  possible. The cache holds answers, never verdicts: a cached address is checked again on every
+  connection, against that request's allowlist;
 - one deadline per request, redirects included, on top of the per-read timeout;
 - a cap on the body: a declared ``Content-Length`` above it is refused before reading, and a
   body without one is cut off as soon as it passes the cap;
@@ -41,7 +44,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote, urlsplit
@@ -86,6 +90,7 @@ class _PolicySource(Protocol):
     max_response_bytes: int
     request_deadline_s: float
     max_redirects: int
+    dns_cache_ttl_s: float
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,7 @@ class NetPolicy:
     max_response_bytes: int = 32 * 1024 * 1024
     request_deadline_s: float = 20.0
     max_redirects: int = 5
+    dns_cache_ttl_s: float = 120.0  # 0: every connection resolves its host afresh
 
     @classmethod
     def from_config(cls, config: _PolicySource) -> NetPolicy:
@@ -104,6 +110,7 @@ class NetPolicy:
             max_response_bytes=config.max_response_bytes,
             request_deadline_s=config.request_deadline_s,
             max_redirects=config.max_redirects,
+            dns_cache_ttl_s=config.dns_cache_ttl_s,
         )
 
 
@@ -205,20 +212,197 @@ def _address_of(sockaddr: tuple[Any, ...]) -> IPAddress:
     return ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
 
 
-def resolve_checked(host: str, port: int, allow: Iterable[IPNetwork]) -> list[tuple[Any, ...]]:
-    """Resolve ``host`` once and check every address; return the getaddrinfo entries to connect to.
+def resolve_checked(host: str, port: int, allow: Iterable[IPNetwork], ttl_s: float = 0.0,
+                    timeout: float | None = None) -> list[tuple[Any, ...]]:
+    """Resolve ``host`` and check every address; return the getaddrinfo entries to connect to.
 
     Every address must pass, not just the first: a name that resolves to one public and one
     private address would otherwise reach the private one whenever the public one fails.
     Connecting to these entries (never to the name again) is what rules out DNS rebinding.
+    With ``ttl_s > 0`` the answer may come from the process's :data:`HOST_ADDRESSES` cache (one
+    lookup per host per ``ttl_s``); it is checked here all the same, on every call. ``timeout``
+    bounds only a wait for another thread's lookup of the same host.
     """
     allow = tuple(allow)
-    infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    if ttl_s > 0:
+        infos = HOST_ADDRESSES.lookup(host, port, ttl_s, timeout)
+    else:
+        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
     if not infos:
         raise OSError(f"no address for host {host!r}")
     for info in infos:
         check_address(_address_of(info[4]), allow, host)
     return infos
+
+
+# ---------------------------------------------------------------------------
+# The per-process host address cache
+# ---------------------------------------------------------------------------
+
+AddrInfo = tuple[Any, ...]  # one getaddrinfo entry: (family, type, proto, canonname, sockaddr)
+Resolver = Callable[[str, int], Sequence[AddrInfo]]
+
+# How long a name that does not exist is remembered (capped by the positive TTL). Only
+# EAI_NONAME/EAI_NODATA are cached: they are the name server's answer, and a dead domain with
+# many URLs would otherwise cost a lookup per URL. EAI_AGAIN, EAI_FAIL and timeouts are the
+# resolver's trouble, usually passing: caching them would fail every URL of a healthy host for
+# as long as the entry lived, so they are shared only with the lookups waiting on the same
+# attempt and the next connection asks again.
+NEGATIVE_TTL_S = 10.0
+_NEGATIVE_CODES = frozenset(
+    code for code in (getattr(socket, "EAI_NONAME", None), getattr(socket, "EAI_NODATA", None)) if code is not None
+)
+
+
+def _system_resolver(host: str, port: int) -> Sequence[AddrInfo]:
+    # looked up at call time, so a resolver swapped into the socket module (tests) is the one used
+    return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
+def _with_port(info: AddrInfo, port: int) -> AddrInfo:
+    """The entry with ``port`` in its sockaddr: (addr, port) for IPv4, (addr, port, flow, scope) for IPv6."""
+    family, socktype, proto, canonname, sockaddr = info
+    if sockaddr[1] == port:
+        return info
+    return (family, socktype, proto, canonname, (sockaddr[0], port, *sockaddr[2:]))
+
+
+def _round_robin(infos: Sequence[AddrInfo], turn: int) -> list[AddrInfo]:
+    """``infos`` with each address family's addresses rotated by ``turn``, families kept in order.
+
+    getaddrinfo orders families by RFC 6724 (IPv6 first only where it is routable); rotating
+    across families would send every other connection to the family it put last.
+    """
+    families: dict[int, list[AddrInfo]] = {}
+    for info in infos:
+        families.setdefault(info[0], []).append(info)
+    out: list[AddrInfo] = []
+    for group in families.values():
+        k = turn % len(group)
+        out += group[k:] + group[:k]
+    return out
+
+
+@dataclass
+class _Answer:
+    resolved_at: float  # clock() when the lookup finished
+    infos: tuple[AddrInfo, ...] = ()
+    error: OSError | None = None  # a cached "no such name"
+    turns: int = 0  # connections served so far: where the round robin starts next
+
+
+class HostAddressCache:
+    """getaddrinfo answers per host name, for one process, shared by all its download threads.
+
+    Without it every URL costs a lookup, and a resolver 200 ms away caps a 16-thread shard at
+    80 URLs/s whatever the servers do. Here a host is resolved once per TTL: the lookup runs
+    outside the lock, and threads wanting the same host meanwhile wait for that one lookup
+    instead of starting their own (a shard's first wave of threads often asks for one host).
+    Successive connections start at successive addresses of the host (round robin), the rest
+    following as fallbacks. The key is the host name (case-folded, as DNS compares names); the
+    port only fills in the sockaddr. IP literals are not cached (no lookup to save). The cache
+    holds answers, not verdicts: :func:`resolve_checked` checks every address it returns, each
+    time, so an address refused for one request is refused from the cache too, and one request's
+    allowlist never lets another's through. At most ``max_entries`` hosts are kept; the oldest
+    answers are dropped first.
+    """
+
+    def __init__(self, resolver: Resolver = _system_resolver, clock: Callable[[], float] = time.monotonic,
+                 max_entries: int = 10_000) -> None:
+        self._resolver = resolver
+        self._clock = clock
+        self._max_entries = max_entries
+        self._lock = threading.Lock()
+        self._answers: dict[str, _Answer] = {}
+        self._pending: dict[str, Future[_Answer]] = {}
+
+    def lookup(self, host: str, port: int, ttl_s: float, timeout: float | None = None) -> list[AddrInfo]:
+        """The host's addresses for ``port``, rotated for this connection; resolving when not fresh.
+
+        ``timeout`` bounds only the wait for another thread's lookup of the same host (a
+        request's deadline); a lookup this thread runs itself is as long as getaddrinfo takes.
+        """
+        if _is_ip_literal(host):
+            return list(self._resolver(host, port))
+        key = host.lower()
+        with self._lock:
+            answer = self._fresh(key, ttl_s)
+            if answer is not None:
+                return self._serve(answer, port)
+            pending = self._pending.get(key)
+            if pending is None:
+                pending = self._pending[key] = Future()
+                owner = True
+            else:
+                owner = False
+        if owner:
+            answer = self._resolve(key, host, port, pending)
+        else:
+            try:
+                answer = pending.result(timeout)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"deadline exceeded: the address lookup of {host!r} did not finish in time"
+                ) from None
+        with self._lock:
+            return self._serve(answer, port)
+
+    def clear(self) -> None:
+        """Forget every answer (lookups in flight finish and are stored)."""
+        with self._lock:
+            self._answers.clear()
+
+    def _fresh(self, key: str, ttl_s: float) -> _Answer | None:
+        answer = self._answers.get(key)
+        if answer is None:
+            return None
+        lifetime = ttl_s if answer.error is None else min(ttl_s, NEGATIVE_TTL_S)
+        return answer if self._clock() - answer.resolved_at < lifetime else None
+
+    def _resolve(self, key: str, host: str, port: int, pending: Future[_Answer]) -> _Answer:
+        """Run the lookup, store what may be cached, and hand the outcome to the waiting threads."""
+        try:
+            infos = tuple(self._resolver(host, port))
+        except OSError as err:
+            answer = _Answer(self._clock(), error=err)
+            cacheable = isinstance(err, socket.gaierror) and err.errno in _NEGATIVE_CODES
+        except BaseException as err:
+            with self._lock:
+                del self._pending[key]
+            pending.set_exception(err)
+            raise
+        else:
+            answer = _Answer(self._clock(), infos=infos)
+            cacheable = bool(infos)
+        with self._lock:
+            del self._pending[key]
+            self._answers.pop(key, None)
+            if cacheable:
+                self._answers[key] = answer  # at the end: insertion order is age order
+                while len(self._answers) > self._max_entries:
+                    del self._answers[next(iter(self._answers))]
+        pending.set_result(answer)
+        return answer
+
+    @staticmethod
+    def _serve(answer: _Answer, port: int) -> list[AddrInfo]:
+        """Called under the lock: the answer's addresses for this connection, or its error raised."""
+        if answer.error is not None:
+            raise type(answer.error)(*answer.error.args)  # a copy: each thread raises its own
+        turn = answer.turns
+        answer.turns += 1
+        return [_with_port(i, port) for i in _round_robin(answer.infos, turn)]
+
+
+HOST_ADDRESSES = HostAddressCache()  # one per process: a Ray worker's shards, one after another, share it
 
 
 def check_url(url: object) -> str:
@@ -274,7 +458,8 @@ def guarded_create_connection(
 ) -> socket.socket:
     """``socket.create_connection`` that checks the resolved addresses first and connects to them."""
     host, port = address
-    infos = resolve_checked(host, port, policy.allow_networks)
+    infos = resolve_checked(host, port, policy.allow_networks, policy.dns_cache_ttl_s,
+                            timeout=max(0.0, deadline - time.monotonic()))
     last_error: OSError | None = None
     for family, socktype, proto, _canonname, sockaddr in infos:
         remaining = deadline - time.monotonic()

@@ -65,6 +65,11 @@ class DownloadConfig:
     max_response_bytes: int = 32 * 1024 * 1024  # body cap: declared or streamed beyond it = failed
     request_deadline_s: float = 20.0  # whole request incl. redirects and body (timeout_s is per read)
     max_redirects: int = 5  # each hop is checked like the first request
+    # A host's addresses are looked up once per this many seconds per worker process, not once
+    # per URL (every address is still checked on every connection). 120 s sits inside the 60-300 s
+    # TTLs image hosts and CDNs publish, so a renumbered host is followed within two minutes,
+    # while a worker's stream of shards asks its resolver about each host ~once. 0 turns it off.
+    dns_cache_ttl_s: float = 120.0
 
     def problems(self) -> list[str]:
         """What types cannot say: ranges and choices, as readable messages (empty when fine)."""
@@ -80,6 +85,7 @@ class DownloadConfig:
             (self.max_response_bytes >= 1024, "download.max_response_bytes must be >= 1024 (bytes)"),
             (self.request_deadline_s > 0, "download.request_deadline_s must be > 0 (seconds)"),
             (0 <= self.max_redirects <= 20, "download.max_redirects must be within 0..20"),
+            (self.dns_cache_ttl_s >= 0, "download.dns_cache_ttl_s must be >= 0 (seconds; 0 turns the cache off)"),
         )
         problems += network_problems(self.allow_networks, "download.allow_networks", parse_network)
         return problems
