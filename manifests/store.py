@@ -14,13 +14,16 @@ nodes find the same store with no extra arguments.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import re
 import shutil
+import tempfile
 import uuid
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,8 +107,22 @@ class RunLayout:
         return self.root / "shards"
 
     @property
+    def input_dir(self) -> Path:
+        """The run's frozen input: one plan file per URL list, and ``dataset.json`` naming them in order."""
+        return self.root / "input"
+
+    @property
     def input_path(self) -> Path:
-        return self.root / "input" / "urls.parquet"
+        """The plan of the run's first URL list (the only one unless more were appended)."""
+        return self.input_list_path(0)
+
+    def input_list_path(self, index: int) -> Path:
+        """The plan of the ``index``-th URL list of the run (0: the first, 1: the first appended, ...)."""
+        return self.input_dir / ("urls.parquet" if index == 0 else f"urls-{index:06d}.parquet")
+
+    @property
+    def input_meta_path(self) -> Path:
+        return self.input_dir / "dataset.json"
 
     @property
     def catalog_path(self) -> Path:
@@ -134,17 +151,48 @@ class RunLayout:
         return self.stage_dir(stage) / f"part-{shard}.parquet"
 
     def done_shards(self, stage: str) -> set[str]:
-        """Shards whose manifest part for ``stage`` exists (and so is complete)."""
-        folder = self.stage_dir(stage)
-        if not folder.is_dir():
-            return set()
-        return {p.name[len("part-") : -len(".parquet")] for p in folder.glob("part-*.parquet")}
+        """Shards whose manifest part for ``stage`` exists (and so is complete): one listing."""
+        names = list_names(self.stage_dir(stage))
+        return {n[len("part-") : -len(".parquet")] for n in names if n.startswith("part-") and n.endswith(".parquet")}
 
     def stages_present(self) -> list[str]:
+        """Stages with at least one manifest part: one listing of ``manifests/`` (recursive on an
+        object store, so one paged request instead of one per stage folder)."""
         folder = self.root / "manifests"
+        if is_remote(folder):
+            fs, key = _fs_path(folder)
+            try:
+                found = fs.find(key)
+            except FileNotFoundError:
+                return []
+            prefix = key.rstrip("/") + "/"
+            stages = set()
+            for path in found:
+                stage, _, name = path[len(prefix) :].partition("/")
+                if "/" not in name and name.startswith("part-") and name.endswith(".parquet"):
+                    stages.add(stage)
+            return sorted(stages)
         if not folder.is_dir():
             return []
-        return sorted(p.name for p in folder.iterdir() if p.is_dir() and any(p.glob("part-*.parquet")))
+        return sorted(
+            entry.name for entry in os.scandir(folder)
+            if entry.is_dir() and any(n.startswith("part-") and n.endswith(".parquet") for n in list_names(Path(entry.path)))
+        )
+
+
+def list_names(folder: Path) -> list[str]:
+    """Names of the entries of ``folder`` (none when it does not exist): one ``scandir`` locally,
+    one (paged) LIST request on an object store, whatever the number of entries."""
+    if is_remote(folder):
+        fs, key = _fs_path(folder)
+        try:
+            return [path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(key, detail=False)]
+        except FileNotFoundError:
+            return []
+    try:
+        return [entry.name for entry in os.scandir(folder)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def check_writable(root: Path) -> None:
@@ -220,6 +268,65 @@ def read_table(path: Path, columns: list[str] | None = None) -> pa.Table:
         fs, key = _fs_path(path)
         return pq.read_table(key, columns=columns, filesystem=fs)
     return pq.read_table(path, columns=columns)
+
+
+def write_row_groups_atomic(groups: Iterable[pa.Table], schema: pa.Schema, path: Path) -> int:
+    """A Parquet file (zstd) of one row group per table of ``groups``, written whole (temporary name +
+    fsync + rename, or one upload) while only one group is in memory; returns the rows written.
+
+    Row groups are the unit a reader can fetch alone (:func:`read_row_groups`), so a writer that
+    makes them match what readers ask for (a shard's rows) lets each read only its own rows.
+    """
+    if is_remote(path):  # built locally, then uploaded in one request
+        fd, name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".parquet")
+        os.close(fd)
+        local = Path(name)
+    else:
+        local = tmp_sibling(Path(path))
+        local.parent.mkdir(parents=True, exist_ok=True)
+    rows = 0
+    try:
+        with pq.ParquetWriter(local, schema, compression="zstd") as writer:
+            for table in groups:
+                writer.write_table(table, row_group_size=max(1, table.num_rows))
+                rows += table.num_rows
+        with open(local, "rb") as f:
+            os.fsync(f.fileno())
+        move_into_place(local, path)
+    finally:
+        local.unlink(missing_ok=True)
+    return rows
+
+
+@contextlib.contextmanager
+def _parquet_file(path: Path) -> Iterator[pq.ParquetFile]:
+    """A Parquet file opened for random access: local, or ranged reads of one object."""
+    if is_remote(path):
+        fs, key = _fs_path(path)
+        with fs.open(key, "rb") as raw:
+            yield pq.ParquetFile(raw)
+        return
+    with pq.ParquetFile(path) as f:
+        yield f
+
+
+def read_row_groups(path: Path, groups: Sequence[int], columns: list[str] | None = None) -> pa.Table:
+    """Only the given row groups of a Parquet file (its footer and those byte ranges are read)."""
+    with _parquet_file(path) as f:
+        return f.read_row_groups(list(groups), columns=columns)
+
+
+def row_group_ranges(path: Path, column: str) -> list[tuple[Any, Any] | None]:
+    """(min, max) of ``column`` in each row group of a Parquet file, from its footer alone (no data
+    read); None for a group whose statistics are missing."""
+    with _parquet_file(path) as f:
+        meta = f.metadata
+        index = f.schema_arrow.get_field_index(column)
+        ranges: list[tuple[Any, Any] | None] = []
+        for g in range(meta.num_row_groups):
+            stats = meta.row_group(g).column(index).statistics
+            ranges.append((stats.min, stats.max) if stats is not None and stats.has_min_max else None)
+        return ranges
 
 
 def read_bytes(location: str | Path) -> bytes:

@@ -69,13 +69,21 @@ class DatasetSource:
     url_list: str = ""
     slow_seconds: float = 4.0
     _samples: list[Any] | None = field(default=None, repr=False)
+    _table: pa.Table | None = field(default=None, repr=False)
+    _fingerprint: str | None = field(default=None, repr=False)
 
     @property
     def is_embedded(self) -> bool:
         return self.config.source == "embedded"
 
     def fingerprint(self) -> str:
-        """Identifies the input, so a rerun into the same output can tell it is the same list."""
+        """Identifies the input, so a rerun into the same output can tell it is the same list
+        (computed once: a URL list is read for it, and may be released after planning)."""
+        if self._fingerprint is None:
+            self._fingerprint = self._compute_fingerprint()
+        return self._fingerprint
+
+    def _compute_fingerprint(self) -> str:
         if self.is_embedded:
             ident = {
                 "generator": EMBEDDED_GENERATOR_VERSION,
@@ -126,11 +134,16 @@ class DatasetSource:
             unstarted.base_url = self.base_url()  # rows depend only on the address, not a live server
             rows = unstarted.url_rows()
             return pa.table({"url": [r["url"] for r in rows], "caption": [r["caption"] for r in rows]})
-        if not hasattr(self, "_table"):
+        if self._table is None:
             self._table = read_url_list(
                 self.url_list or self.config.url_list, self.config.url_column, self.config.caption_column
             )
         return self._table
+
+    def release_urls(self) -> None:
+        """Drop the URL rows read for the fingerprint or the plan: once planned, the driver needs
+        none of them (a million-row list is ~100 MB held for nothing); a later call reads again."""
+        self._table = None
 
     def ground_truth(self) -> pa.Table | None:
         """Ground truth of the embedded dataset (None for URL lists)."""

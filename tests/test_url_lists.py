@@ -141,7 +141,8 @@ def test_laion_subset_without_a_list_says_what_to_do(capsys):
     assert "needs a URL list" in capsys.readouterr().err
 
 
-def test_rerun_into_an_output_of_another_list_is_refused(ray_local, photo_server, tmp_path, capsys):
+def test_another_list_into_the_same_output_is_appended(ray_local, photo_server, tmp_path, capsys):
+    """(Once refused; now appended: tests/test_append.py tests appending in depth.)"""
     first = tmp_path / "a.csv"
     first.write_text(f"url,caption\n{photo_server}/photo1.jpg,one\n")
     second = tmp_path / "b.csv"
@@ -149,8 +150,11 @@ def test_rerun_into_an_output_of_another_list_is_refused(ray_local, photo_server
     out = tmp_path / "out"
     assert main(["curate", "--url-list", str(first), "--output", str(out), "--no-progress"]) == 0
     capsys.readouterr()
-    assert main(["curate", "--url-list", str(second), "--output", str(out), "--no-progress"]) == 2
-    assert "already holds a run of another input" in capsys.readouterr().err
+    assert main(["curate", "--url-list", str(second), "--output", str(out), "--no-progress"]) == 0
+    rows = pq.read_table(RunLayout(out).stage_dir("download")).to_pylist()
+    assert sorted((r["caption"], r["shard"]) for r in rows) == [("one", "000000"), ("two", "000001")]
+    meta = json.loads((out / "input" / "dataset.json").read_text())
+    assert [i["rows"] for i in meta["inputs"]] == [1, 1]
 
 
 def test_config_errors_name_the_key(tmp_path):
