@@ -5,6 +5,11 @@ The catalog holds only views (no data), so it is cheap to rebuild after every st
 reflects the parts on disk. It is built under a temporary name and renamed into place, so a
 reader never opens a half-written catalog.
 
+The policies do not read ``samples``: at 10M rows its join on a string uid costs seconds per
+query. :func:`materialise_policy_inputs` joins what they read once (``policy_inputs.parquet``:
+the downloaded samples in uid order, only the columns the rules name) and rebuilds it only when
+a part it joins changed; ``samples`` stays the live join, for people.
+
 For an object-store root the catalog file stays local (``RunLayout.catalog_path``) and its views
 read ``s3://...`` URLs through the store's fsspec filesystem, which every connection registers
 (:func:`connect`); stock DuckDB does the same with ``con.register_filesystem(fsspec.filesystem("s3"))``.
@@ -12,14 +17,24 @@ read ``s3://...`` URLs through the store's fsspec filesystem, which every connec
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import duckdb
+import fsspec
+import pyarrow.parquet as pq
 
-from manifests.store import RunLayout, tmp_sibling
+from manifests.store import RunLayout, is_remote, move_into_place, tmp_sibling
+
+MEMORY_LIMIT = "2GB"  # DuckDB's buffer for the policy join and queries; past it DuckDB spills to disk
+SPILL_DIR = ".tmp-duckdb-spill"  # under the run's local folder; a temporary name, so a killed run's is swept
+POLICY_INPUTS = "policy_inputs.parquet"
+_INPUTS_FORMAT = 1  # bump when what the file holds changes: every run then rebuilds it once
 
 
 def connect(catalog: Path, layout: RunLayout | None = None, read_only: bool = True) -> duckdb.DuckDBPyConnection:
@@ -33,13 +48,36 @@ def connect(catalog: Path, layout: RunLayout | None = None, read_only: bool = Tr
     return con
 
 
-def _quote(path: Path) -> str:
+def sql_string(path: Path | str) -> str:
+    """A path or text as a SQL string literal."""
     return "'" + str(path).replace("'", "''") + "'"
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _safe(name: str) -> str:
     """A policy name as a plain identifier: no-parrot -> no_parrot."""
     return "".join(c if c.isalnum() else "_" for c in name)
+
+
+def _stages_in_order(layout: RunLayout, order: Sequence[str]) -> list[str]:
+    """The stages with parts on disk, in join order: ``order`` (the DAG's), then the rest by name."""
+    present = layout.stages_present()
+    return [s for s in order if s in present] + sorted(s for s in present if s not in order)
+
+
+def _stage_relation(layout: RunLayout, stage: str) -> str:
+    """A stage's parts as one relation (parts may differ in columns: ``union_by_name``)."""
+    return f"read_parquet({sql_string(layout.stage_dir(stage) / 'part-*.parquet')}, union_by_name=true)"
+
+
+def bound_memory(con: duckdb.DuckDBPyConnection, layout: RunLayout) -> None:
+    """Cap DuckDB's memory for work over the whole pool; what passes the cap spills to the run's
+    local folder (a joined 10^8-row pool needs disk, not RAM)."""
+    con.execute(f"set memory_limit = '{MEMORY_LIMIT}'")
+    con.execute(f"set temp_directory = {sql_string(layout.local_dir / SPILL_DIR)}")
 
 
 def build_catalog(layout: RunLayout, order: Sequence[str] = ("download",)) -> Path:
@@ -48,9 +86,7 @@ def build_catalog(layout: RunLayout, order: Sequence[str] = ("download",)) -> Pa
     ``order`` is the order in which stages join into ``samples`` (the DAG's, from the pipeline);
     download comes first, it has every input sample; stages not named follow by name.
     """
-    present = layout.stages_present()
-    stages = [s for s in order if s in present]
-    stages += sorted(s for s in present if s not in stages)
+    stages = _stages_in_order(layout, order)
     target = layout.catalog_path
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_sibling(target)
@@ -58,22 +94,21 @@ def build_catalog(layout: RunLayout, order: Sequence[str] = ("download",)) -> Pa
         con = connect(tmp, layout, read_only=False)
         try:
             for stage in stages:
-                glob = layout.stage_dir(stage) / "part-*.parquet"
-                con.execute(f'create view "{stage}" as select * from read_parquet({_quote(glob)}, union_by_name=true)')
+                con.execute(f'create view "{stage}" as select * from {_stage_relation(layout, stage)}')
             if "download" in stages:
                 joins = " ".join(f'left join "{s}" using (uid)' for s in stages if s != "download")
                 con.execute(f'create view samples as select * from download {joins}')
             selections = sorted(layout.selections_dir.glob("*.parquet")) if layout.selections_dir.is_dir() else []
             if selections:
                 glob = layout.selections_dir / "*.parquet"
-                con.execute(f"create view selections as select * from read_parquet({_quote(glob)})")
+                con.execute(f"create view selections as select * from read_parquet({sql_string(glob)})")
                 for path in selections:
                     view = "selection_" + _safe(path.stem)
-                    con.execute(f'create view "{view}" as select * from read_parquet({_quote(path)})')
+                    con.execute(f'create view "{view}" as select * from read_parquet({sql_string(path)})')
             curated = sorted(layout.root.glob("curated/*/manifest.parquet"))
             if curated:
                 glob = layout.root / "curated" / "*" / "manifest.parquet"
-                con.execute(f"create view curated as select * from read_parquet({_quote(glob)})")
+                con.execute(f"create view curated as select * from read_parquet({sql_string(glob)})")
             con.execute("checkpoint")  # raises when the disk is full, instead of leaving the views in a WAL
         finally:
             con.close()
@@ -86,6 +121,116 @@ def build_catalog(layout: RunLayout, order: Sequence[str] = ("download",)) -> Pa
         if tmp.exists():
             tmp.unlink()
     return target
+
+
+@dataclass(frozen=True)
+class PolicyInputs:
+    """The materialised table the policies read: where it is and what identifies its rows."""
+
+    path: Path
+    rows: int
+    uid_digest: str  # the uid column's content (not its files): a selection over the same uids keeps its digest
+    built: bool  # joined now; False when the file on disk already matched the parts
+
+
+def policy_inputs_path(layout: RunLayout) -> Path:
+    """Local, beside the catalog: derived data that any run can rebuild from the manifests."""
+    return layout.local_dir / POLICY_INPUTS
+
+
+def _part_listing(layout: RunLayout, stage: str) -> list[tuple[str, int, str]]:
+    """(name, size, modification stamp) of each part of a stage: one listing, no read of any part."""
+    folder = layout.stage_dir(stage)
+    if layout.remote:
+        entries = folder.fs.ls(folder.path, detail=True)
+        return sorted((e["name"].rsplit("/", 1)[-1], int(e.get("size") or 0),
+                       str(e.get("ETag") or e.get("LastModified") or e.get("mtime") or ""))
+                      for e in entries if e["name"].rsplit("/", 1)[-1].startswith("part-"))
+    with os.scandir(folder) as it:
+        return sorted((e.name, e.stat().st_size, str(e.stat().st_mtime_ns))
+                      for e in it if e.name.startswith("part-") and e.name.endswith(".parquet"))
+
+
+def parquet_metadata(path: Path) -> dict[str, str]:
+    """A Parquet file's key-value metadata (its footer only); empty when the file is absent or unreadable."""
+    try:
+        with fsspec.open(str(path), "rb") as f:
+            raw = pq.read_metadata(f).metadata or {}
+    except (OSError, ValueError):
+        return {}
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def write_file_atomic(write: Callable[[Path], None], path: Path, scratch: Path) -> None:
+    """``write(tmp)`` makes a local file; it appears at ``path`` whole or not at all: a temporary
+    name beside it, fsync, rename; or, for a remote ``path``, a local file then one upload."""
+    tmp = tmp_sibling(Path(scratch) / path.name if is_remote(path) else Path(path))
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        move_into_place(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def copy_to_parquet_atomic(con: duckdb.DuckDBPyConnection, sql: str, path: Path, metadata: dict[str, str],
+                           scratch: Path) -> None:
+    """DuckDB writes a query's rows to ``path`` (zstd, ``metadata`` in the footer), atomically
+    (:func:`write_file_atomic`), in the query's order (DuckDB preserves insertion order)."""
+    kv = ", ".join(f"{k}: {sql_string(v)}" for k, v in metadata.items())
+    options = "format parquet, compression zstd, compression_level 1" + (f", kv_metadata {{{kv}}}" if kv else "")
+    write_file_atomic(lambda tmp: con.execute(f"copy ({sql}) to {sql_string(tmp)} ({options})"), path, scratch)
+
+
+def materialise_policy_inputs(layout: RunLayout, columns: Sequence[str], order: Sequence[str] = ("download",)) -> PolicyInputs:
+    """Join the stages once into ``policy_inputs.parquet``: the downloaded (status 'ok') samples in
+    uid order with ``columns`` (those the policies' rules name), the values ``samples`` has.
+
+    Only the stages that hold a wanted column are joined. The file's footer records a fingerprint
+    of every part it was made from (name, size, time), the columns and DuckDB's version; when the
+    parts on disk give the same fingerprint the file is reused, else rebuilt: once per run that
+    changed a manifest, however many policies read it.
+    """
+    stages = _stages_in_order(layout, order)
+    if "download" not in stages:
+        raise FileNotFoundError(f"no download manifest under {layout.stage_dir('download')}: nothing to select from")
+    stages.remove("download")
+    con = connect(Path(":memory:"), layout, read_only=False)
+    try:
+        bound_memory(con, layout)
+        wanted = list(dict.fromkeys(["uid", *columns]))
+        found = {c for (c, *_) in con.execute(f"describe select * from {_stage_relation(layout, 'download')}").fetchall()}
+        joined = []
+        for stage in stages:
+            if set(wanted) - found:
+                names = {c for (c, *_) in con.execute(f"describe select * from {_stage_relation(layout, stage)}").fetchall()}
+                if (set(wanted) - found) & (names - {"uid"}):
+                    joined.append(stage)
+                    found |= names
+        kept_columns = [c for c in wanted if c in found]  # a missing one fails in the policy, which names it
+        fingerprint = hashlib.sha256(json.dumps({
+            "format": _INPUTS_FORMAT, "duckdb": duckdb.__version__, "columns": kept_columns,
+            "parts": {s: _part_listing(layout, s) for s in ["download", *joined]},
+        }).encode()).hexdigest()
+        path = policy_inputs_path(layout)
+        meta = parquet_metadata(path)
+        if meta.get("fingerprint") == fingerprint:
+            return PolicyInputs(path, int(meta["rows"]), meta["uid_digest"], built=False)
+        joins = " ".join(f'left join {_stage_relation(layout, s)} as "{s}" using (uid)' for s in joined)
+        select = ", ".join(_ident(c) for c in kept_columns)
+        con.execute(f"create temp table policy_inputs as select {select} "
+                    f"from {_stage_relation(layout, 'download')} as download {joins} where status = 'ok' order by uid")
+        rows, xor, total = con.execute(
+            "select count(*), coalesce(bit_xor(hash(uid)), 0), coalesce(sum(hash(uid)::hugeint), 0) from policy_inputs"
+        ).fetchone()
+        uid_digest = hashlib.sha256(f"{rows}:{xor}:{total}".encode()).hexdigest()
+        copy_to_parquet_atomic(con, "select * from policy_inputs", path,
+                               {"fingerprint": fingerprint, "uid_digest": uid_digest, "rows": str(rows)}, layout.local_dir)
+        return PolicyInputs(path, rows, uid_digest, built=True)
+    finally:
+        con.close()
 
 
 def run_query(catalog: Path | RunLayout, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:

@@ -9,17 +9,27 @@ decision moved.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import time
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from manifests.catalog import connect
+from manifests.catalog import (
+    PolicyInputs, bound_memory, connect, materialise_policy_inputs, parquet_metadata, sql_string, write_file_atomic,
+)
 from manifests.store import RunLayout, read_table, write_table_atomic
 from pipeline.config import Config
+from pipeline.dag import STAGE_ORDER
 from stages.base import PoolStage
-from stages.filter import FilterStage
+from stages.filter import Decisions, FilterStage, PolicyInput
 
 POOL_PART = "pool"  # a pool stage writes manifests/<stage>/part-pool.parquet: the catalog joins it like any part
+DIGEST_KEY = "selection_digest"  # in a selection's Parquet footer: what it holds, to skip an unchanged rewrite
+_SELECTION_FORMAT = 1
+UID_BATCH = 1 << 20
 
 
 @dataclass
@@ -29,6 +39,7 @@ class SelectionReport:
     total: int
     changed: bool
     description: str
+    seconds: float = 0.0  # deciding and (when changed) writing this policy's selection
 
 
 def _write_if_changed(table: pa.Table, path) -> bool:
@@ -49,23 +60,59 @@ def run_pool_step(layout: RunLayout, stage: PoolStage) -> bool:
     return _write_if_changed(table, layout.part_path(stage.name, POOL_PART))
 
 
-def select_policies(layout: RunLayout, config: Config, policies: tuple[str, ...]) -> list[SelectionReport]:
-    """Evaluate each named policy over the catalog's ``samples`` and write changed selections.
+def selection_digest(inputs: PolicyInputs, policy: str, decisions: Decisions) -> str:
+    """What a selection holds, without reading it: its uids (the input's, in order), the policy's
+    name, each outcome's reason and every row's outcome. Equal digests, equal files' rows."""
+    head = json.dumps([_SELECTION_FORMAT, policy, inputs.uid_digest, sorted(decisions.reasons.items()), decisions.digest])
+    return hashlib.sha256(head.encode()).hexdigest()
 
-    The caller rebuilds the catalog before (so ``samples`` sees every part) and after (so the
+
+def _write_selection(stage: FilterStage, decisions: Decisions, inputs: PolicyInputs, digest: str, path) -> None:
+    """Stream the input's uids (one column, batch by batch) beside the decisions into the Parquet
+    file; the digest goes in its footer. Memory: a batch, whatever the pool's size."""
+
+    def write(tmp) -> None:
+        uids = (b.column(0) for b in pq.ParquetFile(inputs.path).iter_batches(batch_size=UID_BATCH, columns=["uid"]))
+        with pq.ParquetWriter(tmp, stage.written_schema, compression="zstd", use_dictionary=["policy", "reason"],
+                              write_statistics=["policy", "kept", "reason"], store_schema=False) as writer:
+            for batch in stage.selection_batches(decisions, uids):
+                writer.write_batch(batch)
+            writer.add_key_value_metadata({DIGEST_KEY: digest})
+
+    write_file_atomic(write, path, inputs.path.parent)
+
+
+def select_policies(layout: RunLayout, config: Config, policies: tuple[str, ...]) -> list[SelectionReport]:
+    """Evaluate each named policy and write the selections that changed.
+
+    The policies read ``policy_inputs.parquet`` (:func:`materialise_policy_inputs`: joined once,
+    rebuilt only when a manifest part changed), not the ``samples`` join. DuckDB decides; the
+    selection is streamed to Parquet from Arrow (temporary name then rename) only when its digest,
+    kept in the file's footer, differs from the new one; the file is left alone otherwise, so resharding,
+    which compares the selection's time and hash, redoes only the policies whose decision moved.
+
+    The caller rebuilds the catalog before (so the stage views see every part) and after (so the
     ``selection_<policy>`` views exist).
     """
+    stages = {name: FilterStage(config.policy(name)) for name in policies}
+    columns = sorted({c for stage in stages.values() for c in stage.policy_reads()})
+    inputs = materialise_policy_inputs(layout, columns, STAGE_ORDER)
+    source = PolicyInput(f"read_parquet({sql_string(inputs.path)}, file_row_number = true)", "file_row_number")
     reports = []
-    con = connect(layout.catalog_path, layout)
+    con = connect(layout.catalog_path, layout)  # the catalog's views stay visible to a rule's subquery
     try:
-        for name in policies:
-            policy = config.policy(name)
-            stage = FilterStage(policy)
-            table = stage.process_pool(con)
-            stage.check_output(table.column_names)
-            changed = _write_if_changed(table, layout.selection_path(name))
-            kept = sum(table.column("kept").to_pylist())
-            reports.append(SelectionReport(name, kept, table.num_rows, changed, policy.description))
+        bound_memory(con, layout)
+        for name, stage in stages.items():
+            started = time.perf_counter()
+            decisions = stage.decide(con, source)
+            stage.check_output(stage.written_schema.names)
+            path = layout.selection_path(name)
+            digest = selection_digest(inputs, name, decisions)
+            changed = parquet_metadata(path).get(DIGEST_KEY) != digest
+            if changed:
+                _write_selection(stage, decisions, inputs, digest, path)
+            reports.append(SelectionReport(name, decisions.kept, decisions.total, changed,
+                                           stage.policy.description, time.perf_counter() - started))
     finally:
         con.close()
     return reports

@@ -3,15 +3,22 @@
 Decide, then materialise (DataComp): the selection is one row per downloaded sample with
 ``kept`` and a readable ``reason``; resharding reads it later. Each rule is evaluated as its own
 column in one DuckDB query, so the reason can name the rules a sample failed, and a rule that
-evaluates to NULL (a score is missing) fails with that said.
+evaluates to NULL (a score is missing) fails with that said. All of it runs in DuckDB: at 10^7
+rows, Python sees the handful of distinct outcomes, never a row.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import re
-from dataclasses import field
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 
 from core.errors import ConfigError
@@ -47,6 +54,7 @@ class PolicyConfig:
         """What types cannot say: ranges and choices, as readable messages (empty when fine)."""
         problems = require(
             (bool(self.rules), f"policies.{self.name} needs at least one rule (rules = {{ name = \"sql\" }})"),
+            (len(self.rules) <= MAX_RULES, f"policies.{self.name} has {len(self.rules)} rules; at most {MAX_RULES}"),
         )
         problems += require(
             *((sql.strip() != "", f"policies.{self.name}.rules.{rule} must be SQL text") for rule, sql in self.rules.items())
@@ -59,35 +67,50 @@ class PolicyConfig:
 
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+MAX_RULES = 40  # a sample's outcome over a policy's rules is one 64-bit integer: 3 ** rules values
 
 
 def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def policy_sql(policy: PolicyConfig) -> str:
-    """The query whose rows are the selection; printed in the docs and tested against DuckDB."""
-    rules = ",\n       ".join(f"({sql}) as {_ident('rule:' + name)}" for name, sql in policy.rendered_rules().items())
-    return f"select uid,\n       {rules}\nfrom samples\nwhere status = 'ok'\norder by uid"
+@functools.lru_cache(maxsize=256)
+def _syntax_tree(sql: str) -> dict:
+    """DuckDB's parse of ``select (<rule>) from samples`` as JSON: no data, no catalog needed.
+    Cached, and on one connection: opening a DuckDB instance costs more than parsing."""
+    with _PARSER_LOCK:
+        return json.loads(_parser().execute("select json_serialize_sql(?)", [f"select ({sql}) from samples"]).fetchone()[0])
+
+
+@functools.cache
+def _parser() -> duckdb.DuckDBPyConnection:
+    return duckdb.connect()
+
+
+_PARSER_LOCK = threading.Lock()
+
+
+def _parsed_rules(policy: PolicyConfig) -> dict[str, dict]:
+    """Each rule's syntax tree; a rule that does not parse is a ConfigError naming it."""
+    trees = {}
+    for rule, sql in policy.rendered_rules().items():
+        tree = _syntax_tree(sql)
+        if tree.get("error"):
+            raise ConfigError(f"policies.{policy.name}.rules.{rule} is not valid SQL: {tree.get('error_message')}")
+        trees[rule] = tree
+    return trees
 
 
 def referenced_columns(policy: PolicyConfig) -> tuple[str, ...]:
-    """The ``samples`` columns a policy's rules name, from DuckDB's own parser (no data needed),
-    so a rule naming a column that no stage writes stops the run before any work. A rule that
-    does not parse is a ConfigError naming it."""
-    import json
+    """The ``samples`` columns a policy's rules name, so a rule naming a column that no stage
+    writes stops the run before any work (and the policies' input holds just these columns)."""
+    return tuple(sorted(set().union(*(_column_refs(t) for t in _parsed_rules(policy).values()))))
 
-    con = duckdb.connect()
-    try:
-        names: set[str] = set()
-        for rule, sql in policy.rendered_rules().items():
-            tree = json.loads(con.execute("select json_serialize_sql(?)", [f"select ({sql}) from samples"]).fetchone()[0])
-            if tree.get("error"):
-                raise ConfigError(f"policies.{policy.name}.rules.{rule} is not valid SQL: {tree.get('error_message')}")
-            names.update(_column_refs(tree))
-        return tuple(sorted(names))
-    finally:
-        con.close()
+
+def _has_window(node: object) -> bool:
+    if isinstance(node, dict):
+        return node.get("class") == "WINDOW" or any(_has_window(v) for v in node.values())
+    return isinstance(node, list) and any(_has_window(v) for v in node)
 
 
 def _column_refs(node: object) -> set[str]:
@@ -101,8 +124,61 @@ def _column_refs(node: object) -> set[str]:
     return set()
 
 
+_CODE_TYPES = ((5, np.uint8), (10, np.uint16), (20, np.uint32), (MAX_RULES, np.uint64))
+# a selection as written: policy and reason dictionary-encoded (a handful of values); read back as strings
+_WRITTEN = pa.schema([pa.field("uid", pa.string(), nullable=False),
+                      pa.field("policy", pa.dictionary(pa.int8(), pa.string()), nullable=False),
+                      pa.field("kept", pa.bool_(), nullable=False),
+                      pa.field("reason", pa.dictionary(pa.int32(), pa.string()), nullable=False)])
+
+
+def reason_text(rules: list[str], code: int) -> str:
+    """The readable reason for one outcome: rule i held (0), failed (1) or was NULL (2), digit i of
+    ``code`` in base 3. ``kept: r1, r2`` or ``dropped: fails r1; r2 is null (missing score)``."""
+    states = [(code // 3**i) % 3 for i in range(len(rules))]
+    if not any(states):
+        return "kept: " + ", ".join(rules)
+    return "dropped: " + "; ".join(f"{r} is null (missing score)" if s == 2 else f"fails {r}"
+                                    for r, s in zip(rules, states) if s)
+
+
+@dataclass(frozen=True)
+class PolicyInput:
+    """What a policy runs over: a relation of the downloaded samples in uid order with the columns
+    its rules name (aliased ``samples`` in the query), and a column numbering its rows in that order,
+    which puts rows back in uid order after a window rule (``over (order by ...)``) moved them."""
+
+    relation: str
+    position: str
+
+
+@dataclass(frozen=True)
+class Decisions:
+    """One policy's outcome per input row, in the input's order (0: kept), as one small integer a
+    row in a NumPy array (1 byte a row for up to 5 rules): no Python object per row."""
+
+    codes: np.ndarray
+    counts: dict[int, int]  # outcome -> samples
+    reasons: dict[int, str]  # outcome -> reason text
+    digest: str  # sha256 of the outcomes in row order: equal digests, equal decisions
+
+    @property
+    def kept(self) -> int:
+        return self.counts.get(0, 0)
+
+    @property
+    def total(self) -> int:
+        return len(self.codes)
+
+
 class FilterStage(PoolStage):
-    """Evaluates one policy over a catalog connection (the runner owns paths and the connection)."""
+    """Evaluates one policy in DuckDB (the runner owns paths and the connection).
+
+    No row passes through Python: each rule is a column of one DuckDB query, a sample's outcome is
+    an integer combining them (into a NumPy array, by Arrow), and the selection (``uid, policy,
+    kept, reason``) is Arrow batches of the input's uids beside dictionary-encoded outcomes, which
+    the runner streams to Parquet; Python touches only the few distinct outcomes.
+    """
 
     name = "filter"
     reads = ("uid", "status")  # and whatever the policy's rules name: see ``policy_reads``
@@ -113,29 +189,76 @@ class FilterStage(PoolStage):
         self.policy = policy
 
     def resources(self, gpus_available: bool) -> Resources:
-        return Resources(cpus=1.0)  # one DuckDB query on the driver
+        return Resources(cpus=1.0)  # DuckDB queries on the driver
 
     def policy_reads(self) -> tuple[str, ...]:
         """This policy's columns: the stage's own reads plus those its rules name."""
         return tuple(sorted(set(self.reads) | set(referenced_columns(self.policy))))
 
-    def process_pool(self, con: duckdb.DuckDBPyConnection) -> pa.Table:
-        try:
-            result = con.execute(policy_sql(self.policy))
-        except duckdb.Error as err:
-            raise ConfigError(f"policy {self.policy.name!r} has a rule DuckDB cannot run: {err}") from None
+    def _cannot_run(self, err: duckdb.Error) -> ConfigError:
+        return ConfigError(f"policy {self.policy.name!r} has a rule DuckDB cannot run: {err}")
+
+    def decision_sql(self, source: PolicyInput) -> str:
+        """Each rule as a column ``r<i>`` (NULL when a score is missing), per input row."""
+        rules = ", ".join(f"({sql}) as r{i}" for i, sql in enumerate(self.policy.rendered_rules().values()))
+        return f"select {source.position}, {rules} from {source.relation} as samples"
+
+    def decide(self, con: duckdb.DuckDBPyConnection, source: PolicyInput) -> Decisions:
+        """Evaluate the rules over ``source``: DuckDB computes each row's outcome and hands it over
+        in Arrow batches with the row's position, which puts it in place (a window rule such as
+        ``over (order by clip_score)`` returns rows in its own order; no sort restores it)."""
         names = list(self.policy.rules)
-        uids, kept, reasons = [], [], []
-        for uid, *values in result.fetchall():
-            failed = [n for n, v in zip(names, values) if v is not True]
-            unknown = [n for n, v in zip(names, values) if v is None]
-            uids.append(uid)
-            kept.append(not failed)
-            if not failed:
-                reasons.append("kept: " + ", ".join(names))
-            else:
-                parts = [f"{n} is null (missing score)" if n in unknown else f"fails {n}" for n in failed]
-                reasons.append("dropped: " + "; ".join(parts))
-        return pa.table(
-            {"uid": uids, "policy": [self.policy.name] * len(uids), "kept": kept, "reason": reasons}, schema=SELECTION
-        )
+        inner = self.decision_sql(source)
+        try:
+            types = {n: t for n, t, *_ in con.execute(f"describe {inner}").fetchall()}
+            for i, rule in enumerate(names):
+                if types[f"r{i}"] not in ("BOOLEAN", '"NULL"', "NULL"):
+                    raise ConfigError(f"policies.{self.policy.name}.rules.{rule} must be true or false, "
+                                      f"not {types[f'r{i}']} (a comparison such as x < 0.5)")
+            code = " + ".join(f"(case when r{i} then 0 when not r{i} then {3**i} else {2 * 3**i} end)"
+                              for i in range(len(names)))
+            dtype = next(t for n, t in _CODE_TYPES if len(names) <= n)
+            rows = con.execute(f"select count(*) from {source.relation}").fetchone()[0]
+            codes = np.zeros(rows, dtype)
+            query = f"select {source.position}::ubigint as position, ({code})::ubigint as code from ({inner})"
+            for batch in con.execute(query).to_arrow_reader(1 << 20):
+                codes[batch.column(0).to_numpy()] = batch.column(1).to_numpy()
+        except duckdb.Error as err:
+            raise self._cannot_run(err) from None
+        present, counts = np.unique(codes, return_counts=True)
+        return Decisions(codes, {int(c): int(n) for c, n in zip(present, counts)},
+                         {int(c): reason_text(names, int(c)) for c in present}, hashlib.sha256(codes.data).hexdigest())
+
+    def selection_batches(self, decisions: Decisions, uids: Iterable[pa.Array]) -> Iterator[pa.RecordBatch]:
+        """The selection's rows, batch by batch: ``uids`` (the input's, in order, in any batches)
+        beside their outcomes; policy and reason dictionary-encoded (``written_schema``)."""
+        present = np.array(sorted(decisions.reasons), dtype=decisions.codes.dtype)
+        reasons = pa.array([decisions.reasons[int(c)] for c in present], pa.string())
+        policy = pa.array([self.policy.name], pa.string())
+        offset = 0
+        for uid in uids:
+            codes = decisions.codes[offset : offset + len(uid)]
+            if len(codes) != len(uid):
+                raise RuntimeError(f"policy {self.policy.name!r}: more uids than its {len(decisions.codes)} decisions")
+            offset += len(uid)
+            yield pa.record_batch([
+                uid, pa.DictionaryArray.from_arrays(np.zeros(len(uid), np.int8), policy), pa.array(codes == 0),
+                pa.DictionaryArray.from_arrays(np.searchsorted(present, codes).astype(np.int32), reasons),
+            ], schema=_WRITTEN)
+        if offset != len(decisions.codes):
+            raise RuntimeError(f"policy {self.policy.name!r}: {len(decisions.codes)} decisions for {offset} uids")
+
+    written_schema = _WRITTEN  # of ``selection_batches``
+
+    def process_pool(self, con: duckdb.DuckDBPyConnection) -> pa.Table:
+        """The selection as a table, straight over the catalog's ``samples`` (a small pool; the
+        pipeline writes selections with :func:`pipeline.policy_runner.select_policies` instead)."""
+        columns = ", ".join(_ident(c) for c in self.policy_reads())
+        try:
+            con.execute(f"create or replace temp table _policy_input as "
+                        f"select {columns} from samples where status = 'ok' order by uid")
+        except duckdb.Error as err:
+            raise self._cannot_run(err) from None
+        decisions = self.decide(con, PolicyInput("_policy_input", "rowid"))
+        uids = con.execute("select uid from _policy_input").to_arrow_table().column("uid").chunks
+        return pa.Table.from_batches(list(self.selection_batches(decisions, uids)), schema=_WRITTEN).cast(SELECTION)

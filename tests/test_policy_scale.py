@@ -1,0 +1,185 @@
+"""The filter step as DuckDB runs it at scale (policy inputs joined once, selections decided and
+written without rows in Python), checked against the previous Python-built selection on a small
+pool with missing scores, window rules and failed downloads: same rows, order, kept and reasons;
+an unchanged rerun writes nothing; a changed score rewrites only the policies it moves."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from core.errors import ConfigError
+from manifests.catalog import build_catalog, connect, materialise_policy_inputs, policy_inputs_path
+from manifests.schemas import SELECTION
+from manifests.store import RunLayout
+from pipeline.config import load_config
+from pipeline.dag import STAGE_ORDER
+from pipeline.policy_runner import select_policies
+from stages.filter import FilterStage, PolicyConfig
+
+SHARDS, PER_SHARD = 3, 40
+
+EXTRA = {
+    # two rules, one a window over a column with NULLs: every reason shape (kept, fails, is null, both);
+    # the shipped clip-score-top and dedup are windows that reorder rows (over (order by ...))
+    "mixed": PolicyConfig("mixed", rules={"wide": "original_width >= 700",
+                                          "top_half": "clip_score >= quantile_cont(clip_score, 0.5) over ()"}),
+    "quoted": PolicyConfig("quoted", rules={"it's short": "len(caption) < 12"}),
+}
+
+
+def _h(i: int, salt: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{salt}:{i}".encode()).digest()[:4], "little")
+
+
+def _write_parts(layout: RunLayout, shard: int, scale: float = 1.0) -> None:
+    """One shard's part per stage; every 7th download failed, every 5th CLIP score and every 6th
+    text area missing (NULL), as a failed decode leaves them."""
+    rows = range(shard * PER_SHARD, (shard + 1) * PER_SHARD)
+    uids = [hashlib.md5(str(i).encode()).hexdigest() for i in rows]
+    name = f"part-{shard:06d}.parquet"
+    tables = {
+        "download": {"uid": uids, "status": ["failed" if i % 7 == 3 else "ok" for i in rows],
+                     "caption": [f"caption {'x' * (_h(i, 1) % 9)}" for i in rows],
+                     "original_width": [400 + _h(i, 2) % 600 for i in rows],
+                     "original_height": [300 + _h(i, 3) % 400 for i in rows]},
+        "ocr": {"uid": uids, "text_area_ratio": [None if i % 6 == 1 else (_h(i, 4) % 100) / 2000 for i in rows]},
+        "parrot": {"uid": uids, "is_parrot": [_h(i, 5) % 4 == 0 for i in rows]},
+        "clip_score": {"uid": uids, "clip_score": [None if i % 5 == 2 else scale * (_h(i, 6) % 1000) / 1000 for i in rows],
+                       "clip_score_masked": [None if i % 5 == 2 else (_h(i, 7) % 1000) / 1000 for i in rows]},
+    }
+    for stage, columns in tables.items():
+        layout.stage_dir(stage).mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table(columns), layout.stage_dir(stage) / name)
+
+
+def _write_dup_groups(layout: RunLayout) -> None:
+    uids = [hashlib.md5(str(i).encode()).hexdigest() for i in range(SHARDS * PER_SHARD)]
+    groups = [uids[i - i % 3] if i % 10 < 3 else None for i in range(len(uids))]  # a few groups of three
+    layout.stage_dir("dup_group").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"uid": uids, "dup_group": groups}), layout.stage_dir("dup_group") / "part-pool.parquet")
+
+
+def _python_selection(con: duckdb.DuckDBPyConnection, policy: PolicyConfig) -> pa.Table:
+    """The previous filter stage, verbatim in effect: rows fetched into Python, reasons built there."""
+    rules = ", ".join(f'({sql}) as "rule:{name}"' for name, sql in policy.rendered_rules().items())
+    names = list(policy.rules)
+    uids, kept, reasons = [], [], []
+    for uid, *values in con.execute(f"select uid, {rules} from samples where status = 'ok' order by uid").fetchall():
+        failed = [n for n, v in zip(names, values) if v is not True]
+        unknown = [n for n, v in zip(names, values) if v is None]
+        uids.append(uid)
+        kept.append(not failed)
+        reasons.append("kept: " + ", ".join(names) if not failed else
+                       "dropped: " + "; ".join(f"{n} is null (missing score)" if n in unknown else f"fails {n}" for n in failed))
+    return pa.table({"uid": uids, "policy": [policy.name] * len(uids), "kept": kept, "reason": reasons}, schema=SELECTION)
+
+
+@pytest.fixture()
+def run(tmp_path: Path):
+    layout = RunLayout(tmp_path / "run")
+    for shard in range(SHARDS):
+        _write_parts(layout, shard)
+    _write_dup_groups(layout)
+    build_catalog(layout, STAGE_ORDER)
+    config = load_config()
+    config.policies.update(EXTRA)
+    return layout, config, tuple(config.policies)
+
+
+def _mtimes(layout: RunLayout) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(layout.selections_dir.glob("*.parquet"))}
+
+
+def test_selections_equal_the_python_built_ones(run):
+    layout, config, policies = run
+    reports = {r.policy: r for r in select_policies(layout, config, policies)}
+    con = connect(layout.catalog_path, layout)
+    reasons = set()
+    for name in policies:
+        expected = _python_selection(con, config.policy(name))
+        written = pq.read_table(layout.selection_path(name)).cast(SELECTION)
+        assert written.equals(expected), name
+        assert FilterStage(config.policy(name)).process_pool(con).equals(expected), name  # the table-returning path too
+        assert (reports[name].kept, reports[name].total) == (sum(expected["kept"].to_pylist()), expected.num_rows)
+        reasons |= set(expected["reason"].to_pylist())
+    con.close()
+    # the pool exercises every shape of reason, NULLs and window rules included
+    assert {"kept: wide, top_half", "dropped: fails wide", "dropped: top_half is null (missing score)",
+            "dropped: fails wide; top_half is null (missing score)", "dropped: masked_top_fraction is null (missing score)",
+            "dropped: little_text is null (missing score)", "kept: it's short"} <= reasons, sorted(reasons)
+
+
+def test_clip_score_top_never_keeps_a_sample_without_a_score(run):
+    """percent_rank() orders NULLs last by default, which ranked every missing CLIP score at the
+    top: the shipped rule orders them first."""
+    layout, config, _ = run
+    select_policies(layout, config, ("clip-score-top",))
+    con = connect(layout.catalog_path, layout)
+    kept_without_score = con.execute(
+        "select count(*) from read_parquet(?) sel join samples using (uid) where sel.kept and samples.clip_score is null",
+        [str(layout.selection_path("clip-score-top"))],
+    ).fetchone()[0]
+    missing = con.execute("select count(*) from samples where status = 'ok' and clip_score is null").fetchone()[0]
+    con.close()
+    assert missing > 0 and kept_without_score == 0
+
+
+def test_policy_inputs_hold_what_samples_has(run):
+    layout, config, policies = run
+    columns = ["clip_score", "dup_group", "is_parrot", "original_width", "status", "text_area_ratio"]
+    inputs = materialise_policy_inputs(layout, columns, STAGE_ORDER)
+    assert inputs.built and inputs.path == policy_inputs_path(layout)
+    con = connect(layout.catalog_path, layout)
+    expected = con.execute(f"select uid, {', '.join(columns)} from samples where status = 'ok' order by uid").fetchall()
+    got = con.execute(f"select uid, {', '.join(columns)} from read_parquet(?)", [str(inputs.path)]).fetchall()
+    con.close()
+    assert got == expected and inputs.rows == len(expected)
+    again = materialise_policy_inputs(layout, columns, STAGE_ORDER)
+    assert not again.built and again.uid_digest == inputs.uid_digest  # the parts did not change: reused
+    before = inputs.path.stat().st_mtime_ns
+    _write_parts(layout, 1)  # same content, new files: rebuilt, same uids
+    rebuilt = materialise_policy_inputs(layout, columns, STAGE_ORDER)
+    assert rebuilt.built and rebuilt.uid_digest == inputs.uid_digest and inputs.path.stat().st_mtime_ns != before
+
+
+def test_rerun_rewrites_only_the_selections_that_changed(run):
+    layout, config, policies = run
+    select_policies(layout, config, policies)
+    first = _mtimes(layout)
+    assert len(first) == len(policies)
+    os.utime(policy_inputs_path(layout), ns=(1, 1))  # any later write would show
+    assert not any(r.changed for r in select_policies(layout, config, policies))
+    assert _mtimes(layout) == first
+
+    _write_parts(layout, 2)  # parts rewritten, same values: inputs rebuilt, no selection moves
+    build_catalog(layout, STAGE_ORDER)
+    assert not any(r.changed for r in select_policies(layout, config, policies))
+    assert _mtimes(layout) == first
+
+    _write_parts(layout, 2, scale=0.5)  # shard 2's CLIP scores halved: only the clip_score rankings move
+    build_catalog(layout, STAGE_ORDER)
+    changed = {r.policy for r in select_policies(layout, config, policies) if r.changed}
+    assert changed == {"clip-score-top", "mixed"}
+    now = _mtimes(layout)
+    assert {n for n in now if now[n] != first[n]} == {"clip-score-top.parquet", "mixed.parquet"}
+    con = connect(layout.catalog_path, layout)
+    assert pq.read_table(layout.selection_path("mixed")).cast(SELECTION).equals(_python_selection(con, config.policy("mixed")))
+    con.close()
+    assert not list(layout.selections_dir.glob(".tmp-*")) and not list(layout.root.glob(".tmp-*"))
+
+
+def test_a_rule_that_is_not_true_or_false_is_named(run):
+    layout, config, _ = run
+    config.policies["counts"] = PolicyConfig("counts", rules={"area": "text_area_ratio * 10"})
+    with pytest.raises(ConfigError, match=r"policies\.counts\.rules\.area must be true or false"):
+        select_policies(layout, config, ("counts",))
+    config.policies["typo"] = PolicyConfig("typo", rules={"bad": "no_such_column > 1"})
+    with pytest.raises(ConfigError, match="policy 'typo' has a rule DuckDB cannot run"):
+        select_policies(layout, config, ("typo",))
