@@ -208,6 +208,25 @@ def _normalise(emb: Any) -> np.ndarray:
     return (x / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
+def relative_image_cost(model: str) -> float:
+    """An image forward's cost relative to ViT-S-32 (the default), read from the model's config.
+
+    A ViT's forward costs about layers x tokens x width^2; other towers (ResNets, timm models,
+    hub names) count as ViT-B-32 (4x). Sizing actor pools needs only this rough ratio between
+    stages (stages/clip_score.py ``cost_per_image``), not a benchmark per model.
+    """
+    import open_clip
+
+    register_model_configs()
+    vision = (open_clip.get_model_config(model) or {}).get("vision_cfg", {}) if ":" not in model else {}
+    layers, width, patch, size = (vision.get(k) for k in ("layers", "width", "patch_size", "image_size"))
+    if not all(isinstance(v, int) for v in (layers, width, patch)) or not isinstance(size, (int, list, tuple)):
+        return 4.0
+    side = size if isinstance(size, int) else max(size)
+    tokens = (side // patch) ** 2 + 1
+    return layers * tokens * width**2 / (12 * 50 * 384**2)
+
+
 def load_clip(
     model: str,
     pretrained: str,

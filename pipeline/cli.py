@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import signal
 import sys
+import threading
 from pathlib import Path
 
+from core.errors import raise_terminated, sigterm_received
 from pipeline.config import Config, ConfigError, load_config
 
 EPILOG = """examples:
@@ -75,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--policies",
         default=None,
         help="comma-separated filter policies to select and reshard (default: the dataset's list in the config)",
+    )
+    curate.add_argument(
+        "--stages",
+        default=None,
+        metavar="STEP[,STEP]",
+        help="do only these steps of the DAG (below), e.g. 'download' on CPU nodes, then "
+        "'ocr,parrot,clip_score' on GPU nodes, then the rest (dedup,dup_group,filter,reshard,report), "
+        "each with the same --dataset/--url-list/--output; each step works on what earlier steps left on "
+        "disk, and a pool or policy step waits (exit 1) until every shard is through what it reads. "
+        "Default: every step",
     )
     curate.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
 
@@ -151,10 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_curate(args: argparse.Namespace) -> int:
     from manifests.store import RunLayout
     from pipeline.curate import curate
+    from pipeline.dag import select_steps
     from pipeline.summary import run_summary
     from sources import open_source
 
     config = load_config(args.config)
+    stages = select_steps(args.stages)
     dataset_name = args.dataset or ("laion-subset" if args.url_list else "embedded")
     dataset = config.dataset(dataset_name)
     overrides = {
@@ -180,7 +195,8 @@ def cmd_curate(args: argparse.Namespace) -> int:
     layout = RunLayout(args.output or _default_output(dataset_name))
     source = open_source(dataset, url_list=args.url_list, slow_seconds=download.timeout_s + 2.0)
     source.fingerprint()  # reads and checks a URL list now, before Ray starts: bad input fails fast
-    result = curate(source, layout, config, download, policies, address=args.address, progress=not args.no_progress)
+    result = curate(source, layout, config, download, policies, address=args.address, progress=not args.no_progress,
+                    stages=stages)
     print(run_summary(result))
     return 0 if result.ok else 1
 
@@ -297,6 +313,18 @@ def _is_write_error(err: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; SIGTERM (``kill``, a batch scheduler) stops it like Ctrl-C: one line, the
+    finished work kept, exit 143 (130 for Ctrl-C)."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, raise_terminated) if in_main_thread else None
+    try:
+        return _run(argv)
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {
         "curate": cmd_curate,
@@ -320,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
               "nothing partial is marked done (finished shards are kept): free space or fix the output, "
               "then rerun the same command to resume", file=sys.stderr)
         return 3
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume; finished shards are kept", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (core.errors.Terminated, which Ray may re-raise as this)
+        how, code = ("terminated (SIGTERM)", 143) if sigterm_received() else ("interrupted", 130)
+        print(f"{how}: rerun the same command to resume; finished shards are kept", file=sys.stderr)
+        return code

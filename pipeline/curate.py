@@ -1,6 +1,13 @@
 """One curation run: walk ``pipeline.dag.STEPS`` in order, each step skipping the work already on
 disk. Ray is started only when a step has work (a rerun of a finished run takes seconds and says
 it did nothing). Consecutive per-sample steps run together as one streaming pipeline.
+
+A run may do only some steps (``curate --stages download``, then ``--stages ocr,parrot,clip_score``
+on other nodes, then the rest): each step then works on what the earlier steps left on disk. A
+per-sample step runs on the shards its inputs are done for; a pool or policy step, which sees the
+whole pool, runs only when every shard is through the steps it reads, else it waits (named in the
+summary, exit 1) rather than decide over part of the pool. Pool steps (dup_group) are cheap and
+derived, so a step that reads them brings them along.
 """
 
 from __future__ import annotations
@@ -15,9 +22,22 @@ from core.errors import ConfigError
 from manifests.catalog import build_catalog
 from manifests.store import RunLayout, check_writable
 from pipeline.config import Config
-from pipeline.dag import POLICY, POOL, RUN, SAMPLE, SHARD, STAGE_ORDER, STEPS, Step, check_reads
+from pipeline.dag import (
+    POLICY,
+    POOL,
+    RUN,
+    SAMPLE,
+    SAMPLE_STEPS,
+    SHARD,
+    STAGE_ORDER,
+    STEPS,
+    Step,
+    check_reads,
+    depends_on,
+    step,
+)
 from pipeline.download_runner import DownloadReport, plan_download, run_download
-from pipeline.policy_runner import SelectionReport, run_pool_step, select_policies
+from pipeline.policy_runner import POOL_PART, SelectionReport, run_pool_step, select_policies
 from pipeline.ray_runtime import ray_session
 from pipeline.sample_runner import SampleReport, run_per_sample, shards_missing
 from sources import DatasetSource
@@ -34,10 +54,22 @@ class CurateResult:
     reshards: list = field(default_factory=list)
     report_path: Path | None = None
     seconds: float = 0.0
+    stages: tuple[str, ...] = tuple(s.name for s in STEPS)  # the steps this run was asked to do
+    waiting: dict[str, str] = field(default_factory=dict)  # step -> why it could not run yet
 
     @property
     def ok(self) -> bool:
-        return not self.download.shards_failed and not self.samples.incomplete_shards
+        return (not self.download.shards_failed and not self.samples.incomplete_shards and not self.samples.waiting
+                and not self.waiting)
+
+
+def with_pool_steps(stages: tuple[str, ...], config: Config, policies: tuple[str, ...]) -> tuple[str, ...]:
+    """``stages`` plus the pool steps that a chosen step reads (recomputed on every run anyway)."""
+    chosen = set(stages)
+    for s in reversed(STEPS):
+        if s.name in chosen:
+            chosen |= {d for d in depends_on(s, config, policies) if step(d).kind == POOL}
+    return tuple(s.name for s in STEPS if s.name in chosen)
 
 
 def curate(
@@ -48,7 +80,9 @@ def curate(
     policies: tuple[str, ...],
     address: str | None = None,
     progress: bool = True,
+    stages: tuple[str, ...] | None = None,
 ) -> CurateResult:
+    """Run the DAG's steps (``stages``: some of them, see the module docstring; None: all)."""
     from pipeline.report import write_report
     from pipeline.reshard_runner import is_up_to_date, reshard_policy
 
@@ -60,10 +94,36 @@ def curate(
         raise ConfigError(str(err)) from None
     download = source.download_config(download)  # e.g. the embedded dataset allows its own 127.0.0.1 server
     work = plan_download(source, layout, download)
-    result = CurateResult(layout=layout, download=work.report)
+    chosen = with_pool_steps(stages or tuple(s.name for s in STEPS), config, policies)
+    result = CurateResult(layout=layout, download=work.report, stages=chosen)
 
     def catalog() -> None:
         build_catalog(layout, STAGE_ORDER)
+
+    def not_ready(s: Step) -> str | None:
+        """Why a pool or policy step cannot run over the whole pool yet (None: it can)."""
+        for dep in depends_on(s, config, policies):
+            kind = step(dep).kind
+            if dep in result.waiting:
+                return f"{dep} is waiting"
+            if kind == SHARD:
+                failed = len(result.download.shards_failed)
+                undone = len(work.todo) if dep not in chosen else failed
+                if undone:
+                    return (f"{undone} of {work.report.shards_total} shard(s) are not downloaded"
+                            + (" (failed: rerun to retry)" if dep in chosen else " (add 'download' to --stages)"))
+            elif kind == SAMPLE:
+                missing = shards_missing(layout, (step(dep),))
+                if missing:
+                    return (f"{len(missing)} downloaded shard(s) have no {dep} part yet"
+                            + ("" if dep in chosen else f" (add '{dep}' to --stages)"))
+            elif kind == POOL and not layout.part_path(dep, POOL_PART).exists():
+                return f"{dep} has not run"
+            elif kind == POLICY:
+                absent = [p for p in policies if not layout.selection_path(p).exists()]
+                if absent:
+                    return f"no selection yet for {', '.join(absent)}" + ("" if dep in chosen else " (add 'filter' to --stages)")
+        return None
 
     with contextlib.ExitStack() as stack:
         ray_up = False
@@ -81,13 +141,21 @@ def curate(
             """Run the per-sample steps collected so far as one streaming pipeline."""
             if pending_samples and shards_missing(layout, tuple(pending_samples)):
                 ensure_ray()
-                result.samples = run_per_sample(layout, config, tuple(pending_samples), progress=progress)
+                result.samples = run_per_sample(layout, config, tuple(pending_samples), progress=progress,
+                                                context=SAMPLE_STEPS)
                 catalog()  # the report and summary read the new parts, even when a shard failed
             pending_samples.clear()
 
         for s in STEPS:
             if s.kind != SAMPLE:
                 flush_samples()
+            if s.name not in chosen:
+                continue
+            if s.kind in (POOL, POLICY):
+                why = not_ready(s)
+                if why:
+                    result.waiting[s.name] = why
+                    continue
             if s.kind == SHARD:  # download
                 if work.todo:
                     ensure_ray()
@@ -97,8 +165,6 @@ def curate(
                 pending_samples.append(s)
             elif s.kind == RUN:
                 continue  # the report: written below, once Ray is down, also for an unfinished run
-            elif not result.ok:
-                continue  # no selection over a pool with unfinished shards: a rerun resumes them
             elif s.kind == POOL:
                 result.pool_steps[s.name] = run_pool_step(layout, s.make(config, None))
                 catalog()
@@ -113,6 +179,7 @@ def curate(
                             reshard_policy(layout, policy, config.reshard.samples_per_shard, progress=progress)
                         )
                 catalog()
-    result.report_path = write_report(layout)
+    if "report" in chosen:
+        result.report_path = write_report(layout)
     result.seconds = time.monotonic() - started
     return result

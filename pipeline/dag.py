@@ -113,6 +113,33 @@ def check_reads(config: Any, policies: tuple[str, ...], steps: tuple[Step, ...] 
         available |= set(s.writes())
 
 
+def select_steps(names: str | None) -> tuple[str, ...]:
+    """The steps a ``curate --stages a,b,c`` run does, in DAG order (all of them when ``names`` is
+    empty). An unknown name is a ConfigError listing the steps there are."""
+    if not names or not names.strip():
+        return tuple(s.name for s in STEPS)
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    known = [s.name for s in STEPS]
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise ConfigError(f"--stages names {', '.join(repr(n) for n in unknown)}, which is not a step; "
+                          f"steps: {', '.join(known)}")
+    return tuple(n for n in known if n in wanted)
+
+
+def depends_on(target: Step, config: Any, policies: tuple[str, ...]) -> tuple[str, ...]:
+    """The earlier steps whose output ``target`` reads (for a policy step, any policy's), in DAG
+    order: what must be done on disk, or run in the same run, before ``target`` can run."""
+    wanted = {c for p in (policies if target.kind == POLICY else (None,)) for c in target.reads(config, p)}
+    found = []
+    for s in STEPS:
+        if s is target:
+            break
+        if wanted & set(s.writes()):
+            found.append(s.name)
+    return tuple(dict.fromkeys(found))
+
+
 def describe() -> str:
     """The DAG as a table, for ``--help`` and the README."""
     rows = [("step", "kind", "reads", "writes", "done when")]

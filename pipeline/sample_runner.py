@@ -2,7 +2,9 @@
 
 Each downloaded shard is read once and each image decoded once; model stages run as actor pools
 (``map_batches`` with the CPUs, GPUs, batch size and replicas the stage declares), so a model
-loads once per replica. Only small result columns come back to the driver, which writes one
+loads once per replica. A pool declared ``replicas = "auto"`` is sized from the cluster and what
+each stage costs per image (:func:`size_pools`): on 2 cores, two one-thread OCR replicas and one
+of each cheap stage, so that both cores work. Only small result columns come back to the driver, which writes one
 manifest part per shard per stage, atomically, as soon as the shard's last sample arrives. Shards
 whose parts exist are skipped; a shard missing only some stages runs only those.
 
@@ -14,6 +16,7 @@ decoded only when a stage that runs reads ``image``. A rerun that lacks only tex
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import tarfile
@@ -49,6 +52,7 @@ class SampleReport:
     samples: int = 0
     images_decoded: int = 0  # rows that went through the decoder (0 when no stage that ran reads image)
     incomplete_shards: dict[str, str] = field(default_factory=dict)
+    waiting: dict[str, str] = field(default_factory=dict)  # shard -> why a step could not run on it yet
 
 
 def ok_counts(layout: RunLayout) -> dict[str, int]:
@@ -149,6 +153,59 @@ class StageActor:
 
 
 READ_CPUS = 0.25  # reading a tar and decoding JPEGs is light next to the model stages
+AUTO = "auto"  # a stage's ``replicas`` when the runner is to size its pool (size_pools)
+READ_COST = 0.01  # CPU-s per image of reading the tar and decoding the JPEG (512 px)
+# Ray Data cuts an operator's output into blocks of this many bytes (default 128 MiB: a whole
+# shard of decoded images). Small blocks let every replica of a pool take a few images at a time,
+# rather than one shard each with the others idle at the end, and let results (and the progress
+# bar) come back as images finish, not once per shard. 2 MiB is ~3 decoded 512-px images.
+STREAM_BLOCK_BYTES = 2 * 1024 * 1024
+
+
+def size_pools(declared: dict[str, Resources], costs: dict[str, float], cluster_cpus: float,
+               cluster_gpus: float) -> dict[str, Resources]:
+    """The stages' resources with every ``replicas = "auto"`` replaced by a count.
+
+    A streaming pipeline runs at its slowest stage's rate, and a stage's rate is its replicas over
+    its cost per image, so the pools are sized in proportion to what the stages cost:
+
+    - on CPU, an auto stage gets its share of the cluster's cores, cores x cost / (the costs of
+      every stage on CPU, reading and decoding included), in replicas of ``cpus`` (at least one
+      core: a replica runs at least one thread), rounded: an idle core is lost for good, a core
+      shared by a bit more than one replica is not; at least one replica. On 2 cores with easyocr that is 2 OCR replicas and 1 CLIP (OCR costs ~20x CLIP); on
+      64 cores, 60 OCR and 3 CLIP.
+    - on GPU, each GPU stage starts with one replica, then the GPU left goes, one replica at a
+      time, to the stage whose replicas have the most to do (highest cost / replicas), while its
+      ``gpus`` fits: the devices fill up, and no pool asks for more than exists (it would wait
+      forever).
+
+    A stage with a fixed count keeps it. Threads per replica stay the stage's own (``cpus``).
+    """
+    replicas = {n: 1 if r.replicas == AUTO else int(r.replicas) for n, r in declared.items()}
+    gpu_left = cluster_gpus - sum(r.gpus * replicas[n] for n, r in declared.items())
+    on_gpu = [n for n, r in declared.items() if r.replicas == AUTO and r.gpus > 0]
+    while True:
+        fits = [n for n in on_gpu if declared[n].gpus <= gpu_left + 1e-9]
+        if not fits:
+            break
+        grow = max(fits, key=lambda n: costs[n] / replicas[n])
+        replicas[grow] += 1
+        gpu_left -= declared[grow].gpus
+    cpu_cost = READ_COST + sum(costs[n] for n, r in declared.items() if r.gpus == 0)
+    for n, r in declared.items():
+        if r.replicas == AUTO and r.gpus == 0:
+            share = cluster_cpus * costs[n] / cpu_cost
+            replicas[n] = max(1, round(share / max(1.0, r.cpus)))  # a busy replica runs >= 1 thread
+    return {n: dataclasses.replace(r, replicas=replicas[n]) for n, r in declared.items()}
+
+
+def pool_sizes(config: Config, steps: list[Step], cluster: dict[str, float]) -> dict[str, Resources]:
+    """Each step's resources on this cluster (``ray.cluster_resources()``), auto pools sized."""
+    gpus = cluster.get("GPU", 0)
+    stages = {s.name: s.make(config, None) for s in steps}
+    declared = {name: stage.resources(gpus > 0) for name, stage in stages.items()}
+    costs = {name: stage.cost_per_image() for name, stage in stages.items()}
+    return size_pools(declared, costs, cluster.get("CPU", 1), gpus)
 
 
 def fit_to_cluster(declared: dict[str, Any], cluster_cpus: float) -> float:
@@ -164,7 +221,7 @@ def fit_to_cluster(declared: dict[str, Any], cluster_cpus: float) -> float:
     if wanted <= cluster_cpus:
         return 1.0
     scale = max(cluster_cpus - 2 * READ_CPUS, 0.1) / (wanted - 2 * READ_CPUS)
-    logging.getLogger(__name__).warning(
+    logging.getLogger(__name__).info(
         "stages declare %.2f CPUs but the cluster has %.0f: scaling requests by %.2f so all stages run", wanted,
         cluster_cpus, scale,
     )
@@ -189,41 +246,71 @@ def _stage_table(batch: pa.Table, stage: type[Stage]) -> pa.Table:
     return pa.Table.from_arrays([_typed(batch.column(f.name), f.type) for f in schema], schema=schema)
 
 
-def run_per_sample(layout: RunLayout, config: Config, steps: tuple[Step, ...], progress: bool = True) -> SampleReport:
-    """Run every per-sample step on every shard that lacks its part. Ray must be up."""
+def run_per_sample(
+    layout: RunLayout,
+    config: Config,
+    steps: tuple[Step, ...],
+    progress: bool = True,
+    context: tuple[Step, ...] | None = None,
+) -> SampleReport:
+    """Run every per-sample step of ``steps`` on every shard that lacks its part. Ray must be up.
+
+    ``context``: every per-sample step of the DAG (default: ``steps``). A step that runs reads
+    the columns of earlier steps from their parts; when the step that writes them is not among
+    ``steps`` (``curate --stages clip_score``), its part must already be on disk, and a shard
+    without it waits (``report.waiting``) instead of running without its inputs.
+    """
     import ray
 
     started = time.monotonic()
     report = SampleReport(stages={s.name: StageReport() for s in steps})
+    context = tuple(context or steps)
     counts = ok_counts(layout)
-    groups: dict[tuple[str, ...], list[str]] = defaultdict(list)
-    done = {s.name: layout.done_shards(s.name) for s in steps}  # one listing per stage, not a probe per part
+    groups: dict[tuple[tuple[str, ...], tuple[str, ...]], list[str]] = defaultdict(list)
+    done = {s.name: layout.done_shards(s.name) for s in {*steps, *context}}  # one listing per stage
     for shard in sorted(counts):
         missing = tuple(s.name for s in steps if shard not in done[s.name])
         for s in steps:
             if s.name not in missing:
                 report.stages[s.name].shards_already_done += 1
-        if missing:
-            groups[missing].append(shard)
+        if not missing:
+            continue
+        have = tuple(s.name for s in context if shard in done[s.name] and s.name not in missing)
+        lacking = _inputs_lacking([s for s in steps if s.name in missing], context, set(have) | set(missing))
+        if lacking:
+            report.waiting[shard] = lacking
+            continue
+        groups[(missing, have)].append(shard)
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.issue_detectors_config.detectors = []  # its memory hints are for large clusters, noise here
-    gpus_available = ray.cluster_resources().get("GPU", 0) > 0
-    cluster_cpus = ray.cluster_resources().get("CPU", 1)
+    ctx.target_max_block_size = STREAM_BLOCK_BYTES
+    cluster = ray.cluster_resources()
 
     logging.disable(logging.INFO)  # Ray Data re-configures its loggers per execution; its INFO lines are noise here
     try:
-        for missing, shards in groups.items():
+        for (missing, have), shards in groups.items():
             run_steps = [s for s in steps if s.name in missing]
-            done_steps = [s for s in steps if s.name not in missing]
-            _run_group(layout, config, run_steps, done_steps, shards, counts, report, gpus_available, cluster_cpus,
-                       progress)
+            done_steps = [s for s in context if s.name in have]
+            _run_group(layout, config, run_steps, done_steps, shards, counts, report, cluster, progress)
     finally:
         logging.disable(logging.NOTSET)
     report.seconds = time.monotonic() - started
     return report
+
+
+def _inputs_lacking(run_steps: list[Step], context: tuple[Step, ...], available: set[str]) -> str | None:
+    """Why a shard cannot run ``run_steps``: a column they read whose step is neither done on it
+    nor running (None when every input is there)."""
+    for s in run_steps:
+        for earlier in context:
+            if earlier is s:
+                break
+            if earlier.name not in available and set(s.stage.reads) & set(earlier.stage.writes()):
+                return f"{s.name} needs {earlier.name}, which has not run on this shard"
+    return None
 
 
 def _earlier_parts(layout: RunLayout, run_steps: list[Step], done_steps: list[Step], shard: str) -> list[tuple[str, list[str]]]:
@@ -244,8 +331,7 @@ def _streaming_dataset(
     done_steps: list[Step],
     shards: list[str],
     read_images: bool,
-    gpus_available: bool,
-    cluster_cpus: float,
+    cluster: dict[str, float],
 ) -> Any:
     """read shard -> (decode) -> one actor pool per stage, as a lazy Ray Data pipeline."""
     import ray
@@ -262,8 +348,8 @@ def _streaming_dataset(
     ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(read_shard, num_cpus=READ_CPUS)
     if read_images:
         ds = ds.map_batches(decode_batch, batch_size=16, batch_format="numpy", num_cpus=READ_CPUS)
-    declared = {s.name: s.make(config, None).resources(gpus_available) for s in run_steps}
-    scale = fit_to_cluster(declared, cluster_cpus)
+    declared = pool_sizes(config, run_steps, cluster)
+    scale = fit_to_cluster(declared, cluster.get("CPU", 1))
     for i, s in enumerate(run_steps):
         res: Resources = declared[s.name]
         keep_image = any(IMAGE in later.stage.reads for later in run_steps[i + 1:])  # else the pixels stop here
@@ -289,8 +375,7 @@ def _run_group(
     shards: list[str],
     counts: dict[str, int],
     report: SampleReport,
-    gpus_available: bool,
-    cluster_cpus: float,
+    cluster: dict[str, float],
     progress: bool,
 ) -> None:
     """One streaming pipeline over the shards that miss the same set of stages."""
@@ -304,8 +389,7 @@ def _run_group(
     if not shards:
         return
     image_readers = [s for s in run_steps if IMAGE in s.stage.reads]
-    ds = _streaming_dataset(layout, config, run_steps, done_steps, shards, bool(image_readers), gpus_available,
-                            cluster_cpus)
+    ds = _streaming_dataset(layout, config, run_steps, done_steps, shards, bool(image_readers), cluster)
 
     expected = {s: counts[s] for s in shards}
     pending: dict[str, list[pa.Table]] = defaultdict(list)

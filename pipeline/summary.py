@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from manifests.catalog import run_query
 from manifests.store import RunLayout
+from pipeline.dag import SAMPLE_STEPS, STEPS
 from pipeline.download_runner import DownloadReport
 from pipeline.sample_runner import SampleReport
 
@@ -13,7 +14,7 @@ if TYPE_CHECKING:
     from pipeline.curate import CurateResult
 
 
-def download_summary(layout: RunLayout, report: DownloadReport, seconds: float) -> str:
+def download_summary(layout: RunLayout, report: DownloadReport, seconds: float, ran: bool = True) -> str:
     catalog = layout.catalog_path
     if "download" not in layout.stages_present():  # every shard failed: nothing to count yet
         lines = ["", f"== download: {layout.root}", "   no shard finished"]
@@ -29,7 +30,11 @@ def download_summary(layout: RunLayout, report: DownloadReport, seconds: float) 
         "where status <> 'ok' group by 1 order by n desc, error_kind",
     )
     lines = ["", f"== download: {layout.root}"]
-    if report.shards_run == 0 and not report.shards_failed:
+    if not ran:
+        done = report.shards_already_done
+        lines.append(f"   not in --stages: {done} of {report.shards_total} shards downloaded so far"
+                     + ("" if done == report.shards_total else " (add 'download' to --stages for the rest)"))
+    elif report.shards_run == 0 and not report.shards_failed:
         lines.append(
             f"   all {report.shards_total} shards were already downloaded: no download work done (resumed run)"
         )
@@ -39,8 +44,7 @@ def download_summary(layout: RunLayout, report: DownloadReport, seconds: float) 
             f"   {report.shards_run} shard(s) downloaded now, {report.shards_already_done} already done, "
             f"{report.samples_run} samples in {report.seconds:.1f} s ({rate:.1f} samples/s)"
         )
-    if report.duplicates_dropped:
-        lines.append(f"   {report.duplicates_dropped} repeated (url, caption) rows of the input planned once")
+    lines += [f"   {line}" for line in report.input_lines()]
     lines.append(f"   samples: {total}   ok: {counts.get('ok', 0)}   failed: {total - counts.get('ok', 0)}")
     for kind, n, url, error in reasons:
         lines.append(f"     {kind or '?':20s} {n:6d}   e.g. {url}: {error}")
@@ -61,6 +65,8 @@ def samples_summary(layout: RunLayout, report: SampleReport, stages: list[str]) 
             f"== per-sample stages: {report.samples} samples in {report.seconds:.1f} s ({rate:.2f} samples/s; "
             f"images {decoded})"
         )
+    elif report.waiting:
+        lines.append("== per-sample stages: no shard had the inputs of the steps asked for")
     else:
         lines.append("== per-sample stages: every shard already done (resumed run)")
     for name in stages:
@@ -72,6 +78,12 @@ def samples_summary(layout: RunLayout, report: SampleReport, stages: list[str]) 
             )
     for shard, why in sorted(report.incomplete_shards.items()):
         lines.append(f"   SHARD {shard} INCOMPLETE ({why}); rerun the same command to retry it")
+    waiting: dict[str, list[str]] = {}
+    for shard, why in sorted(report.waiting.items()):
+        waiting.setdefault(why, []).append(shard)
+    for why, shards in waiting.items():
+        named = ", ".join(shards[:5]) + (", ..." if len(shards) > 5 else "")
+        lines.append(f"   WAITING: {why}: {len(shards)} shard(s) ({named}); add that step to --stages")
     if "ocr" in layout.stages_present():
         _, rows = run_query(
             layout,
@@ -123,10 +135,10 @@ def ocr_accuracy_lines(layout: RunLayout) -> str | None:
 def run_summary(result: "CurateResult") -> str:
     """Everything a run did, from the manifests: download, per-sample stages, policies, output."""
     layout = result.layout
-    lines = [download_summary(layout, result.download, result.seconds)]
-    if "ocr" in layout.stages_present() or result.samples.samples:
-        from pipeline.dag import SAMPLE_STEPS
-
+    lines = [download_summary(layout, result.download, result.seconds, ran="download" in result.stages)]
+    if len(result.stages) < len(STEPS):
+        lines.append(f"== steps run (--stages): {', '.join(result.stages)}")
+    if "ocr" in layout.stages_present() or result.samples.samples or result.samples.waiting:
         lines.append(samples_summary(layout, result.samples, [s.name for s in SAMPLE_STEPS]))
     if result.selections:
         lines.append("== policies (kept / downloaded samples)")
@@ -136,6 +148,8 @@ def run_summary(result: "CurateResult") -> str:
             how = f"resharded into {done.shards} shard(s)" if done is not None else "curated shards up to date"
             lines.append(f"   {sel.policy:16s} {sel.kept:6d} / {sel.total:<6d} {how}   ({sel.description})")
         lines.append(f"   curated shards: {layout.root / 'curated'}/<policy>/  (sizes.json, manifest.parquet)")
+    for name, why in result.waiting.items():
+        lines.append(f"== {name} WAITING: {why}; it runs once its inputs are complete (same command)")
     if result.report_path is not None:
         lines.append(f"== report: {result.report_path}")
     return "\n".join(lines)

@@ -21,11 +21,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 
 IMAGE = "image"  # the decoded pixels (HxWx3 uint8), read from the downloaded shard
+LIGHT_COST_PER_IMAGE = 0.005  # CPU-s per sample of a stage without a model (see Stage.cost_per_image)
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,9 @@ class Resources:
     cpus: float = 1.0
     gpus: float = 0.0  # fractional GPUs allowed: 0.25 packs four replicas on one GPU
     batch_size: int = 1  # rows per process_batch call (batch stages)
-    replicas: int = 1  # actors in the pool (batch stages); shard stages run one task per shard
+    # actors in the pool (batch stages), or "auto": sized by the runner from the cluster and each
+    # stage's ``cost_per_image`` (pipeline.sample_runner.size_pools); shard stages run a task per shard
+    replicas: int | Literal["auto"] = 1
 
 
 class StageContractError(RuntimeError):
@@ -57,6 +60,12 @@ class Stage(ABC):
 
     def setup(self) -> None:
         """Load what the stage needs, once per worker; a second call is a no-op."""
+
+    def cost_per_image(self) -> float:
+        """CPU-seconds one replica spends per sample, roughly: what ``replicas = "auto"`` sizes
+        the pools by (only the ratios between stages matter). Light by default (~5 ms: parrot,
+        dedup); the model stages say what theirs cost."""
+        return LIGHT_COST_PER_IMAGE
 
     @classmethod
     def writes(cls) -> tuple[str, ...]:

@@ -25,7 +25,7 @@ import numpy as np
 from core.devices import resolve_device
 from core.settings import config_section, require
 from manifests.schemas import schema_for
-from models.clip import ClipModel, cosine_rows, load_clip, mask_text_regions
+from models.clip import ClipModel, cosine_rows, load_clip, mask_text_regions, relative_image_cost
 from stages.base import BatchStage, Resources, optional_column
 
 
@@ -37,7 +37,7 @@ class ClipConfig:
     pretrained: str = ""  # "" = random init (scores NOT meaningful); an open_clip tag; or a checkpoint file
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     batch_size: int = 32
-    replicas: int = 1
+    replicas: int | str = "auto"  # a count, or "auto": sized from the cluster and cost_per_image (pipeline/sample_runner.py)
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.5
     precision: str = "fp32"  # "fp32" | "amp" (autocast fp16/bf16 on GPU)
@@ -49,7 +49,8 @@ class ClipConfig:
             (bool(self.model), "clip.model must name an open_clip model"),
             (self.device in {"auto", "cpu", "cuda"}, f"clip.device must be auto, cpu or cuda, not {self.device!r}"),
             (self.batch_size >= 1, "clip.batch_size must be >= 1"),
-            (self.replicas >= 1, "clip.replicas must be >= 1"),
+            (self.replicas == "auto" or (isinstance(self.replicas, int) and self.replicas >= 1),
+             f"clip.replicas must be a count >= 1 or \"auto\", not {self.replicas!r}"),
             (self.cpus_per_replica > 0, "clip.cpus_per_replica must be > 0"),
             (0 < self.gpus_per_replica <= 1, "clip.gpus_per_replica must be in (0, 1]"),
             (self.precision in {"fp32", "amp"}, "clip.precision must be fp32 or amp"),
@@ -59,6 +60,10 @@ class ClipConfig:
 
 logger = logging.getLogger(__name__)
 
+# CPU-seconds per sample of one single-threaded ViT-S-32 replica on the embedded set (a caption
+# forward, the image, and the text-masked image for the ~half with text; 0.046 in make bench's dag
+# stages alone): the weight ``cost_per_image`` gives the pool sizing, scaled by the model's size.
+VIT_S_32_CPU_S_PER_IMAGE = 0.05
 
 
 def _cuda_available() -> bool:
@@ -87,6 +92,11 @@ class ClipScoreStage(BatchStage):
             batch_size=self.config.batch_size,
             replicas=self.config.replicas,
         )
+
+    def cost_per_image(self) -> float:
+        """CPU-seconds one replica spends per sample, in proportion to the other stages' (see
+        stages/ocr.py ``cost_per_image``): what ``replicas = "auto"`` sizes the pools by."""
+        return VIT_S_32_CPU_S_PER_IMAGE * relative_image_cost(self.config.model)
 
     def setup(self) -> None:
         """Load the model once per actor; torch threads follow the replica's CPU share."""

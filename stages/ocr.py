@@ -28,8 +28,8 @@ class OcrConfig:
     engine: str = "easyocr"  # "easyocr" (CRAFT + english_g2, torch) | "rapidocr" (PP-OCRv4, onnxruntime)
     device: str = "auto"  # "auto" (GPU when torch sees one) | "cpu" | "cuda"
     batch_size: int = 8  # images per process_batch call (one batched detector forward)
-    replicas: int = 1  # model actors; each loads the model once
-    cpus_per_replica: float = 1.0
+    replicas: int | str = "auto"  # model actors, each loads the model once: a count, or "auto" (sized from the cluster, see cost_per_image)
+    cpus_per_replica: float = 1.0  # threads per replica (floor, at least 1); replicas, not threads, are what scale on CPU
     gpus_per_replica: float = 0.25  # used only on GPU; fractional packs replicas on one GPU
     detector_size: int = 512  # longest image side fed to the text detector, pixels (small images enlarged <= 2x)
     min_confidence: float = 0.0  # regions recognised below this confidence are dropped
@@ -41,7 +41,8 @@ class OcrConfig:
             (self.engine in {"easyocr", "rapidocr"}, f"ocr.engine must be easyocr or rapidocr, not {self.engine!r}"),
             (self.device in {"auto", "cpu", "cuda"}, f"ocr.device must be auto, cpu or cuda, not {self.device!r}"),
             (self.batch_size >= 1, "ocr.batch_size must be >= 1"),
-            (self.replicas >= 1, "ocr.replicas must be >= 1"),
+            (self.replicas == "auto" or (isinstance(self.replicas, int) and self.replicas >= 1),
+             f"ocr.replicas must be a count >= 1 or \"auto\", not {self.replicas!r}"),
             (self.cpus_per_replica > 0, "ocr.cpus_per_replica must be > 0"),
             (0 < self.gpus_per_replica <= 1, "ocr.gpus_per_replica must be in (0, 1]"),
             (64 <= self.detector_size <= 4096, "ocr.detector_size must be within 64..4096"),
@@ -50,6 +51,12 @@ class OcrConfig:
         return problems
 
 OCR_COLUMNS: tuple[str, ...] = tuple(OCR.names)
+# CPU-seconds per image of one replica at detector_size 512 on the embedded set (2-core Xeon, AVX
+# without AVX2; CRAFT on onnxruntime), from make bench: easyocr's stage ~0.8-1 (bench/ocr_bench.py),
+# rapidocr's 0.054 (bench/dag_bench.py's stages alone); a ViT-S-32 CLIP replica costs 0.046. The
+# weights ``cost_per_image`` gives the pool sizing: only the ratios matter, and they hold on
+# other CPUs far better than the seconds do.
+CPU_S_PER_IMAGE = {"easyocr": 1.0, "rapidocr": 0.06}
 _RESULT_COLUMNS = ("n_regions", "text_area_ratio", "quads", "texts", "confidences", "ocr_text")
 
 
@@ -103,8 +110,17 @@ class OcrStage(BatchStage):
             cpus=cfg.cpus_per_replica,
             gpus=cfg.gpus_per_replica if device == "cuda" else 0.0,
             batch_size=cfg.batch_size,
-            replicas=cfg.replicas,
+            replicas=cfg.replicas,  # "auto": sized by the runner from the cluster and cost_per_image
         )
+
+    def cost_per_image(self) -> float:
+        """CPU-seconds one replica spends per image: what ``replicas = "auto"`` sizes the pools by
+        (pipeline/sample_runner.py). Only its ratio to the other stages' costs matters, on a GPU
+        too (where it stands for the share of the device each stage needs).
+
+        The detector is most of it, and its cost grows with its input's pixels.
+        """
+        return CPU_S_PER_IMAGE[self.config.engine] * (self.config.detector_size / 512) ** 2
 
     def setup(self) -> None:
         """Load the engine once (per Ray actor); a second call is a no-op."""

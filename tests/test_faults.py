@@ -36,42 +36,79 @@ samples_per_shard = 8
 """
 
 
-@pytest.mark.slow
-def test_driver_killed_mid_stage_resumes_to_identical_outputs(ray_local, tmp_path):
-    """SIGKILL `python -m pipeline curate` while the per-sample stages are part done; the rerun's
-    manifests and curated shards equal an uninterrupted run's (same command, same URLs)."""
-    config = tmp_path / "kill.toml"
-    config.write_text(KILL_CONFIG)
-    port = free_port()
-    args = ["curate", "--samples", "24", "--shard-size", "4", "--port", str(port), "--config", str(config),
-            "--policies", "all,no-parrot,tmars", "--no-progress"]
-    reference = tmp_path / "uninterrupted"
-    assert main([*args, "--output", str(reference)]) == 0
+KILL_POLICIES = ("all", "no-parrot", "tmars")
 
-    root = tmp_path / "killed"
+
+@pytest.fixture(scope="module")
+def kill_reference(ray_local, tmp_path_factory) -> tuple[list[str], Path]:
+    """The killed runs' arguments (output aside) and an uninterrupted run of them."""
+    base = tmp_path_factory.mktemp("kill")
+    config = base / "kill.toml"
+    config.write_text(KILL_CONFIG)
+    args = ["curate", "--samples", "24", "--shard-size", "4", "--port", str(free_port()), "--config", str(config),
+            "--policies", ",".join(KILL_POLICIES), "--no-progress"]
+    reference = base / "uninterrupted"
+    assert main([*args, "--output", str(reference)]) == 0
+    return args, reference
+
+
+def _start_and_wait_mid_stage(args: list[str], root: Path, stderr=subprocess.DEVNULL) -> subprocess.Popen:
+    """Start `python -m pipeline curate` in its own process group; return once the per-sample
+    stages have finished a shard (so a signal now lands mid-stage)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline", *args, "--output", str(root)], cwd=REPO,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
     )
     layout = RunLayout(root)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not layout.done_shards("clip_score"):
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    done_at_kill = len(layout.done_shards("clip_score"))
-    assert 1 <= done_at_kill < len(layout.done_shards("download")), "the kill must land mid-stage"
-    assert not (root / "curated").exists()
+    return proc
 
+
+def _assert_resumes_to_reference(args: list[str], root: Path, reference: Path) -> None:
+    layout = RunLayout(root)
+    done_at_stop = len(layout.done_shards("clip_score"))
+    assert 1 <= done_at_stop < len(layout.done_shards("download")), "the stop must land mid-stage"
+    assert not (root / "curated").exists()
     assert main([*args, "--output", str(root)]) == 0
-    policies = ("all", "no-parrot", "tmars")
-    want = load_run(str(reference), policies)
-    got = load_run(str(root), policies)
+    want = load_run(str(reference), KILL_POLICIES)
+    got = load_run(str(root), KILL_POLICIES)
     assert_runs_equal(got, want)
     for stage in ("download", "ocr", "parrot", "clip_score"):
         uids = [r["uid"] for r in got[stage]]
         assert len(uids) == len(set(uids)) == len(want[stage])
-    assert curated_digests(str(root), policies) == curated_digests(str(reference), policies)
+    assert curated_digests(str(root), KILL_POLICIES) == curated_digests(str(reference), KILL_POLICIES)
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_stage_resumes_to_identical_outputs(kill_reference, tmp_path):
+    """SIGKILL `python -m pipeline curate`'s process group while the per-sample stages are part
+    done; the rerun's manifests and curated shards equal an uninterrupted run's."""
+    args, reference = kill_reference
+    root = tmp_path / "killed"
+    proc = _start_and_wait_mid_stage(args, root)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    _assert_resumes_to_reference(args, root, reference)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_like_ctrl_c_and_resumes(kill_reference, tmp_path):
+    """`kill PID` (SIGTERM, what batch schedulers send) mid-stage: one line, exit 143, no trace or
+    abort (Ray's core worker used to dump a stack and abort, exit 134); the rerun resumes."""
+    args, reference = kill_reference
+    root = tmp_path / "terminated"
+    log = tmp_path / "stderr.txt"
+    with open(log, "wb") as err:
+        proc = _start_and_wait_mid_stage(args, root, stderr=err)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 143
+    text = log.read_text(errors="replace")
+    assert "terminated (SIGTERM): rerun the same command to resume" in text
+    for noise in ("Traceback", "SIGABRT", "Fatal Python error", "SIGTERM received"):
+        assert noise not in text, text[-3000:]
+    _assert_resumes_to_reference(args, root, reference)
 
 
 def test_unwritable_output_is_one_clear_error(tmp_path, capsys):
