@@ -42,8 +42,10 @@ timeout_s = 4.0
 [ocr]
 engine = "rapidocr"      # the fast engine: this test is about the cluster, not OCR quality
 cpus_per_replica = 0.5
+replicas = 1             # pinned: pools sized for the larger cluster do not yet shrink when a node dies (issue 16)
 [clip]
 cpus_per_replica = 0.5
+replicas = 1
 [reshard]
 samples_per_shard = 8
 """
