@@ -123,6 +123,16 @@ def _plain(values: Any) -> list[Any]:
     return [v.tolist() if isinstance(v, np.ndarray) else v for v in values]
 
 
+def _from_ray(values: np.ndarray) -> Any:
+    """A column as the stage wrote it. Ray hands a column that was all None in its block (Arrow's
+    null type) to the next actor as float32 NaNs: a stage would read NaN (truthy) for "no decode
+    error", and passed on as floats it no longer merges with a block where the same column holds
+    text (ArrowConversionError, whole run lost). All-NaN float32 is that null column: None again."""
+    if values.dtype == np.float32 and values.size and np.isnan(values).all():
+        return np.full(len(values), None, dtype=object)
+    return values
+
+
 class StageActor:
     """One replica of a stage in a Ray Data actor pool: set up once, then called per batch.
 
@@ -136,14 +146,15 @@ class StageActor:
         self.keep_image = keep_image  # the last stage that reads pixels drops them: only small columns go on
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        inputs = {k: list(v) for k, v in batch.items() if k != IMAGE}
+        columns = {k: (v if k == IMAGE else _from_ray(v)) for k, v in batch.items()}
+        inputs = {k: list(v) for k, v in columns.items() if k != IMAGE}
         if IMAGE in batch:
             inputs[IMAGE] = [None if a is None or a.size == 0 else a for a in batch[IMAGE]]
         produced = self.stage.process_batch(inputs)
         self.stage.check_output(produced)
         out: dict[str, Any] = {
             k: (v if k == IMAGE or v.dtype != object else _plain(v))
-            for k, v in batch.items()
+            for k, v in columns.items()
             if k != IMAGE or self.keep_image
         }
         for column, values in produced.items():
