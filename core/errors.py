@@ -7,6 +7,12 @@ class ConfigError(ValueError):
     """A configuration or input problem the user must fix; printed as one line, exit code 2."""
 
 
+class Stalled(RuntimeError):
+    """A step made no progress for ``watchdog.stall_timeout_s`` (a hung server or model call, actors
+    that cannot be placed): one line naming the step, its shards in flight and what it waited on;
+    exit code 4. Finished shards are kept, so the same command resumes once the cause is fixed."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (``kill``, batch schedulers), raised in the main thread like Ctrl-C's
     KeyboardInterrupt so that the run stops the same way: cleanup runs, finished shards are kept.

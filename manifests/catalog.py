@@ -5,6 +5,10 @@ The catalog holds only views (no data), so it is cheap to rebuild after every st
 reflects the parts on disk. It is built under a temporary name and renamed into place, so a
 reader never opens a half-written catalog.
 
+A uid retried (``curate --retry``) has one download row per attempt: the ``download`` view, and
+so ``samples``, the policies and resharding, see only each uid's latest attempt
+(:func:`download_relations`); ``download_history`` shows every attempt.
+
 The policies do not read ``samples``: at 10M rows its join on a string uid costs seconds per
 query. :func:`materialise_policy_inputs` joins what they read once (``policy_inputs.parquet``:
 the downloaded samples in uid order, only the columns the rules name) and rebuilds it only when
@@ -27,6 +31,7 @@ from typing import Any
 
 import duckdb
 import fsspec
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from manifests.store import RunLayout, is_remote, move_into_place, tmp_sibling
@@ -35,6 +40,7 @@ MEMORY_LIMIT = "2GB"  # DuckDB's buffer for the policy join and queries; past it
 SPILL_DIR = ".tmp-duckdb-spill"  # under the run's local folder; a temporary name, so a killed run's is swept
 POLICY_INPUTS = "policy_inputs.parquet"
 _INPUTS_FORMAT = 1  # bump when what the file holds changes: every run then rebuilds it once
+DOWNLOAD_HISTORY = "download_history"  # the view of every download attempt (``download``: the latest per uid)
 
 
 def connect(catalog: Path, layout: RunLayout | None = None, read_only: bool = True) -> duckdb.DuckDBPyConnection:
@@ -73,6 +79,39 @@ def _stage_relation(layout: RunLayout, stage: str) -> str:
     return f"read_parquet({sql_string(layout.stage_dir(stage) / 'part-*.parquet')}, union_by_name=true)"
 
 
+def download_relations(con: duckdb.DuckDBPyConnection, layout: RunLayout) -> tuple[str, str]:
+    """The download parts as relations with an ``attempt`` column (NULL or absent, as in parts
+    written before retries existed, reads as 1): (every attempt, each uid's latest attempt).
+
+    The window that picks the latest attempt costs about as much again as the scan, so it is
+    added only when some row is a retry (attempt > 1): a run that never retried reads its parts
+    as before. One probe of the parts decides both (a column no part has fails to bind).
+    """
+    parts = _stage_relation(layout, "download")
+    try:
+        retried = con.execute(f"select coalesce(max(attempt), 1) > 1 from {parts}").fetchone()[0]
+    except duckdb.BinderException:  # no part has the column
+        plain = f"(select *, 1::integer as attempt from {parts})"
+        return plain, plain
+    history = f"(select * replace (coalesce(attempt, 1)::integer as attempt) from {parts})"
+    if not retried:
+        return history, history
+    newest_first = "partition by uid order by attempt desc, shard desc"
+    return history, f"(select * from {history} qualify row_number() over ({newest_first}) = 1)"
+
+
+def latest_downloads(layout: RunLayout, columns: Sequence[str]) -> pa.Table:
+    """``columns`` of each uid's latest download attempt (what resharding reads: shard and key)."""
+    con = connect(Path(":memory:"), layout, read_only=False)
+    try:
+        bound_memory(con, layout)
+        select = ", ".join(_ident(c) for c in columns)
+        _, latest = download_relations(con, layout)
+        return con.execute(f"select {select} from {latest} as download").to_arrow_table()
+    finally:
+        con.close()
+
+
 def bound_memory(con: duckdb.DuckDBPyConnection, layout: RunLayout) -> None:
     """Cap DuckDB's memory for work over the whole pool; what passes the cap spills to the run's
     local folder (a joined 10^8-row pool needs disk, not RAM)."""
@@ -82,6 +121,8 @@ def bound_memory(con: duckdb.DuckDBPyConnection, layout: RunLayout) -> None:
 
 def build_catalog(layout: RunLayout, order: Sequence[str] = ("download",)) -> Path:
     """(Re)create ``<root>/catalog.duckdb`` with a view per stage present and a ``samples`` view.
+
+    ``download`` (and so ``samples``) has each uid's latest attempt; ``download_history`` every attempt.
 
     ``order`` is the order in which stages join into ``samples`` (the DAG's, from the pipeline);
     download comes first, it has every input sample; stages not named follow by name.
@@ -94,7 +135,12 @@ def build_catalog(layout: RunLayout, order: Sequence[str] = ("download",)) -> Pa
         con = connect(tmp, layout, read_only=False)
         try:
             for stage in stages:
-                con.execute(f'create view "{stage}" as select * from {_stage_relation(layout, stage)}')
+                if stage == "download":
+                    history, latest = download_relations(con, layout)
+                    con.execute(f'create view "{DOWNLOAD_HISTORY}" as select * from {history}')
+                    con.execute(f'create view download as select * from {latest}')
+                else:
+                    con.execute(f'create view "{stage}" as select * from {_stage_relation(layout, stage)}')
             if "download" in stages:
                 joins = " ".join(f'left join "{s}" using (uid)' for s in stages if s != "download")
                 con.execute(f'create view samples as select * from download {joins}')
@@ -185,8 +231,9 @@ def copy_to_parquet_atomic(con: duckdb.DuckDBPyConnection, sql: str, path: Path,
 
 
 def materialise_policy_inputs(layout: RunLayout, columns: Sequence[str], order: Sequence[str] = ("download",)) -> PolicyInputs:
-    """Join the stages once into ``policy_inputs.parquet``: the downloaded (status 'ok') samples in
-    uid order with ``columns`` (those the policies' rules name), the values ``samples`` has.
+    """Join the stages once into ``policy_inputs.parquet``: the downloaded samples (status 'ok' at
+    their latest attempt) in uid order with ``columns`` (those the policies' rules name), the
+    values ``samples`` has.
 
     Only the stages that hold a wanted column are joined. The file's footer records a fingerprint
     of every part it was made from (name, size, time), the columns and DuckDB's version; when the
@@ -221,7 +268,7 @@ def materialise_policy_inputs(layout: RunLayout, columns: Sequence[str], order: 
         joins = " ".join(f'left join {_stage_relation(layout, s)} as "{s}" using (uid)' for s in joined)
         select = ", ".join(_ident(c) for c in kept_columns)
         con.execute(f"create temp table policy_inputs as select {select} "
-                    f"from {_stage_relation(layout, 'download')} as download {joins} where status = 'ok' order by uid")
+                    f"from {download_relations(con, layout)[1]} as download {joins} where status = 'ok' order by uid")
         rows, xor, total = con.execute(
             "select count(*), coalesce(bit_xor(hash(uid)), 0), coalesce(sum(hash(uid)::hugeint), 0) from policy_inputs"
         ).fetchone()

@@ -22,6 +22,9 @@ INPUT = pa.schema(
     ]
 )
 
+# A retry's plan (``curate --retry``): failed rows planned again, each with the attempt it will be.
+RETRY_INPUT = pa.schema([*INPUT, pa.field("attempt", pa.int32(), nullable=False)])
+
 DOWNLOAD = pa.schema(
     [
         pa.field("uid", pa.string(), nullable=False),
@@ -39,6 +42,10 @@ DOWNLOAD = pa.schema(
         pa.field("sha256", pa.string()),  # of the downloaded bytes
         pa.field("download_engine", pa.string()),  # e.g. "img2dataset 1.47.0"
         pa.field("downloaded_at", pa.timestamp("s", tz="UTC")),
+        # 1 for a uid's first fetch, n+1 for its n-th retry (``curate --retry``): a uid has one row
+        # per attempt; the catalog's ``download`` view shows the latest, ``download_history`` all.
+        # NULL (a part written before retries existed) reads as 1.
+        pa.field("attempt", pa.int32()),
     ]
 )
 

@@ -21,8 +21,8 @@ import hashlib
 import logging
 import os
 import warnings
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -227,6 +227,25 @@ def relative_image_cost(model: str) -> float:
     return layers * tokens * width**2 / (12 * 50 * 384**2)
 
 
+class _DropRandomInitNotice(logging.Filter):
+    """open_clip logs "No pretrained weights loaded ... initialized randomly" on the root logger;
+    RandomWeightsWarning says it with what to do about it, once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+@contextmanager
+def _without_open_clip_random_notice() -> Iterator[None]:
+    notice = _DropRandomInitNotice()
+    root = logging.getLogger()
+    root.addFilter(notice)
+    try:
+        yield
+    finally:
+        root.removeFilter(notice)
+
+
 def load_clip(
     model: str,
     pretrained: str,
@@ -262,7 +281,7 @@ def load_clip(
             )
     # Seed inside a forked RNG: the init is reproducible and the caller's RNG stream is untouched.
     # Weights are initialised on the CPU and then moved, so the init is the same for every device.
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _without_open_clip_random_notice():
         torch.manual_seed(seed)
         net, _, preprocess = open_clip.create_model_and_transforms(
             model, pretrained=pretrained or None, device=device
@@ -273,7 +292,6 @@ def load_clip(
         description, meaningful = f"{model} random-init(seed={seed})", False
         if not _warned_random:
             _warned_random = True
-            logger.warning(RANDOM_WEIGHTS_MESSAGE)
             warnings.warn(RANDOM_WEIGHTS_MESSAGE, RandomWeightsWarning, stacklevel=2)
     elif is_file:
         description, meaningful = f"{model} {pretrained} sha256:{file_sha256(pretrained)[:8]}", True

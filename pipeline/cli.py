@@ -1,7 +1,8 @@
 """Command line: ``python -m pipeline {curate,query,stats,ocr-accuracy,train,evaluate,ablation,datasets} ...``.
 
 Every problem the user can fix (bad config, bad URL list, busy port) is one line on stderr and
-exit code 2; a run that could not finish every shard exits 1 and says which shards to rerun.
+exit code 2; a run that could not finish every shard exits 1 and says which shards to rerun; a
+step that made no progress for ``watchdog.stall_timeout_s`` exits 4 naming what it waited on.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
-from core.errors import raise_terminated, sigterm_received
+from core.errors import Stalled, raise_terminated, sigterm_received
 from pipeline.config import Config, ConfigError, load_config
 
 EPILOG = """examples:
@@ -88,6 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
         "each with the same --dataset/--url-list/--output; each step works on what earlier steps left on "
         "disk, and a pool or policy step waits (exit 1) until every shard is through what it reads. "
         "Default: every step",
+    )
+    curate.add_argument(
+        "--retry",
+        default=None,
+        metavar="REASON[,REASON]",
+        help="fetch again the samples whose latest download attempt failed with one of these error_kind "
+        "values (as the download manifest records them: timeout, connection_error, http_503, ...; http_5xx "
+        "for any 5xx; all-transient for timeouts, connection errors, 429 and 5xx), in new shards; the "
+        "earlier attempt is kept as history (catalog view download_history) and every later step is "
+        "brought up to date",
     )
     curate.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
 
@@ -196,7 +207,7 @@ def cmd_curate(args: argparse.Namespace) -> int:
     source = open_source(dataset, url_list=args.url_list, slow_seconds=download.timeout_s + 2.0)
     source.fingerprint()  # reads and checks a URL list now, before Ray starts: bad input fails fast
     result = curate(source, layout, config, download, policies, address=args.address, progress=not args.no_progress,
-                    stages=stages)
+                    stages=stages, retry=args.retry)
     print(run_summary(result))
     return 0 if result.ok else 1
 
@@ -341,6 +352,10 @@ def _run(argv: list[str] | None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Stalled as err:
+        print(f"stalled: {err}\nfinished shards are kept: fix the cause (or raise watchdog.stall_timeout_s), then "
+              "rerun the same command to resume", file=sys.stderr)
+        return 4
     except Exception as err:  # noqa: BLE001 - only write failures (OSError, DuckDB's IOException) are turned into a message
         if not _is_write_error(err):
             raise

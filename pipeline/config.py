@@ -35,12 +35,13 @@ from stages.parrot import ParrotConfig
 from stages.reshard import ReshardConfig
 from training.ablation import AblationConfig
 from training.train import TrainConfig
+from pipeline.watchdog import WatchdogConfig
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default.toml")
 
 __all__ = [
     "AblationConfig", "ClipConfig", "Config", "ConfigError", "DatasetConfig", "DedupConfig", "DownloadConfig",
-    "OcrConfig", "ParrotConfig", "PolicyConfig", "ReshardConfig", "TrainConfig", "load_config",
+    "OcrConfig", "ParrotConfig", "PolicyConfig", "ReshardConfig", "TrainConfig", "WatchdogConfig", "load_config",
 ]
 
 
@@ -56,6 +57,7 @@ class Config:
     clip: ClipConfig = field(default_factory=ClipConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     reshard: ReshardConfig = field(default_factory=ReshardConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
     policies: dict[str, PolicyConfig] = field(default_factory=dict)
@@ -75,7 +77,7 @@ class Config:
     def problems(self) -> list[str]:
         """Every section's problems, then the references between sections."""
         problems: list[str] = []
-        for section in (self.download, self.ocr, self.parrot, self.clip, self.dedup, self.reshard, self.train,
+        for section in (self.download, self.ocr, self.parrot, self.clip, self.dedup, self.reshard, self.watchdog, self.train,
                         self.ablation, *self.policies.values(), *self.datasets.values()):
             problems += section.problems()
         problems += require(

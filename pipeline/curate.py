@@ -81,6 +81,7 @@ def curate(
     address: str | None = None,
     progress: bool = True,
     stages: tuple[str, ...] | None = None,
+    retry: str | None = None,
 ) -> CurateResult:
     """Run the DAG's steps (``stages``: some of them, see the module docstring; None: all)."""
     from pipeline.report import write_report
@@ -93,7 +94,7 @@ def curate(
     except OSError as err:
         raise ConfigError(str(err)) from None
     download = source.download_config(download)  # e.g. the embedded dataset allows its own 127.0.0.1 server
-    work = plan_download(source, layout, download)
+    work = plan_download(source, layout, download, retry=retry)  # retry: --retry's reasons (failed rows, new shards)
     chosen = with_pool_steps(stages or tuple(s.name for s in STEPS), config, policies)
     result = CurateResult(layout=layout, download=work.report, stages=chosen)
 
@@ -159,7 +160,8 @@ def curate(
             if s.kind == SHARD:  # download
                 if work.todo:
                     ensure_ray()
-                    result.download = run_download(source, layout, download, work, progress=progress)
+                    result.download = run_download(source, layout, download, work, progress=progress,
+                                                   stall_seconds=config.watchdog.stall_timeout_s)
                 catalog()
             elif s.kind == SAMPLE:
                 pending_samples.append(s)
@@ -176,7 +178,8 @@ def curate(
                     if not is_up_to_date(layout, policy, config.reshard.samples_per_shard):
                         ensure_ray()
                         result.reshards.append(
-                            reshard_policy(layout, policy, config.reshard.samples_per_shard, progress=progress)
+                            reshard_policy(layout, policy, config.reshard.samples_per_shard, progress=progress,
+                                           stall_seconds=config.watchdog.stall_timeout_s)
                         )
                 catalog()
     if "report" in chosen:

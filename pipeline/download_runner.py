@@ -17,6 +17,11 @@ same output is appended (its new uids only, in new shards; see :class:`InputList
 holds no row of it: shard names and sizes follow from ``dataset.json``, and each task reads its
 own shard's rows from the plan's row groups (:class:`PlannedShard`), so a million-row run costs
 the driver what a thousand-row run does, once planned.
+
+A retry (``curate --retry REASONS``) is planned the same way, as a list of its own: the rows whose
+latest attempt failed with one of the reasons, in new shards after every earlier one, each row
+with its attempt number (:func:`plan_retry`). The earlier attempt's row stays in its part, as
+history; the catalog shows each uid's latest attempt.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import bisect
 import dataclasses
 import hashlib
 import json
+import re
 import shutil
 import tarfile
 import tempfile
@@ -39,7 +45,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from core.errors import ConfigError
-from manifests.schemas import INPUT
+from manifests.catalog import bound_memory, connect, download_relations, sql_string
+from manifests.schemas import INPUT, RETRY_INPUT
 from manifests.store import (
     RunLayout,
     make_dirs,
@@ -55,10 +62,10 @@ from manifests.store import (
     write_row_groups_atomic,
     write_table_atomic,
 )
-from pipeline.shard_tasks import ShardTask, run_shard_tasks
+from pipeline.shard_tasks import STALL_SECONDS, ShardTask, run_shard_tasks
 from sources import DatasetSource, ground_truth_path
 from stages.base import ShardOutput
-from stages.download import DownloadConfig, DownloadStage
+from stages.download import ERROR_KINDS, DownloadConfig, DownloadStage
 from stages.reshard import TAR_MODE, TAR_MTIME, TAR_OWNER
 
 
@@ -67,6 +74,7 @@ def make_uid(url: str, caption: str) -> str:
     return hashlib.sha256(f"{url}\n{caption}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
+RETRY_KIND = "retry"  # the fingerprint prefix of a retry's entry in dataset.json
 UID_BATCH_ROWS = 65_536  # rows hashed per batch: the Python strings of one batch are alive at a time
 PLAN_GROUP_ROWS = 8_192  # a plan file's row groups hold whole shards and at least this many rows
 
@@ -146,11 +154,27 @@ class InputList:
     shards: int
     shard_size: int
     first_input_row: int  # input_row of its first row: the rows of the lists before it
+    reasons: tuple[str, ...] = ()  # a retry's reasons, as given to --retry (empty for a list)
 
     @property
     def kind(self) -> str:
-        """What made the input: "embedded" or "url_list" (the fingerprint's prefix)."""
+        """What made the input: "embedded", "url_list" or "retry" (the fingerprint's prefix)."""
         return self.fingerprint.split(":", 1)[0]
+
+    @property
+    def is_retry(self) -> bool:
+        """A retry's failed rows, planned again (:func:`plan_retry`), not a list of new samples."""
+        return self.kind == RETRY_KIND
+
+    @classmethod
+    def from_json(cls, entry: dict) -> "InputList":
+        return cls(**{**entry, "reasons": tuple(entry.get("reasons", ()))})
+
+    def to_json(self) -> dict:
+        entry = dataclasses.asdict(self)
+        if not self.reasons:
+            del entry["reasons"]  # a list's entry reads as before retries existed
+        return entry
 
     def shard_list(self) -> list[str]:
         return [shard_name(self.first_shard + i) for i in range(self.shards)]
@@ -178,7 +202,8 @@ class RunInputs:
 
     @property
     def samples(self) -> int:
-        return sum(i.samples for i in self.lists)
+        """Distinct samples: a retry plans known samples again."""
+        return sum(i.samples for i in self.lists if not i.is_retry)
 
 
 @dataclass(frozen=True)
@@ -230,6 +255,7 @@ class DownloadReport:
     lists: int = 1  # URL lists the output holds (more than one once a list was appended)
     current: InputList | None = None  # the list this command named
     planned_now: bool = False
+    retry: "RetryOutcome | None" = None  # what ``--retry`` planned (None: not asked)
 
     @property
     def already_present(self) -> int:
@@ -251,6 +277,8 @@ class DownloadReport:
                          "not fetched again")
         if self.duplicates_dropped:
             lines.append(f"{self.duplicates_dropped} repeated (url, caption) rows of the input planned once")
+        if self.retry is not None:
+            lines += self.retry.lines()
         return lines
 
 
@@ -320,20 +348,20 @@ def read_input_lists(layout: RunLayout) -> tuple[InputList, ...]:
         return ()
     if "inputs" not in meta:
         return (InputList.from_legacy(meta),)
-    return tuple(InputList(**entry) for entry in meta["inputs"])
+    return tuple(InputList.from_json(entry) for entry in meta["inputs"])
 
 
 def _write_input_lists(layout: RunLayout, lists: tuple[InputList, ...]) -> None:
-    """``dataset.json``: the lists in order, and the first list's keys and the totals as before."""
+    """``dataset.json``: the lists (and retries) in order, and the first list's keys and the totals as before."""
     first = lists[0]
     meta = {
         "dataset": first.dataset,
         "fingerprint": first.fingerprint,
         "shard_size": first.shard_size,
-        "samples": sum(i.samples for i in lists),
+        "samples": sum(i.samples for i in lists if not i.is_retry),
         "duplicates_dropped": sum(i.duplicates_dropped for i in lists),
         "already_present": sum(i.already_present for i in lists),
-        "inputs": [dataclasses.asdict(i) for i in lists],
+        "inputs": [i.to_json() for i in lists],
     }
     write_json_atomic(meta, layout.input_meta_path)
 
@@ -355,8 +383,8 @@ def _plan_list(
     urls = source.load_urls()
     uids = uids_of(urls)
     rows, duplicates, present = select_new_rows(uids, _known_uids(layout, earlier))
-    first_shard = max((i.first_shard + i.shards for i in earlier), default=0)
-    first_input_row = sum(i.rows for i in earlier)
+    first_shard = next_shard(earlier)
+    first_input_row = sum(i.rows for i in earlier if not i.is_retry)  # a retry's rows are earlier lists' rows
     path = layout.input_list_path(index)
     if len(rows):
         write_row_groups_atomic(plan_row_groups(urls, uids, rows, shard_size, first_shard, first_input_row), INPUT, path)
@@ -373,6 +401,11 @@ def _plan_list(
         shard_size=shard_size,
         first_input_row=first_input_row,
     )
+
+
+def next_shard(lists: tuple[InputList, ...]) -> int:
+    """The number of the first shard after every planned one (a new list's or a retry's first)."""
+    return max((i.first_shard + i.shards for i in lists), default=0)
 
 
 def _check_appendable(layout: RunLayout, lists: tuple[InputList, ...], source: DatasetSource) -> None:
@@ -418,6 +451,161 @@ def freeze_input(source: DatasetSource, layout: RunLayout, shard_size: int) -> R
         pa.default_memory_pool().release_unused()  # hand the list's pages back to the OS, not just to the pool
 
 
+# -- retry by reason (``curate --retry``) ---------------------------------------------------------
+
+ALL_TRANSIENT = "all-transient"
+# Failures that say nothing about the URL, only about the moment: the network, the server's load,
+# a resolver that was busy. The same request later may well succeed. Never: what the bytes were
+# (not_an_image, corrupt_image, bombs, sizes), what the server said of the URL (404, 403, 410, ...),
+# and what the guard refused (blocked_address, invalid_url, unsupported_scheme).
+TRANSIENT_ERROR_KINDS: tuple[str, ...] = (
+    "timeout", "deadline_exceeded", "connection_error", "connection_refused", "dns_error", "truncated_body",
+    "dropped", "http_408", "http_425", "http_429", "http_5xx",
+)
+_HTTP_STATUS = re.compile(r"http_([1-5])(\d\d|xx)")  # http_503, or a class: http_5xx
+
+
+@dataclass(frozen=True)
+class RetryReasons:
+    """The failure reasons a retry re-fetches: ``error_kind`` names as the manifest writes them
+    (``timeout``, ``http_503``), a class of HTTP statuses (``http_5xx``), or ``all-transient``."""
+
+    given: tuple[str, ...]  # as written on the command line, for dataset.json and the summary
+
+    @classmethod
+    def parse(cls, text: str) -> "RetryReasons":
+        """``--retry``'s value; an unknown name is one ConfigError listing the known ones."""
+        given = tuple(dict.fromkeys(n.strip().lower() for n in text.split(",") if n.strip()))
+        unknown = [n for n in given if not (n == ALL_TRANSIENT or n in ERROR_KINDS or _HTTP_STATUS.fullmatch(n))]
+        if unknown or not given:
+            what = (f"--retry names {', '.join(repr(n) for n in unknown)}, which is not a download failure reason"
+                    if unknown else "--retry needs at least one failure reason")
+            raise ConfigError(f"{what}; known: {ALL_TRANSIENT} ({', '.join(TRANSIENT_ERROR_KINDS)}), http_NNN (one "
+                              f"HTTP status, e.g. http_503), http_4xx, http_5xx, {', '.join(ERROR_KINDS)}")
+        return cls(given)
+
+    def names(self) -> tuple[str, ...]:
+        """The reasons with ``all-transient`` spelled out."""
+        out = [n for g in self.given for n in (TRANSIENT_ERROR_KINDS if g == ALL_TRANSIENT else (g,))]
+        return tuple(dict.fromkeys(out))
+
+    def matches(self, kind: str | None) -> bool:
+        """Whether a failure of ``kind`` is to be retried."""
+        if kind is None:
+            return False
+        for name in self.names():
+            if name == kind:
+                return True
+            wanted, got = _HTTP_STATUS.fullmatch(name), _HTTP_STATUS.fullmatch(kind)
+            if wanted and got and wanted.group(2) == "xx" and wanted.group(1) == got.group(1):
+                return True
+        return False
+
+    def __str__(self) -> str:
+        return ", ".join(self.given)
+
+
+@dataclass(frozen=True)
+class RetryOutcome:
+    """What a ``--retry`` planned, for the summary."""
+
+    reasons: RetryReasons
+    entry: InputList | None  # the retry's list (None: nothing to retry)
+    by_kind: dict[str, int]  # rows re-planned, by the reason their latest attempt failed
+    unfinished: int  # matching rows already in an earlier retry's shards not downloaded yet
+
+    def lines(self) -> list[str]:
+        lines = []
+        if self.entry is None:
+            lines.append(f"retry ({self.reasons}): no sample's latest attempt failed with these reasons: "
+                         "nothing to retry")
+        else:
+            first, last = shard_name(self.entry.first_shard), shard_name(self.entry.first_shard + self.entry.shards - 1)
+            kinds = ", ".join(f"{k} {n}" for k, n in sorted(self.by_kind.items()))
+            lines.append(f"retry ({self.reasons}): {self.entry.samples} sample(s) whose latest attempt failed so "
+                         f"({kinds}) re-fetched in new shard(s) {first}..{last}")
+        if self.unfinished:
+            lines.append(f"{self.unfinished} failed sample(s) already planned for retry in shards not downloaded "
+                         "yet (an interrupted retry): those shards are fetched, the samples are not planned again")
+        return lines
+
+
+def _retry_rows(layout: RunLayout, lists: tuple[InputList, ...], reasons: RetryReasons,
+                missing: list[str]) -> tuple[pa.Table, dict[str, int], int]:
+    """The rows to fetch again, in input order: uid, url, caption, input_row (from the plans) and
+    the attempt they will be (from the manifests). A row whose latest attempt sits in a planned
+    shard not downloaded yet (an earlier, unfinished retry) is left to that shard.
+
+    Returns (the rows, their count by error_kind, rows left to unfinished shards).
+    """
+    empty = pa.table({n: pa.array([], f.type) for n, f in zip(RETRY_INPUT.names, RETRY_INPUT) if n != "shard"})
+    if not layout.done_shards("download"):
+        return empty, {}, 0
+    con = connect(Path(":memory:"), layout, read_only=False)
+    try:
+        bound_memory(con, layout)
+        _, latest = download_relations(con, layout)
+        con.execute(f"create temp table failed as select uid, error_kind, attempt from {latest} where status <> 'ok'")
+        kinds = [k for (k,) in con.execute("select distinct error_kind from failed").fetchall() if reasons.matches(k)]
+        if not kinds:
+            return empty, {}, 0
+        con.execute("create temp table wanted as select * from failed where error_kind in "
+                    f"({', '.join(sql_string(k) for k in kinds)})")
+        unfinished = 0
+        planned = [layout.input_dir / i.file for i in lists if i.file and set(i.shard_list()) & set(missing)]
+        if planned:
+            plans = f"read_parquet([{', '.join(sql_string(p) for p in planned)}], union_by_name=true)"
+            shards = ", ".join(sql_string(m) for m in missing)
+            in_unfinished = f"select uid from {plans} where shard in ({shards})"
+            unfinished = con.execute(f"delete from wanted where uid in ({in_unfinished})").fetchone()[0]
+        sources = ", ".join(sql_string(layout.input_dir / i.file) for i in lists if i.file and not i.is_retry)
+        rows = con.execute(
+            f"select p.uid, p.url, p.caption, p.input_row, (w.attempt + 1)::integer as attempt, w.error_kind "
+            f"from wanted w join read_parquet([{sources}], union_by_name=true) p using (uid) order by p.input_row"
+        ).to_arrow_table()
+    finally:
+        con.close()
+    counts = rows.group_by("error_kind").aggregate([("uid", "count")])
+    by_kind = dict(zip(counts.column("error_kind").to_pylist(), counts.column("uid_count").to_pylist()))
+    return rows.drop_columns(["error_kind"]), by_kind, int(unfinished)
+
+
+def _retry_row_groups(rows: pa.Table, shard_size: int, first_shard: int) -> Iterator[pa.Table]:
+    """The retry's plan (schema RETRY_INPUT), in row groups of whole shards like a list's plan."""
+    per_group = shard_size * max(1, -(-PLAN_GROUP_ROWS // shard_size))
+    for start in range(0, rows.num_rows, per_group):
+        group = rows.slice(start, per_group)
+        index = first_shard + np.arange(start, start + group.num_rows) // shard_size
+        names = pa.array([shard_name(int(i)) for i in index], pa.string())
+        yield pa.table({"uid": group.column("uid"), "url": group.column("url"), "caption": group.column("caption"),
+                        "shard": names, "input_row": group.column("input_row"), "attempt": group.column("attempt")},
+                       schema=RETRY_INPUT)
+
+
+def plan_retry(layout: RunLayout, inputs: RunInputs, reasons: RetryReasons, shard_size: int,
+               missing: list[str]) -> tuple[RunInputs, RetryOutcome]:
+    """Plan the rows whose latest attempt failed with one of ``reasons`` again, as a list of its own
+    (kind "retry" in dataset.json, with the reasons): new shards numbered after every planned one,
+    so no finished shard is touched, and every later step sees new shards to do, as after an
+    appended list. ``missing``: the planned shards not downloaded yet."""
+    rows, by_kind, unfinished = _retry_rows(layout, inputs.lists, reasons, missing)
+    if not rows.num_rows:
+        return inputs, RetryOutcome(reasons, None, {}, unfinished)
+    first_shard = next_shard(inputs.lists)
+    path = layout.input_list_path(len(inputs.lists))
+    write_row_groups_atomic(_retry_row_groups(rows, shard_size, first_shard), RETRY_INPUT, path)
+    entry = InputList(
+        file=path.name, dataset=inputs.lists[0].dataset,
+        fingerprint=f"{RETRY_KIND}:{shard_name(first_shard)}:{','.join(reasons.given)}",
+        rows=rows.num_rows, samples=rows.num_rows, duplicates_dropped=0, already_present=0,
+        first_shard=first_shard, shards=-(-rows.num_rows // shard_size), shard_size=shard_size, first_input_row=0,
+        reasons=reasons.given,
+    )
+    lists = inputs.lists + (entry,)
+    _write_input_lists(layout, lists)  # the retry is part of the run from here: a rerun downloads its shards
+    return RunInputs(lists, inputs.current, inputs.planned_now), RetryOutcome(reasons, entry, by_kind, unfinished)
+
+
 @dataclass
 class DownloadPlan:
     inputs: RunInputs
@@ -426,16 +614,24 @@ class DownloadPlan:
     report: DownloadReport
 
 
-def plan_download(source: DatasetSource, layout: RunLayout, config: DownloadConfig) -> DownloadPlan:
-    """Freeze the input and find the shards that still need downloading (no Ray needed).
+def plan_download(
+    source: DatasetSource, layout: RunLayout, config: DownloadConfig, retry: str | None = None
+) -> DownloadPlan:
+    """Freeze the input and find the shards that still need downloading (no Ray needed); with
+    ``retry`` (``--retry``'s comma-separated reasons), first plan the failed rows again (:func:`plan_retry`).
 
     Costs no read of the plan's rows: the shards follow from dataset.json, the done ones from one
     listing of the download manifests, and where the missing ones are from their plans' footers.
     """
+    reasons = RetryReasons.parse(retry) if retry is not None else None  # a bad name fails before any write
     make_dirs(layout.shards_dir)
     remove_stale_temporaries(layout.shards_dir)
     inputs = freeze_input(source, layout, config.shard_size)
     done = layout.done_shards("download")
+    retried = None
+    if reasons is not None:
+        unfinished = sorted(n for i in inputs.lists for n in i.shard_list() if n not in done)
+        inputs, retried = plan_retry(layout, inputs, reasons, config.shard_size, unfinished)
     total = sum(i.shards for i in inputs.lists)
     missing = {n for i in inputs.lists for n in i.shard_list() if n not in done}
     shards = [s for i in inputs.lists for s in plan_locations(layout, i, missing)]
@@ -443,17 +639,20 @@ def plan_download(source: DatasetSource, layout: RunLayout, config: DownloadConf
         shards_total=total,
         shards_already_done=total - len(shards),
         duplicates_dropped=inputs.current.duplicates_dropped,
-        lists=len(inputs.lists),
+        lists=sum(1 for i in inputs.lists if not i.is_retry),
         current=inputs.current,
         planned_now=inputs.planned_now,
+        retry=retried,
     )
     return DownloadPlan(inputs=inputs, todo=[s.shard for s in shards], shards=shards, report=report)
 
 
 def run_download(
-    source: DatasetSource, layout: RunLayout, config: DownloadConfig, work: DownloadPlan, progress: bool = True
+    source: DatasetSource, layout: RunLayout, config: DownloadConfig, work: DownloadPlan, progress: bool = True,
+    stall_seconds: float = STALL_SECONDS,
 ) -> DownloadReport:
-    """Download every shard of ``work.todo`` on Ray (which must be up), one task per shard."""
+    """Download every shard of ``work.todo`` on Ray (which must be up), one task per shard; no
+    shard finishing for ``stall_seconds`` ends the run (``core.errors.Stalled``)."""
     started = time.monotonic()
     report = work.report
     if not work.shards:
@@ -468,7 +667,8 @@ def run_download(
     tasks = [ShardTask(s.shard, (config, s, str(layout.root)), s.samples) for s in work.shards]
     with source.serve():
         failed = run_shard_tasks(
-            DownloadStage(config), _download_shard_task, tasks, on_done=commit, failure="continue", progress=progress
+            DownloadStage(config), _download_shard_task, tasks, on_done=commit, failure="continue", progress=progress,
+            stall_seconds=stall_seconds,
         )
     report.shards_failed.update(failed)
     report.seconds = time.monotonic() - started

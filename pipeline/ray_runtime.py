@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -35,9 +36,59 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         # stack dump, exit 134): keep the caller's, so SIGTERM stops a run like Ctrl-C.
         signal.signal(signal.SIGTERM, on_term)
     try:
-        yield _describe(ray)
+        with native_noise_dropped():  # after ray.init: the processes it started keep the real stderr
+            yield _describe(ray)
     finally:
         ray.shutdown()
+
+
+# Lines Ray's C++ core writes to the driver's stderr (file descriptor 2, not Python's logging)
+# that a user of this pipeline can do nothing about.
+NATIVE_NOISE: tuple[bytes, ...] = (
+    # Ray Data starts each actor of a pool with its context and function as object-store arguments
+    # and max_restarts=-1 (actor fault tolerance, which we keep: a lost node's actors restart); the
+    # core worker then warns, once per actor, that a restart would fail if those objects were lost.
+    # They are owned by the driver, which outlives the actors.
+    b"has constructor arguments in the object store and max_restarts > 0",
+)
+
+
+@contextlib.contextmanager
+def native_noise_dropped() -> Iterator[None]:
+    """Pass the driver's file descriptor 2 through a thread that drops ``NATIVE_NOISE`` lines.
+
+    Everything else (progress bars, with their carriage returns, warnings, errors) goes through
+    unchanged, as it arrives. Nothing is filtered when stderr has no file descriptor (a notebook).
+    """
+    try:
+        sys.stderr.flush()
+        real = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    copier = threading.Thread(target=_copy_dropping_noise, args=(read_end, real), name="stderr-filter", daemon=True)
+    copier.start()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os.dup2(real, 2)  # the pipe's last writer is gone: the copier drains it and ends
+        copier.join(timeout=5)
+        os.close(real)
+
+
+def _copy_dropping_noise(read_end: int, out: int) -> None:
+    with contextlib.suppress(OSError):
+        while chunk := os.read(read_end, 65536):
+            if any(noise in chunk for noise in NATIVE_NOISE):
+                chunk = b"\n".join(line for line in chunk.split(b"\n") if not any(n in line for n in NATIVE_NOISE))
+            if chunk:
+                os.write(out, chunk)
+    os.close(read_end)
 
 
 def quiet_known_noise() -> None:

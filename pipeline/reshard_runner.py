@@ -11,9 +11,10 @@ Order, chosen so a selection always gives the same shards:
   content hashes, so uid order is also a fair shuffle of the pool, and each output shard gets a
   mix of source shards and of download times);
 - the sorted list is cut into output shards of ``samples_per_shard`` (``000000``, ``000001``, ...);
-- inside an output shard, samples are written by source shard, then in the source tar's member
-  order: that is what lets a task read each source tar once, sequentially, one sample at a time.
-  (Writing in uid order inside a shard would need random access into the source tars.)
+- inside an output shard, samples are in uid order too: each source tar is read once,
+  sequentially, into a spool (memory up to a bound, then local disk), and written from there in
+  uid order (``stages.reshard``). So the curated shards depend only on the selection, not on which
+  shards the samples were downloaded into (an appended list, a ``--retry``).
 
 Commit protocol: each task writes its tar and Parquet sibling under temporary names and renames
 them; the driver then writes ``manifest.parquet`` (schema CURATED), ``reshard.json`` (the
@@ -37,6 +38,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from manifests.catalog import latest_downloads
 from manifests.schemas import CURATED
 from manifests.store import (
     SIZES_FILE,
@@ -55,7 +57,7 @@ from manifests.store import (
     write_json_atomic,
     write_table_atomic,
 )
-from pipeline.shard_tasks import ShardTask, run_shard_tasks
+from pipeline.shard_tasks import STALL_SECONDS, ShardTask, run_shard_tasks
 from stages.base import ShardOutput
 from stages.reshard import ReshardStage
 
@@ -112,8 +114,8 @@ def plan_reshard(layout: RunLayout, policy: str, samples_per_shard: int) -> Resh
     """Which source samples go into which output shard (no Ray, no tar is opened).
 
     A uid is kept when any of its selection rows says kept, and is planned once. Every kept uid
-    must be an ok row of the download manifest: a selection from another run is refused here,
-    before anything on disk is touched.
+    must be an ok row of the download manifest at its latest attempt (``curate --retry``): a
+    selection from another run is refused here, before anything on disk is touched.
     """
     if samples_per_shard < 1:
         raise ValueError("samples_per_shard must be >= 1")
@@ -124,7 +126,8 @@ def plan_reshard(layout: RunLayout, policy: str, samples_per_shard: int) -> Resh
     kept = pc.unique(kept_rows.combine_chunks())
     duplicates = len(kept_rows) - len(kept)
 
-    download = read_table(layout.stage_dir("download"), columns=["uid", "status", "shard", "key"])
+    # each uid's latest attempt only: a retried uid's earlier (failed) rows are history
+    download = latest_downloads(layout, ["uid", "status", "shard", "key"])
     download = download.filter(pc.and_(pc.equal(download.column("status"), "ok"), pc.is_valid(download.column("key"))))
     joined = pa.table({"uid": kept}).join(download.select(["uid", "shard", "key"]), "uid", join_type="left outer")
     if joined.num_rows != len(kept):
@@ -225,7 +228,8 @@ def _reshard_shard_task(
     return ShardOutput(result.manifest, files=committed, bytes_written=result.bytes_written)
 
 
-def reshard_policy(layout: RunLayout, policy: str, samples_per_shard: int, progress: bool = True) -> ReshardReport:
+def reshard_policy(layout: RunLayout, policy: str, samples_per_shard: int, progress: bool = True,
+                   stall_seconds: float = STALL_SECONDS) -> ReshardReport:
     """Materialise ``selections/<policy>.parquet`` as ``curated/<policy>/`` (Ray must be up).
 
     Skips a policy that is up to date (see :func:`is_up_to_date`); otherwise removes the policy's
@@ -248,7 +252,7 @@ def reshard_policy(layout: RunLayout, policy: str, samples_per_shard: int, progr
     plan = plan_reshard(layout, policy, samples_per_shard)
     _remove_policy_dir(layout, policy)
     make_dirs(folder)
-    manifests = _run_shards(plan, folder, progress)
+    manifests = _run_shards(plan, folder, progress, stall_seconds)
 
     manifest = pa.concat_tables(manifests) if manifests else CURATED.empty_table()
     write_table_atomic(manifest.cast(CURATED), folder / MANIFEST)
@@ -259,7 +263,7 @@ def reshard_policy(layout: RunLayout, policy: str, samples_per_shard: int, progr
         "kept": plan.kept,
         "shards": len(plan.shards),
         "duplicates_dropped": plan.duplicates_dropped,
-        "order": "uid-sorted, cut every samples_per_shard; inside a shard by source shard, then source tar order",
+        "order": "uid-sorted, cut every samples_per_shard; inside a shard, uid order too",
     }
     write_json_atomic(params, folder / PARAMS)
     write_json_atomic({f"{s.shard}.tar": s.samples for s in plan.shards}, folder / SIZES_FILE)  # last: the marker
@@ -273,7 +277,7 @@ def reshard_policy(layout: RunLayout, policy: str, samples_per_shard: int, progr
     )
 
 
-def _run_shards(plan: ReshardPlan, folder: Path, progress: bool) -> list[pa.Table]:
+def _run_shards(plan: ReshardPlan, folder: Path, progress: bool, stall_seconds: float = STALL_SECONDS) -> list[pa.Table]:
     """One Ray task per output shard; the manifests in shard order. The first failure stops all."""
     if not plan.shards:
         return []
@@ -291,6 +295,6 @@ def _run_shards(plan: ReshardPlan, folder: Path, progress: bool) -> list[pa.Tabl
     ]
     run_shard_tasks(
         ReshardStage(plan.policy, plan.samples_per_shard), _reshard_shard_task, tasks,
-        on_done=collect, failure="stop", label=f"reshard {plan.policy}", progress=progress,
+        on_done=collect, failure="stop", label=f"reshard {plan.policy}", progress=progress, stall_seconds=stall_seconds,
     )
     return [done[s.shard] for s in plan.shards]

@@ -19,8 +19,12 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import os
+import sys
 import tarfile
+import threading
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,9 +33,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from core.errors import Stalled
 from manifests.store import RunLayout, as_path, read_bytes, read_table, tar_key, write_table_atomic
 from pipeline.config import Config
 from pipeline.dag import Step
+from pipeline.watchdog import ClusterShrank, ProgressWatchdog, cluster_shrank, resources_line, unplaceable
 from stages.base import IMAGE, Resources, Stage, StageContractError
 
 _NO_IMAGE = np.zeros((0, 0, 3), np.uint8)  # Ray Data columns cannot hold None among arrays
@@ -53,6 +59,7 @@ class SampleReport:
     images_decoded: int = 0  # rows that went through the decoder (0 when no stage that ran reads image)
     incomplete_shards: dict[str, str] = field(default_factory=dict)
     waiting: dict[str, str] = field(default_factory=dict)  # shard -> why a step could not run on it yet
+    refits: list[str] = field(default_factory=list)  # each time nodes left and the pools were sized again
 
 
 def ok_counts(layout: RunLayout) -> dict[str, int]:
@@ -133,6 +140,11 @@ def _from_ray(values: np.ndarray) -> Any:
     return values
 
 
+HANG_HOOK = "CURATION_TEST_HANG_STAGE"  # tests only: this stage's batches never return (the stall watchdog's test)
+BROKEN_NODE_HOOK = "CURATION_TEST_BROKEN_NODE"  # tests only: set on a node, its actors fail to construct
+ACTOR_INIT_DEATHS_TOLERATED = 4
+
+
 class StageActor:
     """One replica of a stage in a Ray Data actor pool: set up once, then called per batch.
 
@@ -141,11 +153,18 @@ class StageActor:
     """
 
     def __init__(self, step: Step, config: Config, keep_image: bool = True) -> None:
+        if os.environ.get(BROKEN_NODE_HOOK):
+            raise RuntimeError(f"{step.name}: cannot set up on this node ({BROKEN_NODE_HOOK} is set: a test's broken node)")
         self.stage: Stage = step.make(config, None)
-        self.stage.setup()
+        with warnings.catch_warnings():  # the driver said these once (run_per_sample); not once per replica
+            for category in self.stage.announced_warnings:
+                warnings.simplefilter("ignore", category)
+            self.stage.setup()
         self.keep_image = keep_image  # the last stage that reads pixels drops them: only small columns go on
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        if os.environ.get(HANG_HOOK) == self.stage.name:  # tests only: a model call that never returns
+            threading.Event().wait()
         columns = {k: (v if k == IMAGE else _from_ray(v)) for k, v in batch.items()}
         inputs = {k: list(v) for k, v in columns.items() if k != IMAGE}
         if IMAGE in batch:
@@ -165,6 +184,7 @@ class StageActor:
 
 READ_CPUS = 0.25  # reading a tar and decoding JPEGs is light next to the model stages
 AUTO = "auto"  # a stage's ``replicas`` when the runner is to size its pool (size_pools)
+MAX_REFITS = 3  # times one stage's pools are sized again after nodes left, before the run gives up
 READ_COST = 0.01  # CPU-s per image of reading the tar and decoding the JPEG (512 px)
 # Ray Data cuts an operator's output into blocks of this many bytes (default 128 MiB: a whole
 # shard of decoded images). Small blocks let every replica of a pool take a few images at a time,
@@ -293,19 +313,38 @@ def run_per_sample(
             continue
         groups[(missing, have)].append(shard)
 
+    if groups:
+        for s in steps:  # once, here, rather than once per replica
+            for notice in s.make(config, None).notices():
+                print(f"warning: {s.name}: {notice}", file=sys.stderr)
+
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.issue_detectors_config.detectors = []  # its memory hints are for large clusters, noise here
     ctx.target_max_block_size = STREAM_BLOCK_BYTES
-    cluster = ray.cluster_resources()
+    # an actor that fails in its constructor (a broken node: a bad disk, a GPU gone) is replaced, on
+    # another node as the pool spreads its actors, instead of failing the run; a stage broken
+    # everywhere still fails after this many deaths in a row
+    ctx.max_consecutive_actor_init_deaths = ACTOR_INIT_DEATHS_TOLERATED
 
     logging.disable(logging.INFO)  # Ray Data re-configures its loggers per execution; its INFO lines are noise here
     try:
         for (missing, have), shards in groups.items():
             run_steps = [s for s in steps if s.name in missing]
             done_steps = [s for s in context if s.name in have]
-            _run_group(layout, config, run_steps, done_steps, shards, counts, report, cluster, progress)
+            for _ in range(MAX_REFITS + 1):
+                try:
+                    _run_group(layout, config, run_steps, done_steps, shards, counts, report, ray.cluster_resources(),
+                               progress)
+                    break
+                except ClusterShrank as shrank:  # size the pools again for what is left; go on with the rest
+                    parts = [layout.done_shards(s.name) for s in run_steps]
+                    shards = [x for x in shards if not all(x in p for p in parts)]
+                    report.refits.append(str(shrank))
+                    print(f"{shrank}: actor pools sized again; {len(shards)} shard(s) to go", file=sys.stderr)
+            else:
+                raise Stalled(f"the cluster shrank {MAX_REFITS + 1} times during one stage; last: {report.refits[-1]}")
     finally:
         logging.disable(logging.NOTSET)
     report.seconds = time.monotonic() - started
@@ -343,8 +382,9 @@ def _streaming_dataset(
     shards: list[str],
     read_images: bool,
     cluster: dict[str, float],
-) -> Any:
-    """read shard -> (decode) -> one actor pool per stage, as a lazy Ray Data pipeline."""
+) -> tuple[Any, dict[str, dict[str, float]]]:
+    """read shard -> (decode) -> one actor pool per stage, as a lazy Ray Data pipeline; and what
+    one replica of each pool asks for (CPU, GPU, and the pool's replicas)."""
     import ray
 
     items = [
@@ -361,8 +401,10 @@ def _streaming_dataset(
         ds = ds.map_batches(decode_batch, batch_size=16, batch_format="numpy", num_cpus=READ_CPUS)
     declared = pool_sizes(config, run_steps, cluster)
     scale = fit_to_cluster(declared, cluster.get("CPU", 1))
+    requests: dict[str, dict[str, float]] = {}
     for i, s in enumerate(run_steps):
         res: Resources = declared[s.name]
+        requests[s.name] = {"CPU": res.cpus * scale, "GPU": res.gpus, "replicas": float(res.replicas)}
         keep_image = any(IMAGE in later.stage.reads for later in run_steps[i + 1:])  # else the pixels stop here
         ds = ds.map_batches(
             StageActor,
@@ -375,7 +417,7 @@ def _streaming_dataset(
         )
     # No drop_columns step here: a task operator after the actor pools would need a CPU that the
     # pools hold, and Ray Data would buffer every result until the pools finish (not streaming).
-    return ds
+    return ds, requests
 
 
 def _run_group(
@@ -399,14 +441,45 @@ def _run_group(
     shards = [s for s in shards if counts[s] > 0]
     if not shards:
         return
-    image_readers = [s for s in run_steps if IMAGE in s.stage.reads]
-    ds = _streaming_dataset(layout, config, run_steps, done_steps, shards, bool(image_readers), cluster)
+    import ray
 
+    image_readers = [s for s in run_steps if IMAGE in s.stage.reads]
+    ds, requests = _streaming_dataset(layout, config, run_steps, done_steps, shards, bool(image_readers), cluster)
+    why = unplaceable({n: {k: v for k, v in r.items() if k != "replicas"} for n, r in requests.items()},
+                      [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+    if why:  # Ray would wait for such a node forever
+        raise Stalled(why)
+
+    label = "+".join(s.name for s in run_steps)
     expected = {s: counts[s] for s in shards}
     pending: dict[str, list[pa.Table]] = defaultdict(list)
     arrived: dict[str, int] = defaultdict(int)
-    bar = tqdm(total=sum(expected.values()), unit="img", desc="+".join(s.name for s in run_steps), disable=not progress)
+    bar = tqdm(total=sum(expected.values()), unit="img", desc=label, disable=not progress)
+
+    def stalled(waited: float) -> str:
+        """What the pools were waiting on when no image had finished for the bound."""
+        in_flight = [s for s in shards if arrived.get(s, 0) < expected[s]]
+        shown = ", ".join(in_flight[:8]) + (f" and {len(in_flight) - 8} more" if len(in_flight) > 8 else "")
+        return (f"{label}: no image finished in {waited:.0f} s ({sum(arrived.values())} of {sum(expected.values())} "
+                f"done); shards in flight: {shown}; {resources_line(requests, ray.available_resources())}")
+
+    def shrank() -> str | None:
+        return cluster_shrank(cluster, ray.cluster_resources())
+
+    with ProgressWatchdog(config.watchdog.stall_timeout_s, stalled, restart_when=shrank) as watchdog:
+        _consume(ds, watchdog, run_steps, layout, expected, pending, arrived, bar, report, bool(image_readers))
+    bar.close()
+    for shard, want in expected.items():
+        if arrived.get(shard, 0) != want:
+            report.incomplete_shards[shard] = f"expected {want} samples, the pipeline gave {arrived.get(shard, 0)}"
+
+
+def _consume(ds: Any, watchdog: ProgressWatchdog, run_steps: list[Step], layout: RunLayout, expected: dict[str, int],
+             pending: dict[str, list[pa.Table]], arrived: dict[str, int], bar: Any, report: SampleReport,
+             reads_images: bool) -> None:
+    """Take the pipeline's batches as they come; a shard's parts are written once all its rows are in."""
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        watchdog.beat()
         for shard in batch.column("shard").unique().to_pylist():
             rows = batch.filter(pc.equal(batch.column("shard"), shard))
             pending[shard].append(rows)
@@ -424,12 +497,8 @@ def _run_group(
                     if status:
                         stage_report.failed += int(pc.sum(pc.not_equal(table.column(status), "ok")).as_py() or 0)
                 report.samples += whole.num_rows
-                if image_readers:
+                if reads_images:
                     report.images_decoded += whole.num_rows
-    bar.close()
-    for shard, want in expected.items():
-        if arrived.get(shard, 0) != want:
-            report.incomplete_shards[shard] = f"expected {want} samples, the pipeline gave {arrived.get(shard, 0)}"
 
 
 def shards_missing(layout: RunLayout, steps: tuple[Step, ...]) -> list[str]:

@@ -16,8 +16,9 @@ A failed shard is handled by the rule the caller chooses:
 
 Under either rule, output that breaks the stage's declared schema stops the run (a bug in the
 stage repeats on every shard), and no shard finishing for ``stall_seconds`` cancels everything and
-raises naming the shards still pending: a hung server or a wedged worker ends the run with a
-message instead of holding it forever.
+raises :class:`core.errors.Stalled` naming the shards still pending and the resources asked and
+free (``pipeline.watchdog``): a hung server, a wedged worker or a task no node can take ends the
+run with a message instead of holding it forever.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from core.errors import Stalled
+from pipeline.watchdog import WatchdogConfig, resources_line
 from stages.base import ShardOutput, ShardStage, StageContractError
 
-STALL_SECONDS = 600.0  # no shard finished for this long: cancel all, name the pending shards
+STALL_SECONDS = WatchdogConfig().stall_timeout_s  # no shard finished for this long: cancel all, name the pending shards
 MAX_RETRIES = 2  # re-runs of a task whose worker died
 ERROR_CHARS = 300  # an error is reported as one line of at most this many characters
 POLL_SECONDS = 5.0  # how often the stall clock is looked at (less for a short stall_seconds)
@@ -102,9 +105,12 @@ def run_shard_tasks(
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=poll)
             if not ready:
                 if time.monotonic() - last_finished > stall_seconds:
-                    names = ", ".join(sorted(task.shard for task in pending.values()))
+                    names = _shard_names(sorted(task.shard for task in pending.values()))
+                    free = ray.available_resources()
                     _cancel(pending, force=True)  # a stalled task may not heed a polite cancel
-                    raise RuntimeError(f"{label} stalled: no shard finished in {stall_seconds:.0f} s; pending: {names}")
+                    asked = {f"{stage.name} task": {"CPU": resources.cpus, "GPU": resources.gpus}}
+                    raise Stalled(f"{label}: no shard finished in {stall_seconds:.0f} s; waiting on shard(s) {names}; "
+                                  f"{resources_line(asked, free)}")
                 continue
             last_finished = time.monotonic()
             for ref in ready:
@@ -125,6 +131,12 @@ def run_shard_tasks(
     finally:
         bar.close()
     return failed
+
+
+def _shard_names(shards: list[str], shown: int = 8) -> str:
+    """The first few shard names and how many more: a message stays one line at 10^4 shards."""
+    more = f" and {len(shards) - shown} more" if len(shards) > shown else ""
+    return ", ".join(shards[:shown]) + more
 
 
 def _cancel(refs: Iterable[Any], force: bool = False) -> None:

@@ -45,6 +45,12 @@ def download_summary(layout: RunLayout, report: DownloadReport, seconds: float, 
             f"{report.samples_run} samples in {report.seconds:.1f} s ({rate:.1f} samples/s)"
         )
     lines += [f"   {line}" for line in report.input_lines()]
+    retry = report.retry.entry if report.retry is not None else None
+    if retry is not None and ran:  # how the retry went: its shards' rows, at their latest attempt
+        shards = ", ".join(f"'{s}'" for s in retry.shard_list())
+        _, outcome = run_query(layout, "select coalesce(error_kind, 'ok'), count(*) from download "
+                                       f"where shard in ({shards}) group by 1 order by 2 desc, 1")
+        lines.append("   retried now: " + ", ".join(f"{kind} {n}" for kind, n in outcome))
     lines.append(f"   samples: {total}   ok: {counts.get('ok', 0)}   failed: {total - counts.get('ok', 0)}")
     for kind, n, url, error in reasons:
         lines.append(f"     {kind or '?':20s} {n:6d}   e.g. {url}: {error}")
@@ -76,6 +82,8 @@ def samples_summary(layout: RunLayout, report: SampleReport, stages: list[str]) 
                 f"   {name:10s} {st.shards_run} shard(s) now, {st.shards_already_done} already done, "
                 f"{st.samples} samples, {st.failed} failed"
             )
+    for why in report.refits:
+        lines.append(f"   {why}: the actor pools were sized again and went on with the unfinished shards")
     for shard, why in sorted(report.incomplete_shards.items()):
         lines.append(f"   SHARD {shard} INCOMPLETE ({why}); rerun the same command to retry it")
     waiting: dict[str, list[str]] = {}

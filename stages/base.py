@@ -61,6 +61,15 @@ class Stage(ABC):
     def setup(self) -> None:
         """Load what the stage needs, once per worker; a second call is a no-op."""
 
+    # Warnings that ``setup`` may raise which the runner says once, on the driver, from
+    # ``notices()``, rather than once per replica: the runner ignores these categories in setup.
+    announced_warnings: ClassVar[tuple[type[Warning], ...]] = ()
+
+    def notices(self) -> list[str]:
+        """What the user should hear once about this stage's configuration before it runs (e.g.
+        scores from randomly initialised weights); said by the runner on the driver."""
+        return []
+
     def cost_per_image(self) -> float:
         """CPU-seconds one replica spends per sample, roughly: what ``replicas = "auto"`` sizes
         the pools by (only the ratios between stages matter). Light by default (~5 ms: parrot,

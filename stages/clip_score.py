@@ -25,7 +25,15 @@ import numpy as np
 from core.devices import resolve_device
 from core.settings import config_section, require
 from manifests.schemas import schema_for
-from models.clip import ClipModel, cosine_rows, load_clip, mask_text_regions, relative_image_cost
+from models.clip import (
+    RANDOM_WEIGHTS_MESSAGE,
+    ClipModel,
+    RandomWeightsWarning,
+    cosine_rows,
+    load_clip,
+    mask_text_regions,
+    relative_image_cost,
+)
 from stages.base import BatchStage, Resources, optional_column
 
 
@@ -97,6 +105,12 @@ class ClipScoreStage(BatchStage):
         """CPU-seconds one replica spends per sample, in proportion to the other stages' (see
         stages/ocr.py ``cost_per_image``): what ``replicas = "auto"`` sizes the pools by."""
         return VIT_S_32_CPU_S_PER_IMAGE * relative_image_cost(self.config.model)
+
+    announced_warnings = (RandomWeightsWarning,)
+
+    def notices(self) -> list[str]:
+        """Random weights are allowed (offline runs, tests) but their scores mean nothing: said once."""
+        return [] if self.config.pretrained else [RANDOM_WEIGHTS_MESSAGE]
 
     def setup(self) -> None:
         """Load the model once per actor; torch threads follow the replica's CPU share."""

@@ -109,6 +109,32 @@ _OWN_RULES = (
     ("infinite loop", "redirect_loop"),  # urllib: too many redirects, or the same URL again
     ("redirect loop", "redirect_loop"),
 )
+# Then urllib's, img2dataset's and Pillow's wording (after "HTTP Error NNN", which gives http_NNN).
+_MESSAGE_RULES = (
+    ("timed out", "timeout"),
+    ("decompression bomb", "decompression_bomb"),
+    ("not an image", "not_an_image"),
+    ("corrupt image", "corrupt_image"),
+    ("image decoding error", "decode_error"),
+    ("connection refused", "connection_refused"),
+    ("name or service not known", "dns_error"),
+    ("temporary failure in name resolution", "dns_error"),
+    ("unknown url type", "invalid_url"),
+    ("no host given", "invalid_url"),
+    ("nonnumeric port", "invalid_url"),
+    ("can't contain control characters", "invalid_url"),
+    ("x-robots-tag", "disallowed"),
+    ("incompleteread", "truncated_body"),  # the connection closed before Content-Length bytes came
+    ("dropped", "dropped"),
+    ("image too small", "image_too_small"),
+    ("image area too large", "image_too_large"),
+    ("aspect ratio too large", "bad_aspect_ratio"),
+    ("urlopen error", "connection_error"),
+    ("remote end closed", "connection_error"),
+    ("connection reset", "connection_error"),
+)
+# Every error_kind a manifest row can have, besides http_NNN (one per HTTP status).
+ERROR_KINDS: tuple[str, ...] = tuple(sorted({kind for _, kind in _OWN_RULES + _MESSAGE_RULES} | {"other"}))
 
 
 def classify_error(message: str | None) -> str | None:
@@ -122,30 +148,7 @@ def classify_error(message: str | None) -> str | None:
     http = re.search(r"http error (\d{3})", text)
     if http:
         return f"http_{http.group(1)}"
-    rules = (
-        ("timed out", "timeout"),
-        ("decompression bomb", "decompression_bomb"),
-        ("not an image", "not_an_image"),
-        ("corrupt image", "corrupt_image"),
-        ("image decoding error", "decode_error"),
-        ("connection refused", "connection_refused"),
-        ("name or service not known", "dns_error"),
-        ("temporary failure in name resolution", "dns_error"),
-        ("unknown url type", "invalid_url"),
-        ("no host given", "invalid_url"),
-        ("nonnumeric port", "invalid_url"),
-        ("can't contain control characters", "invalid_url"),
-        ("x-robots-tag", "disallowed"),
-        ("incompleteread", "truncated_body"),  # the connection closed before Content-Length bytes came
-        ("dropped", "dropped"),
-        ("image too small", "image_too_small"),
-        ("image area too large", "image_too_large"),
-        ("aspect ratio too large", "bad_aspect_ratio"),
-        ("urlopen error", "connection_error"),
-        ("remote end closed", "connection_error"),
-        ("connection reset", "connection_error"),
-    )
-    for needle, kind in rules:
+    for needle, kind in _MESSAGE_RULES:
         if needle in text:
             return kind
     return "other"
@@ -272,7 +275,9 @@ class DownloadStage(ShardStage):
         now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
         engine = f"img2dataset {version('img2dataset')}"
         out: list[dict[str, Any]] = []
-        for row in rows.select(["uid", "url", "caption"]).to_pylist():
+        # a retry's plan says which attempt each row is (manifests.schemas.RETRY_INPUT); a first fetch is 1
+        attempts = rows.column("attempt").to_pylist() if "attempt" in rows.column_names else [1] * rows.num_rows
+        for row, attempt in zip(rows.select(["uid", "url", "caption"]).to_pylist(), attempts):
             got = by_uid.get(row["uid"])
             if row["uid"] in refused:
                 status, error = "failed", refused[row["uid"]]
@@ -302,6 +307,7 @@ class DownloadStage(ShardStage):
                     "sha256": got.get("sha256") if ok else None,
                     "download_engine": engine,
                     "downloaded_at": now,
+                    "attempt": attempt,
                 }
             )
         return pa.Table.from_pylist(out, schema=self.output_schema)

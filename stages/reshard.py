@@ -11,10 +11,13 @@ Why it looks the way it does:
   accumulates is dropped after each member, and only the members of the current sample are held;
   each sample is written out before the next one is read.
 - Bytes are copied unchanged (``.jpg`` and ``.txt`` and any other member img2dataset wrote); only
-  the ``.json`` is rewritten, to carry the new ``key`` and the lineage (``source_shard``,
-  ``source_key``). Images are never decoded, so resharding costs about a copy.
-- Output is reproducible: members are written by webdataset's own ``TarWriter`` (the writer
-  img2dataset uses) with a fixed mtime, owner and mode, so the same inputs give a byte-identical tar.
+  the ``.json`` is rewritten, to carry the new ``key``. Lineage (``source_shard``, ``source_key``)
+  goes to the Parquet sibling and the curated manifest, not into the sample. Images are never
+  decoded, so resharding costs about a copy.
+- Output is reproducible and depends only on the kept samples: they are written in uid order
+  (spooled first, in memory up to a bound, then on local disk), by webdataset's own ``TarWriter``
+  (the writer img2dataset uses) with a fixed mtime, owner and mode. The same selection gives
+  byte-identical tars whichever shards its samples were downloaded into (a retry, an appended list).
 - The tar and its Parquet sibling are written under temporary names and renamed when complete, so
   an existing ``<shard>.tar`` is a whole one.
 """
@@ -23,10 +26,12 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tarfile
+import tempfile
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Union
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple, Union
 
 import fsspec
 import pyarrow as pa
@@ -72,6 +77,20 @@ CURATED_SHARD = pa.schema(
         pa.field("source_key", pa.string(), nullable=False),
     ]
 )
+
+# A shard's kept samples wait in memory up to this many bytes, then in a local temporary file, to
+# be written in uid order (one extra local copy of a shard past it: resharding stays about a copy).
+SPOOL_IN_MEMORY_BYTES = 64 * 1024 * 1024
+
+
+class SpooledSample(NamedTuple):
+    """A kept sample read from its source tar, waiting in the spool to be written (sorts by uid)."""
+
+    uid: str
+    offset: int  # where its pickled members start in the spool
+    source_shard: str
+    source_key: str
+
 
 # Per source tar: the keys to keep, or a key -> uid mapping, which also checks each sample's uid.
 SourceKeys = Union[Collection[str], Mapping[str, str]]
@@ -148,10 +167,10 @@ class ReshardStage(ShardStage):
     def process_shard(self, shard: str, inputs: Sequence[tuple[Path | str, SourceKeys]], work_dir: Path) -> ShardOutput:
         """Write ``work_dir/<shard>.tar`` and ``<shard>.parquet`` from ``inputs``; return its manifest.
 
-        Files by role: "tar", "parquet" (already renamed into place). Source tars are read in the
-        order given, and inside each tar in the tar's own member order (that is what lets each tar
-        be streamed once); the ``i``-th sample written gets key ``new_key(shard, i)``. Every listed
-        key must be in its tar, else nothing is written.
+        Files by role: "tar", "parquet" (already renamed into place). Each source tar is streamed
+        once, in its own member order, into a spool; the samples are then written in uid order, the
+        ``i``-th getting key ``new_key(shard, i)``. Every listed key must be in its tar, else
+        nothing is written.
         """
         tars = [_normalise(t) for t, _ in inputs]
         if len(set(tars)) != len(tars):
@@ -167,13 +186,24 @@ class ReshardStage(ShardStage):
         import webdataset as wds  # here, not at import: webdataset imports torch (seconds), and the CLI imports every stage
 
         try:
-            with open(tmp_tar, "wb") as out:
-                # closed on error too, while ``out`` is open: else tarfile flushes into a closed file later
-                with wds.TarWriter(out, encoder=False, mtime=TAR_MTIME, user=TAR_OWNER, group=TAR_OWNER, mode=TAR_MODE) as writer:
-                    for source_tar, keys in inputs:
-                        self._copy_source(str(source_tar), keys, shard, writer, rows)
-                out.flush()
-                os.fsync(out.fileno())
+            with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY_BYTES, dir=work_dir) as spool:
+                spooled: list[SpooledSample] = []
+                for source_tar, keys in inputs:
+                    self._spool_source(str(source_tar), keys, spool, spooled)
+                spooled.sort()  # uid order: where a sample was downloaded does not change the bytes
+                with open(tmp_tar, "wb") as out:
+                    # closed on error too, while ``out`` is open: else tarfile flushes into a closed file later
+                    with wds.TarWriter(out, encoder=False, mtime=TAR_MTIME, user=TAR_OWNER, group=TAR_OWNER,
+                                       mode=TAR_MODE) as writer:
+                        for sample in spooled:
+                            spool.seek(sample.offset)
+                            members = pickle.load(spool)
+                            key = new_key(shard, len(rows), self.samples_per_shard)
+                            written, row = self._rewrite(members, key, sample)
+                            writer.write(written)
+                            rows.append(row)
+                    out.flush()
+                    os.fsync(out.fileno())
             shard_table = pa.Table.from_pylist(rows, schema=CURATED_SHARD)
             pq.write_table(shard_table, tmp_parquet, compression="zstd")
             with open(tmp_parquet, "rb") as f:
@@ -197,9 +227,10 @@ class ReshardStage(ShardStage):
         size = tar_path.stat().st_size + parquet_path.stat().st_size
         return ShardOutput(manifest, files={"tar": tar_path, "parquet": parquet_path}, bytes_written=size)
 
-    def _copy_source(self, source_tar: str, keys: SourceKeys, shard: str, writer: "wds.TarWriter", rows: list[dict]) -> None:
-        """Stream one source tar (a local path or an fsspec URL), writing its kept samples; raise if a
-        listed key is missing. Remote tars are read with seeks too: skipped members are not fetched."""
+    def _spool_source(self, source_tar: str, keys: SourceKeys, spool: BinaryIO, spooled: list[SpooledSample]) -> None:
+        """Stream one source tar (a local path or an fsspec URL) into the spool, noting each kept
+        sample's uid and offset; raise if a listed key is missing or holds another uid. Remote tars
+        are read with seeks too: skipped members are not fetched."""
         wanted = set(keys)
         expected_uid = keys if isinstance(keys, Mapping) else None
         source_shard = source_tar.rstrip("/").rsplit("/", 1)[-1].removesuffix(".tar")
@@ -207,40 +238,37 @@ class ReshardStage(ShardStage):
         with fsspec.open(source_tar, "rb") as f:
             for source_key, members in iter_kept_samples(f, wanted, name=str(source_tar)):
                 found.add(source_key)
-                key = new_key(shard, len(rows), self.samples_per_shard)
-                sample, row = self._rewrite(members, key, source_shard, source_key, source_tar)
-                if expected_uid is not None and row["uid"] != expected_uid[source_key]:
+                if "json" not in members:
+                    raise ValueError(f"{source_tar}: sample {source_key} has no .json member (need its uid)")
+                uid = json.loads(members["json"])["uid"]
+                if expected_uid is not None and uid != expected_uid[source_key]:
                     raise ValueError(
-                        f"{source_tar}: sample {source_key} holds uid {row['uid']}, "
+                        f"{source_tar}: sample {source_key} holds uid {uid}, "
                         f"the download manifest says {expected_uid[source_key]}"
                     )
-                writer.write(sample)
-                rows.append(row)
+                spooled.append(SpooledSample(uid, spool.tell(), source_shard, source_key))
+                pickle.dump(members, spool, protocol=pickle.HIGHEST_PROTOCOL)
         missing = wanted - found
         if missing:
             raise ValueError(f"{source_tar}: {len(missing)} planned sample(s) not in the tar, e.g. {sorted(missing)[:3]}")
 
     @staticmethod
-    def _rewrite(
-        members: dict[str, bytes], key: str, source_shard: str, source_key: str, source_tar: str
-    ) -> tuple[dict[str, bytes | str], dict]:
-        """The sample to write (bytes unchanged but the json) and its row of the Parquet sibling."""
-        if "json" not in members:
-            raise ValueError(f"{source_tar}: sample {source_key} has no .json member (need its uid)")
+    def _rewrite(members: dict[str, bytes], key: str, sample: SpooledSample) -> tuple[dict[str, bytes | str], dict]:
+        """The sample to write (bytes unchanged but the json's ``key``) and its row of the Parquet
+        sibling. The json names no source shard: where a sample was downloaded (its first list, an
+        appended one, a retry) is lineage, kept in the Parquet sibling and the curated manifest."""
         meta = json.loads(members["json"])
         meta["key"] = key
-        meta["source_shard"] = source_shard
-        meta["source_key"] = source_key
-        sample: dict[str, bytes | str] = {"__key__": key, **members}
-        sample["json"] = json.dumps(meta, indent=4).encode("utf-8")  # img2dataset's formatting
+        written: dict[str, bytes | str] = {"__key__": key, **members}
+        written["json"] = json.dumps(meta, indent=4).encode("utf-8")  # img2dataset's formatting
         caption = members["txt"].decode("utf-8", errors="replace") if "txt" in members else meta.get("caption")
         row = {
-            "uid": meta["uid"],
+            "uid": sample.uid,
             "key": key,
             "caption": caption,
             "width": meta.get("width"),
             "height": meta.get("height"),
-            "source_shard": source_shard,
-            "source_key": source_key,
+            "source_shard": sample.source_shard,
+            "source_key": sample.source_key,
         }
-        return sample, row
+        return written, row

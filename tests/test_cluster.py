@@ -30,6 +30,8 @@ import pytest
 from conftest import free_port
 from run_compare import assert_runs_equal, curated_digests, load_run
 
+from pipeline.sample_runner import BROKEN_NODE_HOOK
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 BUCKET = "curation-test"
@@ -42,10 +44,8 @@ timeout_s = 4.0
 [ocr]
 engine = "rapidocr"      # the fast engine: this test is about the cluster, not OCR quality
 cpus_per_replica = 0.5
-replicas = 1             # pinned: pools sized for the larger cluster do not yet shrink when a node dies (issue 16)
 [clip]
 cpus_per_replica = 0.5
-replicas = 1
 [reshard]
 samples_per_shard = 8
 """
@@ -66,7 +66,7 @@ class Cluster:
     def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "ray"), *args], env=self.env, capture_output=True, text=True, timeout=timeout)
 
-    def add_worker(self, name: str, cpus: int) -> subprocess.Popen:
+    def add_worker(self, name: str, cpus: int, env: dict[str, str] | None = None) -> subprocess.Popen:
         """`ray start --address ... --block` in a new session, so killing its group kills the node.
 
         Each node gets its own temp dir, as separate machines would: nodes sharing one would share
@@ -76,7 +76,7 @@ class Cluster:
         proc = subprocess.Popen(
             [str(BIN / "ray"), "start", f"--address={self.gcs}", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}",
              f"--resources={json.dumps({name: 1})}", f"--temp-dir={self.tmp / name}", "--disable-usage-stats", "--block"],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         self.workers.append(proc)
         self.wait_for(lambda nodes: any(name in n["resources"] and n["alive"] for n in nodes), f"node {name} up")
@@ -284,8 +284,9 @@ def test_job_on_two_nodes_into_s3_equals_a_local_run(cluster, local_run):
 
 
 def test_worker_node_killed_mid_stage_loses_and_duplicates_nothing(cluster, local_run):
-    """SIGKILL every process of a worker node while the per-sample stages run; a replacement node
-    joins (what an autoscaler does); the job finishes with every sample exactly once."""
+    """SIGKILL every process of a worker node while the per-sample stages run; no node replaces it:
+    the actor pools, sized for the larger cluster, are sized again for what is left, and the job
+    finishes with every sample exactly once."""
     import fsspec
 
     output = f"s3://{BUCKET}/node-killed"
@@ -300,8 +301,9 @@ def test_worker_node_killed_mid_stage_loses_and_duplicates_nothing(cluster, loca
     total_shards = len(fs.glob(f"{BUCKET}/node-killed/manifests/download/part-*.parquet"))
     assert 1 <= parts_at_kill < total_shards, "the kill must land mid-stage for this test to mean anything"
     cluster.wait_for(lambda nodes: any("worker_b" in n["resources"] and not n["alive"] for n in nodes), "worker_b dead")
-    cluster.add_worker("worker_c", cpus=2)
-    cluster.wait_job("curate-node-killed")
+    logs = cluster.wait_job("curate-node-killed")
+    assert "a node left: the cluster has 3 CPU, 0 GPU (the pools were sized for 5 CPU, 0 GPU)" in logs, logs[-4000:]
+    assert "actor pools sized again" in logs
 
     got = load_run(output, POLICIES)
     for stage in STAGES:
@@ -309,6 +311,24 @@ def test_worker_node_killed_mid_stage_loses_and_duplicates_nothing(cluster, loca
         assert len(uids) == len(set(uids)), f"{stage}: a sample twice"
     assert [r["uid"] for r in got["download"]] == [r["uid"] for r in local_run["tables"]["download"]]
     assert_runs_equal(got, local_run["tables"])
+    assert curated_digests(output, POLICIES) == local_run["digests"]
+
+
+def test_actors_that_cannot_start_on_a_broken_node_start_elsewhere(cluster, local_run):
+    """A node where every actor fails in its constructor (a test hook stands for a bad disk or a
+    lost GPU): the pools replace those actors, on the healthy nodes, and the job finishes."""
+    import fsspec
+
+    output = f"s3://{BUCKET}/broken-node"
+    broken = cluster.add_worker("worker_broken", cpus=2, env={BROKEN_NODE_HOOK: "1"})
+    try:
+        cluster.submit(output, local_run["port"], local_run["config"], "curate-broken-node")
+        logs = cluster.wait_job("curate-broken-node")
+    finally:
+        _kill_group(broken)
+    assert "died during initialization and will be replaced" in logs, logs[-4000:]
+    assert fsspec.filesystem("s3").exists(f"{BUCKET}/broken-node/curated/all/sizes.json")
+    assert_runs_equal(load_run(output, POLICIES), local_run["tables"])
     assert curated_digests(output, POLICIES) == local_run["digests"]
 
 

@@ -23,6 +23,7 @@ from manifests.schemas import CURATED, SELECTION, schema_for
 from manifests.store import RunLayout
 from pipeline.reshard_runner import ReshardReport, is_up_to_date, plan_reshard, reshard_policy
 from stages.base import Resources
+import stages.reshard as reshard_stage
 from stages.reshard import CURATED_SHARD, TAR_MTIME, TAR_OWNER, ReshardStage, iter_kept_samples
 
 SOURCE_SHARDS = 3
@@ -168,17 +169,15 @@ def test_bytes_preserved_json_rewritten_sibling_typed(source, resharded):
         rows = sibling.to_pylist()
         samples = read_back_one(tar)
         assert [r["key"] for r in rows] == [s["__key__"] for s in samples]
+        assert [r["uid"] for r in rows] == sorted(r["uid"] for r in rows)  # uid order, not download order
         for row, sample in zip(rows, samples):
             assert {k for k in sample if not k.startswith("__")} == {"jpg", "txt", "json"}
             meta = json.loads(sample["json"])
             original = source["samples"][meta["uid"]]
             assert sample["jpg"] == original["jpg"] and sample["txt"] == original["txt"]
             assert sample["__key__"].startswith(tar.stem) and meta["key"] == sample["__key__"]
-            assert meta["source_shard"] == original["shard"] and meta["source_key"] == original["__key__"]
-            before = json.loads(original["json"])
-            assert {k: v for k, v in meta.items() if k not in ("key", "source_shard", "source_key")} == {
-                k: v for k, v in before.items() if k != "key"
-            }
+            before = json.loads(original["json"])  # only the key changes; lineage is in the sibling, not the sample
+            assert {k: v for k, v in meta.items() if k != "key"} == {k: v for k, v in before.items() if k != "key"}
             assert row["caption"] == original["txt"].decode() and row["uid"] == meta["uid"]
             assert (row["width"], row["height"]) == Image.open(io.BytesIO(sample["jpg"])).size
             assert (row["source_shard"], row["source_key"]) == (original["shard"], original["__key__"])
@@ -268,7 +267,7 @@ class CountingFile(io.FileIO):
         return data
 
 
-def test_stage_holds_one_sample_and_skips_dropped_bytes(tmp_path):
+def test_stage_holds_one_sample_and_skips_dropped_bytes(tmp_path, monkeypatch):
     """Bounded memory by construction: samples come one at a time, dropped members are seeked over."""
     big = 1 << 20
     path = tmp_path / "big.tar"
@@ -294,6 +293,7 @@ def test_stage_holds_one_sample_and_skips_dropped_bytes(tmp_path):
     ReshardStage.check_output(result.manifest.column_names)
     with pytest.raises(ValueError, match="not in the tar"):
         stage.process_shard("000008", [(path, ["k1", "nope"])], out)
+
     with pytest.raises(ValueError, match="holds uid"):
         stage.process_shard("000009", [(path, {"k1": "wrong"})], out)
     with pytest.raises(ValueError, match="more than samples_per_shard"):
@@ -301,6 +301,19 @@ def test_stage_holds_one_sample_and_skips_dropped_bytes(tmp_path):
     with pytest.raises(ValueError, match="listed twice"):
         stage.process_shard("000011", [(path, ["k0"]), (path, ["k1"])], out)
     assert sorted(p.name for p in out.iterdir()) == ["000007.parquet", "000007.tar"]  # failures leave nothing
+
+    # uid order whatever the sources' order, through a spool that spills to disk past its bound:
+    # a sample's place does not depend on which shard it was downloaded into (a retry, an appended list)
+    other = tmp_path / "other.tar"
+    with wds.TarWriter(str(other), encoder=False) as sink:
+        sink.write({"__key__": "k9", "jpg": b"early", "json": json.dumps({"uid": "u1"}).encode()})
+    ordered = tmp_path / "ordered"
+    monkeypatch.setattr(reshard_stage, "SPOOL_IN_MEMORY_BYTES", 1024)
+    three = ReshardStage(POLICY, samples_per_shard=3).process_shard(
+        "000012", [(path, {"k0": "u0", "k3": "u3"}), (other, {"k9": "u1"})], ordered)
+    assert three.manifest.column("uid").to_pylist() == ["u0", "u1", "u3"]
+    assert [s["jpg"][:5] for s in read_back_one(ordered / "000012.tar")][1] == b"early"
+    assert not [p for p in ordered.iterdir() if p.suffix not in (".tar", ".parquet")]  # no spool left behind
 
 
 def test_reshard_stage_declares_its_contract():

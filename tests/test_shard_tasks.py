@@ -12,6 +12,7 @@ import pyarrow as pa
 import pytest
 from ray import cloudpickle
 
+from core.errors import Stalled
 from pipeline.shard_tasks import ShardTask, error_line, run_shard_tasks
 from stages.base import Resources, ShardOutput, ShardStage, StageContractError
 
@@ -103,7 +104,8 @@ def test_stall_cancels_and_names_the_pending_shard(ray_local):
     done = Collected()
     tasks = [ShardTask("quick", ("quick", "ok"), 1), ShardTask("slow", ("slow", "sleep", 120.0), 1)]
     started = time.monotonic()
-    with pytest.raises(RuntimeError, match=r"tiny stalled: no shard finished in 2 s; pending: slow$"):
+    with pytest.raises(Stalled, match=r"^tiny: no shard finished in 2 s; waiting on shard\(s\) slow; asked per replica: "
+                       r"tiny task 0.5 CPU; free now: \d+(\.\d+)? CPU, 0 GPU$"):
         _run(_dispatch, tasks, done, failure="continue", stall_seconds=2.0)
     assert time.monotonic() - started < 20
     assert dict(done) == {"quick": 1}

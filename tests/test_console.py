@@ -1,0 +1,46 @@
+"""What a user sees: `python -m pipeline curate` on the embedded set, as typed in a terminal (its
+own Ray, progress bars on), prints the progress bars, warnings a user can act on (each once) and
+the summary; no traceback, abort or Ray-internal line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+NOISE = ("Traceback", "SIGABRT", "Fatal Python error", "core_worker", "WARNING:root", "Progress bars disabled",
+         "Token authentication", "(pid=", "pid=")
+SAMPLES, SHARD_SIZE = 16, 4
+
+
+def test_a_clean_run_prints_bars_warnings_once_and_the_summary(tmp_path):
+    config = tmp_path / "fast.toml"
+    config.write_text('[ocr]\nengine = "rapidocr"\nbatch_size = 4\n[clip]\nbatch_size = 4\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "curate", "--samples", str(SAMPLES), "--shard-size", str(SHARD_SIZE),
+         "--port", str(free_port()), "--config", str(config), "--output", str(tmp_path / "run"), "--policies", "all"],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )
+    console = done.stdout + done.stderr
+    assert done.returncode == 0, console[-4000:]
+    lines = [line for chunk in console.splitlines() for line in chunk.split("\r") if line.strip()]
+    for noise in NOISE:
+        assert not any(noise in line for line in lines), (noise, [line for line in lines if noise in line][:3])
+    # the random-weights warning: once, from the driver, with what to do about it
+    random_init = [line for line in lines if "randomly initialised weights" in line]
+    assert random_init == ["warning: clip_score: CLIP scores from randomly initialised weights are not meaningful; "
+                           "set clip.pretrained to a tag or checkpoint"]
+    # the per-sample bar moves as images finish, not once per run: some count between 0 and all
+    bar = [line for line in lines if line.startswith("ocr+parrot+clip_score+dedup:")]
+    counts = {line.split("|")[2].split()[0] for line in bar if line.count("|") >= 2}
+    assert f"0/{SAMPLES}" in counts and f"{SAMPLES}/{SAMPLES}" in counts and len(counts) >= 3, counts
+    for header in ("== download:", "== per-sample stages:", "== policies", "== report:"):
+        assert any(line.startswith(header) for line in lines), header
+    unexplained = [line for line in lines if not (
+        line.startswith(("curate embedded", "download:", "ocr+parrot+clip_score+dedup:", "reshard all:", "warning: "))
+        or line.startswith(("==", " "))
+    )]
+    assert not unexplained, unexplained[:10]
