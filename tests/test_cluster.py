@@ -53,6 +53,14 @@ STAGES = ("download", "ocr", "parrot", "clip_score")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
+def own_ports() -> list[str]:
+    """Free ports for a node's dashboard agent, which otherwise binds fixed defaults (52365): with
+    another Ray on the machine (a developer's, a test's) the head's agent could not start and every
+    job submission failed with "No available agent"."""
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+
+
 @dataclass
 class Cluster:
     """A head node and worker nodes started with the `ray` CLI, each in its own process group."""
@@ -75,7 +83,8 @@ class Cluster:
         log = open(self.tmp / f"{name}.log", "w")
         proc = subprocess.Popen(
             [str(BIN / "ray"), "start", f"--address={self.gcs}", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}",
-             f"--resources={json.dumps({name: 1})}", f"--temp-dir={self.tmp / name}", "--disable-usage-stats", "--block"],
+             f"--resources={json.dumps({name: 1})}", f"--temp-dir={self.tmp / name}", "--disable-usage-stats",
+             *own_ports(), "--block"],
             env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         self.workers.append(proc)
@@ -194,7 +203,7 @@ def cluster(s3_env) -> Iterator[Cluster]:
         "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}", "--num-cpus=1",
         f"--resources={json.dumps({'head_node': 1})}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dash_port}", f"--ray-client-server-port={free_port()}", f"--temp-dir={tmp / 'ray'}",
-        "--disable-usage-stats",
+        "--disable-usage-stats", *own_ports(),
     )
     assert head.returncode == 0, head.stdout[-3000:] + head.stderr[-3000:]
     try:
