@@ -17,7 +17,7 @@ help:
 	@echo "make curate [DATASET=embedded|laion-subset] [URL_LIST=file] [OUTPUT=dir] [CONFIG=toml] [ARGS=...]"
 	@echo "make query SQL='select ...' [OUTPUT=dir]"
 	@echo "make train [POLICY=all] [OUTPUT=dir] [ARGS=--steps N]"
-	@echo "make ablation [ARGS='--samples N --steps N']"
+	@echo "make ablation [CONFIG=configs/ablation-gpu.toml] [ARGS='--samples N --steps N']   (default preset: configs/ablation-cpu.toml)"
 	@echo "make test          (make test-cluster: two-node Ray + S3 server on this machine)"
 	@echo "make test-kill     (SIGKILL a run at 20 seeded moments over every step; rerun; ~10 min)"
 	@echo "make bench [ARGS=...]   (writes BENCHMARKS.md)"

@@ -68,6 +68,9 @@ class DatasetSource:
     config: DatasetConfig
     url_list: str = ""
     slow_seconds: float = 4.0
+    # embedded only: how the generator draws the samples (sources.embedded.GeneratorSettings; None:
+    # its defaults, the dataset every test knows). The ablation sets other proportions.
+    generator: Any = None
     _samples: list[Any] | None = field(default=None, repr=False)
     _table: pa.Table | None = field(default=None, repr=False)
     _fingerprint: str | None = field(default=None, repr=False)
@@ -122,7 +125,10 @@ class DatasetSource:
         if self._samples is None:
             from sources.embedded import generate
 
-            self._samples = generate(self.config.samples, self.config.seed)
+            if self.generator is None:
+                self._samples = generate(self.config.samples, self.config.seed)
+            else:
+                self._samples = generate(self.config.samples, self.config.seed, self.generator)
         return self._samples
 
     def load_urls(self) -> pa.Table:

@@ -14,7 +14,11 @@ keys with "embedded-v1"):
   seeded RNG, since which class a model confuses depends on the model being evaluated;
 - ``spurious``: CounterAnimal-style, per class a "common" group on its common background and a
   "counter" group cycling through the other backgrounds, no text;
-- ``retrieval``: image-caption pairs with distinct descriptive captions, no text.
+- ``retrieval``: image-caption pairs with distinct descriptive captions, no text;
+- ``text_only``: the class words alone, no object, on a plain background (a flat colour), written
+  in the attack's font and size, in upper, capitalised or lower case, in a contrasting colour at a
+  random place; the label is the written class. Zero-shot top-1 on it says whether a model reads
+  (Less is More and Parrot Captions: an unfiltered CLIP does, and that is why the attack works).
 
 Images are JPEG bytes, like the training images after download.
 """
@@ -58,7 +62,7 @@ __all__ = [
     "write_label",
 ]
 
-SET_NAMES: tuple[str, ...] = ("clean", "typographic", "spurious", "retrieval")
+SET_NAMES: tuple[str, ...] = ("clean", "typographic", "spurious", "retrieval", "text_only")
 IMAGE_SIZE = 224  # square, so a centre crop keeps the whole image and the written label
 TYPO_COLOUR: tuple[int, int, int] = (255, 0, 0)
 TYPO_FONT = "DejaVuSans-Bold.ttf"  # the bold sans closest to the paper's Arial
@@ -88,7 +92,7 @@ class EvalItem:
 
 @dataclass(frozen=True)
 class EvalSets:
-    """The four sets; ``typographic[i]`` is ``clean[i]`` with a wrong class written on it."""
+    """The sets; ``typographic[i]`` is ``clean[i]`` with a wrong class written on it."""
 
     seed: int
     classes: tuple[str, ...]
@@ -96,6 +100,7 @@ class EvalSets:
     typographic: tuple[EvalItem, ...]
     spurious: tuple[EvalItem, ...]
     retrieval: tuple[EvalItem, ...]
+    text_only: tuple[EvalItem, ...] = ()
 
 
 def _rngs(seed: int, *key: object) -> tuple[random.Random, np.random.Generator]:
@@ -115,6 +120,27 @@ def write_label(img: Image.Image, word: str) -> Box:
     return tuple(float(v) for v in draw.textbbox((at, at), word, font=font))  # type: ignore[return-value]
 
 
+def _text_only(seed: int, label: int, index: int, size: int) -> EvalItem:
+    """Class ``label``'s name alone on a flat background: what a model that reads gets right."""
+    rng, _ = _rngs(seed, "text-only", label, index)
+    background = tuple(rng.randint(0, 255) for _ in range(3))
+    dark = sum(background) / 3 > 128
+    ink = tuple(rng.randint(0, 60) if dark else rng.randint(195, 255) for _ in range(3))
+    word = CLASSES[label]
+    word = rng.choice((word.upper(), word.capitalize(), word))
+    img = Image.new("RGB", (size, size), background)  # type: ignore[arg-type]
+    font = load_font(TYPO_FONT, round(TYPO_SIZE_FRACTION * size))
+    draw = ImageDraw.Draw(img)
+    x0, y0, x1, y1 = draw.textbbox((0, 0), word, font=font)
+    margin = round(TYPO_OFFSET_FRACTION * size / 2)
+    at = (rng.randint(margin - x0, max(margin - x0, size - margin - x1)),
+          rng.randint(margin - y0, max(margin - y0, size - margin - y1)))
+    draw.text(at, word, fill=ink, font=font)  # type: ignore[arg-type]
+    box = tuple(float(v) for v in draw.textbbox(at, word, font=font))
+    return EvalItem(image=encode_jpeg(img), label=label, background="plain", object_box=(0.0, 0.0, 0.0, 0.0),
+                    written_label=label, written_box=box)  # type: ignore[arg-type]
+
+
 def _scene(seed: int, part: str, label: int, index: int, bg: str | None,
            size: int) -> tuple[random.Random, str, DrawnScene]:
     """Draw one object of class ``label``; ``bg=None`` draws the background with the training mix."""
@@ -126,7 +152,7 @@ def _scene(seed: int, part: str, label: int, index: int, bg: str | None,
 
 def build_eval_sets(seed: int = 10_000, per_class: int = 40, n_retrieval: int = 200,
                     image_size: int = IMAGE_SIZE) -> EvalSets:
-    """Build all four sets; the same arguments give byte-identical sets."""
+    """Build all the sets; the same arguments give byte-identical sets."""
     clean, typographic, spurious, retrieval = [], [], [], []
     for label in range(len(CLASSES)):
         for i in range(per_class):
@@ -156,8 +182,9 @@ def build_eval_sets(seed: int = 10_000, per_class: int = 40, n_retrieval: int = 
         captions.add(caption)
         retrieval.append(EvalItem(image=encode_jpeg(drawn.image), label=label, background=bg,
                                   object_box=drawn.object_box, caption=caption))
+    text_only = [_text_only(seed, label, i, image_size) for label in range(len(CLASSES)) for i in range(per_class)]
     return EvalSets(seed=seed, classes=CLASSES, clean=tuple(clean), typographic=tuple(typographic),
-                    spurious=tuple(spurious), retrieval=tuple(retrieval))
+                    spurious=tuple(spurious), retrieval=tuple(retrieval), text_only=tuple(text_only))
 
 
 def contact_sheet(items: tuple[EvalItem, ...] | list[EvalItem], cols: int = 8, cell: int = 128) -> Image.Image:

@@ -189,6 +189,41 @@ def test_some_text_names_another_class(samples: list[EmbeddedSample]) -> None:
     assert "house" not in E._class_word_choices("apple", "indoor")
 
 
+def _class_word_heights(samples: list[EmbeddedSample]) -> list[float]:
+    """Height of each class word's box (tight around its ink) / the image's shorter side."""
+    heights = []
+    for s in samples:
+        if s.text_class is not None:
+            region = next(k for k, t in enumerate(s.box_texts) if t.split()[0].lower() == s.text_class)
+            ys = [p[1] for p in s.boxes[region]]
+            heights.append((max(ys) - min(ys)) / min(s.width, s.height))
+    return heights
+
+
+def test_generator_settings_change_the_proportions_and_the_defaults_change_nothing() -> None:
+    """The ablation draws its dataset with other proportions: each field does what it says, and the
+    defaults are the dataset every other test knows (same bytes)."""
+    assert generate(12, seed=3, settings=E.DEFAULT_SETTINGS) == generate(12, seed=3)
+    assert E.GeneratorSettings() == E.DEFAULT_SETTINGS
+    settings = E.GeneratorSettings(text_fraction=0.9, class_word_fraction=1.0, class_word_cap=(0.15, 0.2),
+                                   parrot_fraction=0.6, mixed_fraction=0.3, mixed_quotes_class_word=True)
+    drawn = generate(120, seed=3, settings=settings)
+    text = [s for s in drawn if s.has_text]
+    assert len(text) >= 0.8 * len(drawn)
+    assert sum(s.text_class is not None for s in text) >= 0.9 * len(text)
+    kinds = collections.Counter(s.caption_kind for s in text)
+    assert kinds["parrot"] >= 0.45 * len(text) and 0.15 * len(text) <= kinds["mixed"] <= 0.45 * len(text), kinds
+    quoted = [s for s in text if s.caption_kind == "mixed" and s.text_class is not None]
+    assert quoted and all(s.text_class in caption_tokens(s.caption) for s in quoted)
+    big, usual = _class_word_heights(drawn), _class_word_heights(generate(120, seed=3))
+    # placing a long word shrinks it to fit, so the median grows less than the range: 1.28x here
+    assert np.median(big) >= 1.2 * np.median(usual), (np.median(big), np.median(usual))
+    for bad in (E.GeneratorSettings(text_fraction=1.5), E.GeneratorSettings(parrot_fraction=0.8, mixed_fraction=0.3),
+                E.GeneratorSettings(class_word_cap=(0.2, 0.1))):
+        with pytest.raises(ValueError):
+            generate(1, settings=bad)
+
+
 def test_objects_and_class_words_lie_in_the_central_square() -> None:
     """CLIP's transforms centre-crop to a square: what must be learnt has to survive the crop."""
     seen = 0

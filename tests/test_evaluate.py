@@ -61,12 +61,13 @@ def test_default_build_is_fast_and_mixes_backgrounds_like_training(tmp_path) -> 
     t0 = time.process_time()
     full = build_eval_sets()
     assert time.process_time() - t0 < 20.0  # CPU seconds, for 1,480 images
-    assert (len(full.clean), len(full.typographic), len(full.spurious), len(full.retrieval)) == (320, 320, 640, 200)
+    sizes = (len(full.clean), len(full.typographic), len(full.spurious), len(full.retrieval), len(full.text_only))
+    assert sizes == (320, 320, 640, 200, 320)
     common = np.mean([item.background == E.COMMON_BACKGROUND[CLASSES[item.label]] for item in full.clean])
     assert abs(common - E.COMMON_FRACTION) < 0.07, common
     assert len({item.caption for item in full.retrieval}) == 200  # one right image per caption
     paths = write_eval_sets(full, tmp_path)
-    assert [p.name for p in paths] == ["clean.png", "typographic.png", "spurious.png", "retrieval.png"]
+    assert [p.name for p in paths] == ["clean.png", "typographic.png", "spurious.png", "retrieval.png", "text_only.png"]
     assert all(p.stat().st_size > 10_000 for p in paths)
 
 
@@ -107,6 +108,21 @@ def test_typographic_images_differ_from_clean_only_by_a_red_label(sets: EvalSets
         assert red.sum() > 100, CLASSES[typo.written_label]
 
 
+def test_text_only_images_hold_their_class_word_alone_on_a_flat_background(sets: EvalSets) -> None:
+    assert collections.Counter(item.label for item in sets.text_only) == {k: PER_CLASS for k in range(8)}
+    for item in sets.text_only:
+        assert item.written_label == item.label and item.background == "plain"
+        image = item.rgb().astype(int)
+        x0, y0, x1, y1 = (int(round(v)) for v in item.written_box)
+        assert 0 <= x0 < x1 <= 224 and 0 <= y0 < y1 <= 224 and y1 - y0 >= 15  # inside, at the attack's size
+        outside = np.ones(image.shape[:2], dtype=bool)
+        outside[max(0, y0 - 3) : y1 + 3, max(0, x0 - 3) : x1 + 3] = False
+        flat = image[outside]
+        assert np.abs(flat - np.median(flat, axis=0)).max(axis=1).mean() < 4  # one colour around the word
+        ink = np.abs(image[y0:y1, x0:x1] - np.median(flat, axis=0)).sum(axis=2) > 150
+        assert ink.mean() > 0.1, CLASSES[item.label]  # the word contrasts with its background
+
+
 def _outside_object_mean(item) -> np.ndarray:
     image = item.rgb().astype(float)
     keep = np.ones(image.shape[:2], dtype=bool)
@@ -129,7 +145,7 @@ def test_groups_show_their_intended_backgrounds(sets: EvalSets) -> None:
 def ocr_results(sets: EvalSets):
     from models.ocr import EasyOcrEngine
 
-    typo = list(sets.typographic[::6])  # 4 classes
+    typo = list(sets.typographic[::6]) + list(sets.text_only[1::6])  # 4 classes attacked, 4 words alone
     plain = [sets.clean[13], sets.spurious[-1]]
     # The question is whether the sets' words are legible, asked of a stock easyocr: readtext's own
     # CRAFT threshold low_text 0.4. (The pipeline's 0.3, chosen on real photographs, boxes the
@@ -150,12 +166,15 @@ def _closest_class(words: set[str]) -> tuple[int, str]:
 
 def test_ocr_reads_the_written_wrong_class(ocr_results) -> None:
     """Red on blue water has little luminance contrast and OCR reads grey levels, so a word may
-    come back misspelt ("fower"): it must still be nearer the written class than any other."""
+    come back misspelt ("fower"): it must still be nearer the written class than any other. The
+    text-only probe's words are read too (what the probe asks a CLIP is legible)."""
     typo, typo_regions, _, _ = ocr_results
     read = [_closest_class(_words(r)) for r in typo_regions]
     assert [c for _, c in read] == [CLASSES[i.written_label] for i in typo], read
-    assert sum(d == 0 for d, _ in read) >= 2, read
+    assert sum(d == 0 for d, _ in read) >= 4, read
     for item, regions in zip(typo, typo_regions):
+        if item.background == "plain":
+            continue  # the text-only probe: the written class is the label
         assert CLASSES[item.label] not in _words(regions)  # only the wrong class is written
         x0, y0, x1, y1 = item.written_box
         for r in regions:  # whatever OCR finds is the label, not something else in the image
@@ -225,13 +244,14 @@ def test_evaluate_random_clip_end_to_end(tiny_clip, sets: EvalSets) -> None:
     result = evaluate(tiny_clip, sets)
     m = result.metrics
     rates = ["clean_top1", "typographic_top1", "attack_success_rate", "common_top1", "counter_top1",
-             "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"]
+             "text_only_top1", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"]
     assert set(m) == set(rates) | {"typographic_drop", "spurious_drop", "chance"}
     assert all(0.0 <= m[k] <= 1.0 for k in rates), m
     assert -1.0 <= m["typographic_drop"] <= 1.0 and -1.0 <= m["spurious_drop"] <= 1.0
     assert m["typographic_drop"] == pytest.approx(m["clean_top1"] - m["typographic_top1"])
     assert m["chance"] == 1 / 8
     assert m["clean_top1"] <= 0.45 and m["i2t_r1"] <= 0.3, m  # an untrained model is near chance
+    assert m["text_only_top1"] <= 0.45, m
     assert m["i2t_r1"] <= m["i2t_r5"] and m["t2i_r1"] <= m["t2i_r5"]
     assert result.model.startswith("curation-tiny random-init")
     assert [row["class"] for row in result.per_class] == list(CLASSES)
@@ -239,3 +259,4 @@ def test_evaluate_random_clip_end_to_end(tiny_clip, sets: EvalSets) -> None:
         assert 0.0 <= row["clean_top1"] <= 1.0 and 0.0 <= row["attack_success_rate"] <= 1.0
         assert row["spurious_drop"] == pytest.approx(row["common_top1"] - row["counter_top1"])
     assert np.mean([row["clean_top1"] for row in result.per_class]) == pytest.approx(m["clean_top1"])
+    assert np.mean([row["text_only_top1"] for row in result.per_class]) == pytest.approx(m["text_only_top1"])

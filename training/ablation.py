@@ -4,11 +4,17 @@
     -> train the unfiltered model (policy ``all``) for ``steps`` steps
     -> re-score CLIP with that model, so the CLIP-score policies rank by a trained model rather than
        a random init (the offline stand-in for the pretrained scorer a real curation would use)
-    -> train one model per remaining policy for the same ``steps`` (equal compute)
-    -> evaluate every model on the held-out sets: zero-shot, typographic attack, spurious
-       backgrounds, retrieval
-    -> ``<output>/ablation/``: ``ablation.md``, ``ablation.csv``, ``per_class.csv``, PNG plots, and
-       a section of the run's HTML report.
+    -> train one model per remaining policy for the same ``steps`` (equal compute), once per
+       training seed in ``seeds``, and the unfiltered policy again with image patches masked
+       (``masking``: FLIP's random masking, CLIP-PGS) at the same ratio and steps
+    -> evaluate every model on the held-out sets: zero-shot, typographic attack, the class words
+       alone (does it read?), spurious backgrounds, retrieval
+    -> ``<output>/ablation/``: ``ablation.md`` (mean +- sd over the seeds, and which of the papers'
+       claims held), ``ablation.csv`` (means and sds), ``ablation_seeds.csv`` (one row per model),
+       ``per_class.csv``, PNG plots, and a section of the run's HTML report.
+
+The embedded dataset is drawn with the proportions in ``[ablation]`` (text images, class words,
+caption kinds, class-word size); docs/ablation.md says which ones make the unfiltered model read.
 
 Every step resumes: curation skips finished shards, training continues from its last checkpoint,
 and a finished model is evaluated again (seconds) rather than retrained.
@@ -29,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from core.errors import ConfigError
 from core.settings import config_section, require
 from manifests.store import SIZES_FILE, RunLayout
+from sources.embedded import DEFAULT_SETTINGS
 from training.train import LATEST  # the link to the newest checkpoint: one name across reruns
 
 if TYPE_CHECKING:  # pragma: no cover - the run's whole config, composed by pipeline/config.py
@@ -37,24 +44,52 @@ if TYPE_CHECKING:  # pragma: no cover - the run's whole config, composed by pipe
 
 @config_section
 class AblationConfig:
-    """`make ablation`: one model per policy, trained on the embedded dataset at equal steps."""
+    """`make ablation`: one model per policy and seed, trained on the embedded dataset at equal steps."""
 
     samples: int = 640  # embedded samples to curate (OCR sets the pace on a CPU: ~1 image/s)
     policies: tuple[str, ...] = ("all", "no-text", "no-parrot", "clip-score-top", "tmars", "no-parrot-tmars")
+    seeds: tuple[int, ...] = (0,)  # training seeds (init, data order, masks): every model once per seed
+    masking: tuple[str, ...] = ()  # also train the unfiltered policy with patches masked: "random" (FLIP), "pgs"
     eval_seed: int = 10_000  # held-out sets: a seed stream apart from the training data's
     eval_per_class: int = 40  # images per class in each labelled eval set
+    # The embedded dataset's proportions (sources.embedded.GeneratorSettings; these defaults are its own)
+    text_fraction: float = 0.55  # images with text (LAION-2B: 54.6%)
+    class_word_fraction: float = 0.5  # of text images, those where one region names another class
+    class_word_cap: tuple[float, float] = (0.08, 0.13)  # class-word cap height / shorter side
+    parrot_fraction: float = 0.4  # of text images: caption spells the text
+    mixed_fraction: float = 0.3  # of text images: caption describes and spells some text
+    mixed_quotes_class_word: bool = False  # a mixed caption quotes the class word (else a random region)
 
     def problems(self) -> list[str]:
         """What types cannot say: ranges and choices, as readable messages (empty when fine)."""
         problems = require(
             (self.samples >= 16, "ablation.samples must be >= 16"),
             (bool(self.policies), "ablation.policies must name at least one policy"),
+            (bool(self.seeds), "ablation.seeds must name at least one seed"),
+            (len(set(self.seeds)) == len(self.seeds), "ablation.seeds must not repeat a seed"),
+            (set(self.masking) <= {"random", "pgs"}, f"ablation.masking may hold random and pgs, not {list(self.masking)}"),
             (self.eval_per_class >= 1, "ablation.eval_per_class must be >= 1"),
+            (len(self.class_word_cap) == 2, "ablation.class_word_cap must be [low, high]"),
         )
+        if len(self.class_word_cap) == 2:
+            problems += [f"ablation.{p}" for p in self.generator().problems()]
         return problems
 
-SCORER_POLICY = "all"  # its model re-scores CLIP for the score-based policies
+    def generator(self) -> Any:
+        """The embedded dataset's ``GeneratorSettings`` from these fields."""
+        from sources.embedded import GeneratorSettings
+
+        low, high = self.class_word_cap
+        return GeneratorSettings(text_fraction=self.text_fraction, class_word_fraction=self.class_word_fraction,
+                                 class_word_cap=(low, high), parrot_fraction=self.parrot_fraction,
+                                 mixed_fraction=self.mixed_fraction,
+                                 mixed_quotes_class_word=self.mixed_quotes_class_word)
+
+SCORER_POLICY = "all"  # its model (first seed, no masking) re-scores CLIP for the score-based policies
+MASKED_POLICY = "all"  # the policy trained again with masked patches (CLIP-PGS vs FLIP)
 SECTION = "section.html"  # the report's ablation section, picked up by pipeline/report.py
+GENERATOR_FILE = "generator.json"  # the dataset proportions a run's output was curated with
+FILTERED = ("no-text", "no-parrot", "tmars")  # the filters the papers say remove the attack
 
 # Columns of the ablation table: (metric key, header, what it is)
 COLUMNS: tuple[tuple[str, str], ...] = (
@@ -62,6 +97,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("typographic_top1", "typographic top-1"),
     ("typographic_drop", "typographic drop"),
     ("attack_success_rate", "attack success"),
+    ("text_only_top1", "text-only top-1"),
     ("common_top1", "common-bg top-1"),
     ("counter_top1", "counter-bg top-1"),
     ("spurious_drop", "spurious drop"),
@@ -74,7 +110,9 @@ COLUMNS: tuple[tuple[str, str], ...] = (
 
 @dataclass
 class AblationRow:
-    policy: str
+    """One trained model: a policy (with its masking, if any) at one seed."""
+
+    policy: str  # the variant's name: the policy, or "<policy> +<masking>" for a masked one
     kept: int
     steps: int
     samples_seen: int
@@ -83,15 +121,35 @@ class AblationRow:
     metrics: dict[str, float]
     per_class: list[dict[str, Any]] = field(default_factory=list)
     checkpoint: str = ""
+    seed: int = 0
 
 
 @dataclass
 class AblationResult:
     root: Path
-    rows: list[AblationRow]
+    rows: list[AblationRow]  # one per variant and seed, variants in order
     untrained: dict[str, float]
     seconds: float
     files: list[Path]
+
+    def variants(self) -> list[str]:
+        """The variants in training order, each once."""
+        return list(dict.fromkeys(row.policy for row in self.rows))
+
+    def of(self, variant: str) -> list[AblationRow]:
+        return [row for row in self.rows if row.policy == variant]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What one line of the table trains: a policy's shards, with or without patch masking."""
+
+    policy: str
+    masking: str = "none"
+
+    @property
+    def name(self) -> str:
+        return self.policy if self.masking == "none" else f"{self.policy} +{self.masking}"
 
 
 def _curate(config: Config, ablation: AblationConfig, root: Path, policies: tuple[str, ...], progress: bool) -> None:
@@ -103,10 +161,29 @@ def _curate(config: Config, ablation: AblationConfig, root: Path, policies: tupl
     dataset.validate()
     download = config.download
     source = open_source(dataset, url_list="", slow_seconds=download.timeout_s + 2.0)
+    settings = ablation.generator()
+    if settings != DEFAULT_SETTINGS:  # _check_generator keeps an output from mixing samples drawn two ways
+        source = dataclasses.replace(source, generator=settings)
     result = curate(source, RunLayout(root), config, download, policies, progress=progress)
     print(run_summary(result))
     if not result.ok:
         raise RuntimeError(f"curation of {root} did not finish every shard; rerun `make ablation` to resume")
+
+
+def _check_generator(layout: RunLayout, ablation: AblationConfig) -> None:
+    """Record the dataset proportions of an output; a rerun with others would mix two datasets."""
+    path = layout.local_dir / GENERATOR_FILE
+    want = dataclasses.asdict(ablation.generator()) | {"samples": ablation.samples}
+    want["class_word_cap"] = list(want["class_word_cap"])
+    if path.is_file():
+        have = json.loads(path.read_text())
+        if have != want:
+            changed = ", ".join(sorted(k for k in want if have.get(k) != want[k]))
+            raise ConfigError(f"{layout.root} was curated with other [ablation] dataset settings ({changed}): "
+                              "use another --output, or the settings it was made with")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(want, indent=1) + "\n")
 
 
 def _scorer_config(config: Config, checkpoint: Path) -> Config:
@@ -144,27 +221,42 @@ def _rescore_clip(layout: RunLayout, scorer: Config, progress: bool) -> bool:
 
 
 def model_dir(layout: RunLayout, policy: str) -> Path:
-    """Where the model trained on a policy's curated shards lives (``python -m pipeline train`` too).
+    """Where the model trained on a policy's curated shards lives (``python -m pipeline train``).
 
     Local, also for an object-store run: checkpoints are written and hard-linked as they train.
     """
     return layout.local_dir / "models" / policy
 
 
-def _train(config: Config, layout: RunLayout, policy: str, progress: bool) -> Any:
-    print(f"== train {policy}: {config.train.model}, {config.train.steps} steps x {config.train.batch_size}",
-          file=sys.stderr)
-    result = train_on_policy(config, layout, policy, progress)
-    if result.step != config.train.steps:  # e.g. trained further by hand: the compute would differ
+def variant_dir(layout: RunLayout, variant: Variant, seed: int) -> Path:
+    """Where the ablation keeps one variant's model of one seed (apart from ``train``'s models)."""
+    masked = "" if variant.masking == "none" else f"+{variant.masking}"
+    return layout.local_dir / "models" / "ablation" / f"{variant.policy}{masked}" / f"seed-{seed}"
+
+
+def _variant_config(config: Config, variant: Variant, seed: int) -> Any:
+    """``[train]`` for one variant and seed: the seed and masking changed, nothing else (equal steps)."""
+    masking = config.train.masking if variant.masking == "none" else variant.masking
+    return dataclasses.replace(config.train, seed=seed, masking=masking)
+
+
+def _train(config: Config, layout: RunLayout, variant: Variant, seed: int, progress: bool) -> Any:
+    train_config = _variant_config(config, variant, seed)
+    print(f"== train {variant.name} seed {seed}: {train_config.model}, {train_config.steps} steps x "
+          f"{train_config.batch_size}, masking {train_config.masking}", file=sys.stderr)
+    out_dir = variant_dir(layout, variant, seed)
+    result = train_on_policy(dataclasses.replace(config, train=train_config), layout, variant.policy, progress, out_dir)
+    if result.step != train_config.steps:  # e.g. trained further by hand: the compute would differ
         raise ConfigError(
-            f"{model_dir(layout, policy)} is at step {result.step}, not [train].steps = {config.train.steps}: "
+            f"{out_dir} is at step {result.step}, not [train].steps = {train_config.steps}: "
             "the ablation compares equal steps; move that folder away or set the same steps"
         )
     return result
 
 
-def train_on_policy(config: Config, layout: RunLayout, policy: str, progress: bool) -> Any:
-    """Train on a policy's finished curated folder (its ``sizes.json`` lists the non-empty tars)."""
+def train_on_policy(config: Config, layout: RunLayout, policy: str, progress: bool, out_dir: Path | None = None) -> Any:
+    """Train on a policy's finished curated folder (its ``sizes.json`` lists the non-empty tars),
+    into ``out_dir`` (default: ``model_dir``)."""
     from training.train import shard_urls, train
 
     folder = layout.curated_dir(policy)
@@ -176,7 +268,7 @@ def train_on_policy(config: Config, layout: RunLayout, policy: str, progress: bo
         shards = shard_urls(folder)
     except ValueError as err:  # e.g. the policy kept nothing
         raise ConfigError(f"cannot train on policy {policy!r}: {err}") from None
-    return train(shards, model_dir(layout, policy), config.train, progress=progress)
+    return train(shards, out_dir or model_dir(layout, policy), config.train, progress=progress)
 
 
 def _local_copy(remote: Any, local: Path) -> Path:
@@ -209,8 +301,13 @@ def evaluate_checkpoint(config: Config, checkpoint: str, sets: Any, model: str |
     return evaluate(clip, sets)
 
 
+def variants(ablation: AblationConfig, policies: tuple[str, ...]) -> list[Variant]:
+    """The table's lines: every policy, then the masked unfiltered models."""
+    return [Variant(p) for p in policies] + [Variant(MASKED_POLICY, m) for m in ablation.masking]
+
+
 def run_ablation(config: Config, ablation: AblationConfig, root: Path, progress: bool = True) -> AblationResult:
-    """Curate, train one model per policy at equal steps, evaluate all; write tables and plots."""
+    """Curate, train one model per policy and seed at equal steps, evaluate all; write tables and plots."""
     import pyarrow.parquet as pq
 
     from pipeline.report import write_report
@@ -223,9 +320,10 @@ def run_ablation(config: Config, ablation: AblationConfig, root: Path, progress:
     for name in policies:
         config.policy(name)
     layout = RunLayout(root)
+    _check_generator(layout, ablation)
 
     _curate(config, ablation, root, (SCORER_POLICY,), progress)
-    first = _train(config, layout, SCORER_POLICY, progress)
+    first = _train(config, layout, Variant(SCORER_POLICY), ablation.seeds[0], progress)
     scorer = _scorer_config(config, Path(first.checkpoint).with_name(LATEST))
     _rescore_clip(layout, scorer, progress)
     _curate(scorer, ablation, root, policies, progress)  # selections and reshards with the new scores
@@ -233,23 +331,25 @@ def run_ablation(config: Config, ablation: AblationConfig, root: Path, progress:
     sets = build_eval_sets(seed=ablation.eval_seed, per_class=ablation.eval_per_class)
     untrained = evaluate_checkpoint(config, "", sets).metrics
     rows = []
-    for policy in policies:
-        result = first if policy == SCORER_POLICY else _train(config, layout, policy, progress)
-        evaluation = evaluate_checkpoint(config, result.checkpoint, sets)
-        kept = pq.read_table(layout.selection_path(policy), columns=["kept"]).column(0).to_pylist()
-        rows.append(
-            AblationRow(
-                policy=policy,
-                kept=sum(kept),
-                steps=result.step,
-                samples_seen=result.step * config.train.batch_size,
-                final_loss=result.final_loss,
-                train_seconds=result.seconds,
-                metrics=evaluation.metrics,
-                per_class=evaluation.per_class,
-                checkpoint=result.checkpoint,
+    for variant in variants(ablation, policies):
+        kept = sum(pq.read_table(layout.selection_path(variant.policy), columns=["kept"]).column(0).to_pylist())
+        for seed in ablation.seeds:
+            result = _train(config, layout, variant, seed, progress)
+            evaluation = evaluate_checkpoint(config, result.checkpoint, sets)
+            rows.append(
+                AblationRow(
+                    policy=variant.name,
+                    kept=kept,
+                    steps=result.step,
+                    samples_seen=result.step * config.train.batch_size,
+                    final_loss=result.final_loss,
+                    train_seconds=result.seconds,
+                    metrics=evaluation.metrics,
+                    per_class=evaluation.per_class,
+                    checkpoint=result.checkpoint,
+                    seed=seed,
+                )
             )
-        )
     out = AblationResult(root=root, rows=rows, untrained=untrained, seconds=0.0, files=[])
     out.files = write_outputs(out, config, ablation, layout)
     write_report(layout)
@@ -264,21 +364,129 @@ def _f(value: float | None, digits: int = 3) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value): the spread over seeds."""
+    import numpy as np
+
+    array = np.asarray(values, dtype=float)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def summarise(result: AblationResult) -> dict[str, dict[str, tuple[float, float]]]:
+    """Per variant and metric (and ``final_loss``): (mean, sd) over its seeds."""
+    out = {}
+    for variant in result.variants():
+        rows = result.of(variant)
+        keys = list(rows[0].metrics) + ["final_loss"]
+        out[variant] = {
+            key: mean_sd([row.final_loss if key == "final_loss" else row.metrics[key] for row in rows])
+            for key in keys if all((row.final_loss if key == "final_loss" else row.metrics.get(key)) is not None
+                                   for row in rows)
+        }
+    return out
+
+
 def table_rows(result: AblationResult) -> list[dict[str, Any]]:
-    rows = [{"policy": "(untrained)", "kept": "", "steps": 0, "final_loss": None, **result.untrained}]
-    for row in result.rows:
-        rows.append({"policy": row.policy, "kept": row.kept, "steps": row.steps, "final_loss": row.final_loss,
-                     **row.metrics})
+    """One row per variant: the means over seeds, ``<metric>_sd`` beside each, and ``seeds``."""
+    rows = [{"policy": "(untrained)", "kept": "", "steps": 0, "seeds": "", "final_loss": None, **result.untrained}]
+    stats = summarise(result)
+    for variant in result.variants():
+        first = result.of(variant)[0]
+        row: dict[str, Any] = {"policy": variant, "kept": first.kept, "steps": first.steps,
+                               "seeds": len(result.of(variant))}
+        for key, (mean, sd) in stats[variant].items():
+            row[key], row[f"{key}_sd"] = mean, sd
+        rows.append(row)
     return rows
 
 
+def _cell(row: dict[str, Any], key: str) -> str:
+    if row.get(key) is None:
+        return ""
+    sd = row.get(f"{key}_sd")
+    return _f(row[key]) if sd is None or row.get("seeds") == 1 else f"{row[key]:.3f} ± {sd:.3f}"
+
+
+def _headers() -> list[str]:
+    return ["policy", "kept", "steps", "seeds", "final loss"] + [h for _, h in COLUMNS]
+
+
+def _cells(row: dict[str, Any]) -> list[str]:
+    return [str(row["policy"]), str(row["kept"]), str(row["steps"]), str(row["seeds"]),
+            _cell(row, "final_loss")] + [_cell(row, key) for key, _ in COLUMNS]
+
+
 def markdown_table(result: AblationResult) -> str:
-    headers = ["policy", "kept", "steps", "final loss"] + [h for _, h in COLUMNS]
+    headers = _headers()
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for row in table_rows(result):
-        cells = [str(row["policy"]), str(row["kept"]), str(row["steps"]), _f(row["final_loss"])]
-        cells += [_f(row.get(key)) for key, _ in COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["| " + " | ".join(_cells(row)) + " |" for row in table_rows(result)]
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One of the papers' claims, checked on the means over seeds: held, not held, or not measured."""
+
+    claim: str
+    held: bool | None  # None: a variant it needs was not trained
+    evidence: str
+
+
+def claims(result: AblationResult) -> list[Claim]:
+    """The issue-17 targets, each stated as the paper's claim and checked on this run's means."""
+    stats = summarise(result)
+    mean = {v: {k: m for k, (m, _) in metrics.items()} for v, metrics in stats.items()}
+    out = []
+    base = mean.get(SCORER_POLICY)
+    if base is None:
+        return out
+    chance = base["chance"]
+    out.append(Claim("the unfiltered CLIP learns to read (text-only top-1 >= 0.5)", base["text_only_top1"] >= 0.5,
+                     f"{SCORER_POLICY}: text-only top-1 {base['text_only_top1']:.3f} (chance {chance:.3f})"))
+    out.append(Claim(
+        "it falls for the typographic attack (top-1 >= 0.15 below clean; written class predicted >= 2x chance)",
+        base["typographic_drop"] >= 0.15 and base["attack_success_rate"] >= 2 * chance,
+        f"{SCORER_POLICY}: clean {base['clean_top1']:.3f} -> typographic {base['typographic_top1']:.3f} "
+        f"(drop {base['typographic_drop']:.3f}); attack success {base['attack_success_rate']:.3f}"))
+    base_drop = base["typographic_drop"]
+    attacked = out[-1].held  # a filter can only remove an attack the unfiltered model falls for
+    for policy in FILTERED + ("no-parrot-tmars",):
+        if policy not in mean:
+            out.append(Claim(f"{policy} removes the attack", None, f"{policy} not trained"))
+            continue
+        m = mean[policy]
+        held = m["typographic_drop"] <= base_drop / 3 if attacked else None
+        out.append(Claim(f"{policy} drops at most a third as much under the attack", held,
+                         ("" if attacked else "not measurable, the unfiltered model does not fall for the attack: ")
+                         + f"drop {m['typographic_drop']:.3f} vs {base_drop:.3f} unfiltered; attack success "
+                         f"{m['attack_success_rate']:.3f}; text-only {m['text_only_top1']:.3f}"))
+        out.append(Claim(f"{policy} keeps clean zero-shot (within 0.05 of unfiltered, or better)",
+                         m["clean_top1"] >= base["clean_top1"] - 0.05,
+                         f"clean {m['clean_top1']:.3f} vs {base['clean_top1']:.3f}"))
+    shown = [v for v in mean if mean[v]["spurious_drop"] > 0]
+    out.append(Claim("every model leans on the background (CounterAnimal: common-bg top-1 > counter-bg top-1)",
+                     len(shown) == len(mean),
+                     "; ".join(f"{v} {mean[v]['spurious_drop']:.3f}" for v in mean)))
+    random_name, pgs_name = Variant(MASKED_POLICY, "random").name, Variant(MASKED_POLICY, "pgs").name
+    if random_name in mean and pgs_name in mean:
+        r, g = mean[random_name], mean[pgs_name]
+        better = [what for what, ok in (("clean", g["clean_top1"] > r["clean_top1"]),
+                                         ("typographic drop", g["typographic_drop"] < r["typographic_drop"]),
+                                         ("background drop", g["spurious_drop"] < r["spurious_drop"])) if ok]
+        sd = stats[pgs_name]["clean_top1"][1] + stats[random_name]["clean_top1"][1]
+        out.append(Claim(
+            "CLIP-PGS masking beats random (FLIP) masking at equal ratio and steps (clean top-1 higher by more than "
+            "the two sds)", g["clean_top1"] - r["clean_top1"] > sd,
+            f"clean {g['clean_top1']:.3f} vs {r['clean_top1']:.3f} (sds summed {sd:.3f}); typographic drop "
+            f"{g['typographic_drop']:.3f} vs {r['typographic_drop']:.3f}; background drop {g['spurious_drop']:.3f} vs "
+            f"{r['spurious_drop']:.3f}; PGS better on: {', '.join(better) or 'none'}"))
+    return out
+
+
+def claims_markdown(result: AblationResult) -> str:
+    mark = {True: "held", False: "NOT held", None: "not measured"}
+    lines = ["| claim | at this scale | evidence (means over seeds) |", "|---|---|---|"]
+    lines += [f"| {c.claim} | {mark[c.held]} | {c.evidence} |" for c in claims(result)]
     return "\n".join(lines)
 
 
@@ -289,41 +497,47 @@ def _plots(result: AblationResult, folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    names = [r.policy for r in result.rows]
+    names = result.variants()
+    stats = summarise(result)
     x = np.arange(len(names))
     paths = []
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     pairs = (
-        ("typographic attack", ("clean_top1", "typographic_top1", "attack_success_rate"),
-         ("clean", "with a wrong label written", "predicted the written label")),
+        ("typographic attack", ("clean_top1", "typographic_top1", "attack_success_rate", "text_only_top1"),
+         ("clean", "with a wrong label written", "predicted the written label", "class word alone")),
         ("spurious backgrounds", ("common_top1", "counter_top1"), ("common background", "counter background")),
         ("retrieval", ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"), ("i2t R@1", "i2t R@5", "t2i R@1", "t2i R@5")),
     )
+    seeds = max(len(result.of(v)) for v in names)
     for ax, (title, keys, labels) in zip(axes, pairs):
         width = 0.8 / len(keys)
         for k, (key, label) in enumerate(zip(keys, labels)):
-            ax.bar(x + (k - (len(keys) - 1) / 2) * width, [r.metrics[key] for r in result.rows], width, label=label)
+            means = [stats[v][key][0] for v in names]
+            sds = [stats[v][key][1] for v in names] if seeds > 1 else None
+            ax.bar(x + (k - (len(keys) - 1) / 2) * width, means, width, yerr=sds, capsize=2, label=label)
         if title != "retrieval":
             ax.axhline(result.rows[0].metrics["chance"], color="grey", lw=1, ls="--", label="chance")
         ax.set_xticks(x, names, rotation=30, ha="right")
         ax.set_ylim(0, 1)
-        ax.set_title(title)
-        ax.legend(fontsize=8)
+        ax.set_title(title + (f" (mean ± sd, {seeds} seeds)" if seeds > 1 else ""))
+        ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(folder / "ablation.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for row in result.rows:
-        log = Path(row.checkpoint).parent.parent / "train_log.jsonl"
-        points = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
-        if points:
-            ax.plot([p["step"] for p in points], [p["loss"] for p in points], label=row.policy, lw=1)
+    for k, variant in enumerate(names):
+        for j, row in enumerate(result.of(variant)):
+            log = Path(row.checkpoint).parent.parent / "train_log.jsonl"
+            points = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+            if points:
+                ax.plot([p["step"] for p in points], [p["loss"] for p in points], color=f"C{k}", lw=1,
+                        alpha=1.0 if j == 0 else 0.35, label=variant if j == 0 else None)
     ax.set_xlabel("step")
     ax.set_ylabel("contrastive loss")
-    ax.set_title("training loss (equal steps per policy)")
+    ax.set_title("training loss (equal steps per policy; faint: other seeds)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(folder / "loss.png")
@@ -332,32 +546,43 @@ def _plots(result: AblationResult, folder: Path) -> list[Path]:
     return paths
 
 
+def _write_csv(path: Path, rows: list[dict[str, Any]], keys: list[str]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def write_outputs(result: AblationResult, config: Config, ablation: AblationConfig, layout: RunLayout) -> list[Path]:
     import base64
 
     folder = layout.root / "ablation"
     folder.mkdir(parents=True, exist_ok=True)
     rows = table_rows(result)
-    files = [folder / "ablation.csv", folder / "per_class.csv", folder / "ablation.md"]
-    keys = ["policy", "kept", "steps", "final_loss"] + [k for k, _ in COLUMNS] + ["chance"]
-    with open(files[0], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(files[1], "w", newline="") as f:
-        per_class = [{"policy": r.policy, **c} for r in result.rows for c in r.per_class]
-        writer = csv.DictWriter(f, fieldnames=list(per_class[0]) if per_class else ["policy"])
-        writer.writeheader()
-        writer.writerows(per_class)
+    files = [folder / "ablation.csv", folder / "ablation_seeds.csv", folder / "per_class.csv", folder / "ablation.md"]
+    metric_keys = [k for k, _ in COLUMNS] + ["chance"]
+    _write_csv(files[0], rows, ["policy", "kept", "steps", "seeds", "final_loss", "final_loss_sd"]
+               + [name for k in metric_keys for name in (k, f"{k}_sd")])
+    per_seed = [{"policy": r.policy, "seed": r.seed, "kept": r.kept, "steps": r.steps, "final_loss": r.final_loss,
+                 "train_seconds": round(r.train_seconds, 1), **r.metrics} for r in result.rows]
+    _write_csv(files[1], per_seed, ["policy", "seed", "kept", "steps", "final_loss", "train_seconds"] + metric_keys)
+    per_class = [{"policy": r.policy, "seed": r.seed, **c} for r in result.rows for c in r.per_class]
+    _write_csv(files[2], per_class, list(per_class[0]) if per_class else ["policy"])
+    masking = f"; masked variants at ratio {config.train.mask_ratio}: {', '.join(ablation.masking)}" if ablation.masking else ""
+    settings = ablation.generator()
     setup = (
-        f"{ablation.samples} embedded samples curated; model `{config.train.model}` trained "
-        f"{config.train.steps} steps x batch {config.train.batch_size} per policy "
-        f"(masking: {config.train.masking}); held-out sets: seed {ablation.eval_seed}, "
-        f"{ablation.eval_per_class} images per class per set. CLIP-score policies ranked by the "
-        f"trained `{SCORER_POLICY}` model."
+        f"{ablation.samples} embedded samples curated (text images {settings.text_fraction:.2f}, of which "
+        f"{settings.class_word_fraction:.2f} name another class at cap height {settings.class_word_cap[0]:.2f}-"
+        f"{settings.class_word_cap[1]:.2f} of the shorter side; captions of text images: parrot "
+        f"{settings.parrot_fraction:.2f}, mixed {settings.mixed_fraction:.2f}); model `{config.train.model}` trained "
+        f"{config.train.steps} steps x batch {config.train.batch_size} per policy and seed "
+        f"(seeds {', '.join(map(str, ablation.seeds))}; masking: {config.train.masking}{masking}); "
+        f"held-out sets: seed {ablation.eval_seed}, {ablation.eval_per_class} images per class per set. "
+        f"CLIP-score policies ranked by the trained `{SCORER_POLICY}` model (seed {ablation.seeds[0]}). "
+        "Cells are mean ± sd over the seeds."
     )
-    markdown = f"# Ablation\n\n{setup}\n\n{markdown_table(result)}\n"
-    files[2].write_text(markdown)
+    files[3].write_text(f"# Ablation\n\n{setup}\n\n{markdown_table(result)}\n\n"
+                        f"## The papers' claims at this scale\n\n{claims_markdown(result)}\n")
     plots = _plots(result, folder)
     files += plots
     images = "".join(
@@ -365,16 +590,14 @@ def write_outputs(result: AblationResult, config: Config, ablation: AblationConf
         "style='max-width:100%'></p>"
         for p in plots
     )
-    headers = ["policy", "kept", "steps", "final loss"] + [h for _, h in COLUMNS]
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in
-                         [str(r["policy"]), str(r["kept"]), str(r["steps"]), _f(r["final_loss"])]
-                         + [_f(r.get(k)) for k, _ in COLUMNS]) + "</tr>"
-        for r in rows
-    )
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _cells(r)) + "</tr>" for r in rows)
+    mark = {True: "held", False: "NOT held", None: "not measured"}
+    claim_rows = "".join(f"<tr><td>{html.escape(c.claim)}</td><td>{mark[c.held]}</td><td>{html.escape(c.evidence)}</td></tr>"
+                         for c in claims(result))
     section = (
-        f"<p>{html.escape(setup)}</p><table><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in headers)}</tr>"
-        f"{body}</table>{images}"
+        f"<p>{html.escape(setup)}</p><table><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in _headers())}</tr>"
+        f"{body}</table><h3>The papers' claims at this scale</h3><table><tr><th>claim</th><th>at this scale</th>"
+        f"<th>evidence</th></tr>{claim_rows}</table>{images}"
     )
     (folder / SECTION).write_text(section, encoding="utf-8")
     files.append(folder / SECTION)
@@ -382,6 +605,6 @@ def write_outputs(result: AblationResult, config: Config, ablation: AblationConf
 
 
 def format_result(result: AblationResult) -> str:
-    lines = [f"== ablation: {result.root}  ({result.seconds:.0f} s)", markdown_table(result)]
+    lines = [f"== ablation: {result.root}  ({result.seconds:.0f} s)", markdown_table(result), "", claims_markdown(result)]
     lines += [f"   {p}" for p in result.files]
     return "\n".join(lines)

@@ -11,6 +11,7 @@ Metrics (``EvalResult.metrics``; accuracies and rates in [0, 1], drops in [-1, 1
 - ``typographic_top1``, ``typographic_drop`` (clean - typographic) and ``attack_success_rate``: the
   share of typographic images predicted as the class written on them (Less is More's ImageNet-Atr).
 - ``common_top1``, ``counter_top1``, ``spurious_drop`` (common - counter): CounterAnimal.
+- ``text_only_top1``: zero-shot top-1 on the class words alone on plain backgrounds (does it read?).
 - ``i2t_r1``, ``i2t_r5``, ``t2i_r1``, ``t2i_r5``: retrieval recall at 1 and 5; a query counts as
   found when fewer than k other candidates score at least as high as its pair (ties count
   against it, so a collapsed model gets no credit).
@@ -107,6 +108,8 @@ def evaluate(clip: ClipModel, sets: EvalSets, prompts: tuple[str, ...] = PROMPTS
     p_common = predict(_embed(clip, common), classes)
     p_counter = predict(_embed(clip, counter), classes)
     sim = _embed(clip, sets.retrieval) @ clip.encode_texts([item.caption for item in sets.retrieval]).T
+    p_text = predict(_embed(clip, sets.text_only), classes) if sets.text_only else np.zeros(0, dtype=np.int64)
+    y_text = _labels(sets.text_only)
 
     metrics = {
         "clean_top1": top1(p_clean, y_clean),
@@ -114,6 +117,7 @@ def evaluate(clip: ClipModel, sets: EvalSets, prompts: tuple[str, ...] = PROMPTS
         "attack_success_rate": attack_success_rate(p_typo, written),
         "common_top1": top1(p_common, y_common),
         "counter_top1": top1(p_counter, y_counter),
+        "text_only_top1": top1(p_text, y_text),
         "i2t_r1": recall_at_k(sim, 1),
         "i2t_r5": recall_at_k(sim, 5),
         "t2i_r1": recall_at_k(sim.T, 1),
@@ -129,6 +133,7 @@ def evaluate(clip: ClipModel, sets: EvalSets, prompts: tuple[str, ...] = PROMPTS
         "attack_success_rate": top1_by_class(p_typo, written, y_typo, n),
         "common_top1": top1_by_class(p_common, y_common, y_common, n),
         "counter_top1": top1_by_class(p_counter, y_counter, y_counter, n),
+        "text_only_top1": top1_by_class(p_text, y_text, y_text, n),
         "predicted_when_written": top1_by_class(p_typo, written, written, n),
     }
     per_class = [

@@ -31,8 +31,10 @@ from __future__ import annotations
 from sources.embedded.captions import CAPTION_KINDS, caption_tokens, describe
 from sources.embedded.generate import (
     CLASS_WORD_TEXT_FRACTION,
+    DEFAULT_SETTINGS,
     OBJECT_SIZE_NO_TEXT,
     EmbeddedSample,
+    GeneratorSettings,
     _make_sample,
     choose_background,
     generate,
@@ -75,6 +77,7 @@ __all__ = [
     "CLASS_WORD_TEXT_FRACTION",
     "COMMON_BACKGROUND",
     "COMMON_FRACTION",
+    "DEFAULT_SETTINGS",
     "OBJECT_SIZE_NO_TEXT",
     "PARROT_FILLERS",
     "TEXT_VOCABULARY",
@@ -82,6 +85,7 @@ __all__ = [
     "DrawnScene",
     "EmbeddedSample",
     "EmbeddedServer",
+    "GeneratorSettings",
     "caption_tokens",
     "central_square",
     "choose_background",

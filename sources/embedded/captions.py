@@ -68,8 +68,13 @@ def _parrot(regions: Sequence[_Region], rng: random.Random) -> str:
     return " ".join(lines)
 
 
-def _mixed(regions: Sequence[_Region], obj: str, colour: str, size_word: str, bg: str, rng: random.Random) -> str:
+def _mixed(regions: Sequence[_Region], obj: str, colour: str, size_word: str, bg: str, rng: random.Random,
+           salient: str | None = None) -> str:
+    """Describe the image and quote one region's text: a random one, or the one led by the word
+    ``salient`` when given and written (the biggest text, which a caption writer would quote)."""
     region = rng.choice(list(regions))
+    if salient is not None:  # after the draw, so the RNG stream is the same either way
+        region = next((r for r in regions if r.words and r.words[0].lower() == salient), region)
     text = " ".join(_case(region.words, rng))
     desc = describe(obj, colour, size_word, bg, rng)
     tmpl = rng.choice(_MIXED_TEMPLATES)

@@ -55,6 +55,9 @@ CLASS_WORD_TEXT_FRACTION = 0.5
 # typographic attack's label (50 px Arial on a ~375 px ImageNet image, cap height ~0.1), so the
 # word stays legible once the image is shrunk to a tiny CLIP's 96 px input.
 _CLASS_WORD_CAP: tuple[float, float] = (0.08, 0.13)
+# Caption kinds of a text image: parrot below PARROT_FRACTION, mixed below PARROT + MIXED.
+PARROT_FRACTION = 0.4
+MIXED_FRACTION = 0.3
 _CLASS_WORD_STYLES: tuple[str, ...] = ("sign", "poster", "overlay")
 # Object size (its drawing scale) as a share of the shorter side: large enough that a tiny CLIP
 # sees the shape at 96 px. Text images draw it a little smaller to leave room for the text.
@@ -65,6 +68,41 @@ _SIZES: tuple[tuple[int, int], ...] = (
     (512, 384), (384, 512), (448, 448), (512, 320), (320, 512), (480, 360), (400, 400), (512, 448),
 )
 
+
+
+
+@dataclass(frozen=True)
+class GeneratorSettings:
+    """The proportions a run draws its samples with; the defaults are the dataset the tests know.
+
+    Why a parameter: the ablation (issue 17) needs an unfiltered CLIP that learns to read, which
+    at CPU scale takes more parrot pairs naming a class than the defaults give, while the OCR,
+    parrot and curation tests are calibrated on the defaults. Each field keeps its RNG draw, so
+    changing a fraction changes which samples get text, never the order of the draws.
+    """
+
+    text_fraction: float = TEXT_FRACTION
+    class_word_fraction: float = CLASS_WORD_TEXT_FRACTION  # of text images
+    class_word_cap: tuple[float, float] = _CLASS_WORD_CAP  # cap height / shorter side
+    parrot_fraction: float = PARROT_FRACTION  # of text images
+    mixed_fraction: float = MIXED_FRACTION  # of text images
+    mixed_quotes_class_word: bool = False  # a mixed caption quotes the class word's region, when written
+
+    def problems(self) -> list[str]:
+        """Out-of-range fields, as readable messages (empty when fine)."""
+        lo, hi = self.class_word_cap
+        checks = (
+            (0.0 <= self.text_fraction <= 1.0, "text_fraction must be within [0, 1]"),
+            (0.0 <= self.class_word_fraction <= 1.0, "class_word_fraction must be within [0, 1]"),
+            (0.0 < lo <= hi <= 0.5, "class_word_cap must be 0 < low <= high <= 0.5"),
+            (self.parrot_fraction >= 0 and self.mixed_fraction >= 0
+             and self.parrot_fraction + self.mixed_fraction <= 1.0,
+             "parrot_fraction + mixed_fraction must be within [0, 1]"),
+        )
+        return [message for ok, message in checks if not ok]
+
+
+DEFAULT_SETTINGS = GeneratorSettings()
 
 # ---------------------------------------------------------------------------
 # Sample record
@@ -101,23 +139,25 @@ def choose_background(obj: str, rng: random.Random) -> str:
     return common if rng.random() < COMMON_FRACTION else rng.choice([b for b in BACKGROUNDS if b != common])
 
 
-def _make_sample(seed: int, index: int, debug: bool = False) -> tuple[EmbeddedSample, _Scene]:
-    """Build sample ``index``; its RNG streams depend only on (seed, index)."""
+def _make_sample(seed: int, index: int, debug: bool = False,
+                 settings: GeneratorSettings = DEFAULT_SETTINGS) -> tuple[EmbeddedSample, _Scene]:
+    """Build sample ``index``; its RNG streams depend only on (seed, index) (and ``settings``)."""
     rng = random.Random(f"embedded-v1:{seed}:{index}")
     nrng = np.random.default_rng([int(seed) & 0xFFFFFFFF, index, 0xE3B])
     W, H = rng.choice(_SIZES)
     obj = rng.choice(CLASSES)
     bg = choose_background(obj, rng)
-    wants_text = rng.random() < TEXT_FRACTION
+    wants_text = rng.random() < settings.text_fraction
     class_word = None
-    if wants_text and rng.random() < CLASS_WORD_TEXT_FRACTION:
+    if wants_text and rng.random() < settings.class_word_fraction:
         class_word = rng.choice(_class_word_choices(obj, bg))
     drawn = draw_scene(obj, bg, W, H, rng.uniform(*(_OBJECT_SIZE_WITH_TEXT if wants_text else OBJECT_SIZE_NO_TEXT)),
                        rng, nrng)
     img = drawn.image
     m = min(W, H)
     # a class word is big and inside the central square, where a 96 px CLIP can read it
-    class_placement: dict[str, Any] = {"cap_range": (_CLASS_WORD_CAP[0] * m, _CLASS_WORD_CAP[1] * m),
+    cap_lo, cap_hi = settings.class_word_cap
+    class_placement: dict[str, Any] = {"cap_range": (cap_lo * m, cap_hi * m),
                                        "area": central_square(W, H)}
     scene = _Scene(img=img, object_box=drawn.object_box, ink=Image.new("L", (W, H), 0) if debug else None)
     if wants_text:
@@ -151,13 +191,15 @@ def _make_sample(seed: int, index: int, debug: bool = False) -> tuple[EmbeddedSa
     text_class = class_word if any(w.lower() == class_word for r in regions for w in r.words) else None
     if has_text:
         r = rng.random()
-        kind = "parrot" if r < 0.4 else ("mixed" if r < 0.7 else "descriptive")
+        mixed_below = settings.parrot_fraction + settings.mixed_fraction
+        kind = "parrot" if r < settings.parrot_fraction else ("mixed" if r < mixed_below else "descriptive")
     else:
         kind = "descriptive"
     if kind == "parrot":
         caption = _parrot(regions, rng)
     elif kind == "mixed":
-        caption = _mixed(regions, obj, drawn.colour_name, drawn.size_word, bg, rng)
+        salient = text_class if settings.mixed_quotes_class_word else None
+        caption = _mixed(regions, obj, drawn.colour_name, drawn.size_word, bg, rng, salient)
     else:
         caption = describe(obj, drawn.colour_name, drawn.size_word, bg, rng)
 
@@ -179,11 +221,14 @@ def _make_sample(seed: int, index: int, debug: bool = False) -> tuple[EmbeddedSa
     return sample, scene
 
 
-def generate(n: int = 300, seed: int = 0) -> list[EmbeddedSample]:
-    """Generate ``n`` samples; identical (n, seed) give byte-identical output."""
+def generate(n: int = 300, seed: int = 0, settings: GeneratorSettings = DEFAULT_SETTINGS) -> list[EmbeddedSample]:
+    """Generate ``n`` samples; identical (n, seed, settings) give byte-identical output."""
     if n < 0:
         raise ValueError("n must be >= 0")
-    return [_make_sample(seed, i)[0] for i in range(n)]
+    problems = settings.problems()
+    if problems:
+        raise ValueError("; ".join(problems))
+    return [_make_sample(seed, i, settings=settings)[0] for i in range(n)]
 
 
 # ---------------------------------------------------------------------------
