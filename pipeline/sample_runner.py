@@ -37,7 +37,7 @@ from core.errors import Stalled
 from manifests.store import RunLayout, as_path, read_bytes, read_table, tar_key, write_table_atomic
 from pipeline.config import Config
 from pipeline.dag import Step
-from pipeline.watchdog import ClusterShrank, ProgressWatchdog, cluster_shrank, resources_line, unplaceable
+from pipeline.watchdog import ClusterShrank, ProgressWatchdog, cluster_shrank, resources_line, first_shards, unplaceable
 from stages.base import IMAGE, Resources, Stage, StageContractError
 
 _NO_IMAGE = np.zeros((0, 0, 3), np.uint8)  # Ray Data columns cannot hold None among arrays
@@ -458,10 +458,9 @@ def _run_group(
 
     def stalled(waited: float) -> str:
         """What the pools were waiting on when no image had finished for the bound."""
-        in_flight = [s for s in shards if arrived.get(s, 0) < expected[s]]
-        shown = ", ".join(in_flight[:8]) + (f" and {len(in_flight) - 8} more" if len(in_flight) > 8 else "")
+        in_flight = first_shards([s for s in shards if arrived.get(s, 0) < expected[s]])
         return (f"{label}: no image finished in {waited:.0f} s ({sum(arrived.values())} of {sum(expected.values())} "
-                f"done); shards in flight: {shown}; {resources_line(requests, ray.available_resources())}")
+                f"done); shards in flight: {in_flight}; {resources_line(requests, ray.available_resources())}")
 
     def shrank() -> str | None:
         return cluster_shrank(cluster, ray.cluster_resources())

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from core.errors import Stalled
-from pipeline.watchdog import WatchdogConfig, resources_line
+from pipeline.watchdog import WatchdogConfig, resources_line, first_shards
 from stages.base import ShardOutput, ShardStage, StageContractError
 
 STALL_SECONDS = WatchdogConfig().stall_timeout_s  # no shard finished for this long: cancel all, name the pending shards
@@ -105,7 +105,7 @@ def run_shard_tasks(
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=poll)
             if not ready:
                 if time.monotonic() - last_finished > stall_seconds:
-                    names = _shard_names(sorted(task.shard for task in pending.values()))
+                    names = first_shards(sorted(task.shard for task in pending.values()))
                     free = ray.available_resources()
                     _cancel(pending, force=True)  # a stalled task may not heed a polite cancel
                     asked = {f"{stage.name} task": {"CPU": resources.cpus, "GPU": resources.gpus}}
@@ -131,12 +131,6 @@ def run_shard_tasks(
     finally:
         bar.close()
     return failed
-
-
-def _shard_names(shards: list[str], shown: int = 8) -> str:
-    """The first few shard names and how many more: a message stays one line at 10^4 shards."""
-    more = f" and {len(shards) - shown} more" if len(shards) > shown else ""
-    return ", ".join(shards[:shown]) + more
 
 
 def _cancel(refs: Iterable[Any], force: bool = False) -> None:

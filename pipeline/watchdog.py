@@ -145,6 +145,12 @@ def unplaceable(requests: Mapping[str, Mapping[str, float]], nodes: list[Mapping
     return None
 
 
+def first_shards(shards: list[str], shown: int = 8) -> str:
+    """The first few shard names and how many more: a stall message stays one line at 10^4 shards."""
+    more = f" and {len(shards) - shown} more" if len(shards) > shown else ""
+    return ", ".join(shards[:shown]) + more
+
+
 def resources_line(asked: Mapping[str, Mapping[str, float]], free: Mapping[str, float]) -> str:
     """'asked ocr 2 x 0.9 CPU, ...; free now 0 CPU, 0 GPU': what a stalled wait was waiting for."""
     pools = ", ".join(
