@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import errno
 import hashlib
 import json
 import re
@@ -36,7 +37,8 @@ import tarfile
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -282,24 +284,61 @@ class DownloadReport:
         return lines
 
 
-def canonical_tar(src: Path, dst: Path) -> None:
-    """Rewrite img2dataset's tar with members in key order and fixed header fields.
+def canonical_tar(src: Path, dst: Path, expected_uids: Collection[str]) -> None:
+    """Rewrite img2dataset's tar with members in key order and fixed header fields, after checking
+    that it holds exactly the samples its manifest calls ok.
 
     img2dataset writes samples in the order its threads finish, with the current time in every
     header, so two downloads of the same URLs give different tars. Sorted and with fixed headers,
     a shard is a function of its samples: reruns, resumed runs and cluster runs write identical
     bytes, and so does everything made from them (the curated shards). Members are copied one at a
     time (random access into the local tar), so memory stays at one member.
+
+    The check is the last guard before the shard is committed: a local write that failed part-way
+    (a full disk: the buffered file can keep half a member and write it again later) leaves a tar
+    that still parses but holds a sample twice and others not at all. It raises ``OSError`` then.
     """
-    with tarfile.open(src, "r:") as source, open(dst, "wb") as out, tarfile.open(fileobj=out, mode="w:", format=tarfile.USTAR_FORMAT) as target:
+    with tarfile.open(src, "r:") as source:
         members = [m for m in source.getmembers() if m.isfile()]
         members.sort(key=lambda m: (tar_key(m.name)[0], m.name))
-        for member in members:
-            info = tarfile.TarInfo(member.name)
-            info.size, info.mtime, info.mode = member.size, TAR_MTIME, TAR_MODE  # the curated shards' header fields
-            info.uid = info.gid = 0
-            info.uname = info.gname = TAR_OWNER
-            target.addfile(info, source.extractfile(member))
+        _check_tar_members(source, members, expected_uids, src.name)
+        with open(dst, "wb") as out, tarfile.open(fileobj=out, mode="w:", format=tarfile.USTAR_FORMAT) as target:
+            for member in members:
+                info = tarfile.TarInfo(member.name)
+                info.size, info.mtime, info.mode = member.size, TAR_MTIME, TAR_MODE  # the curated shards' header fields
+                info.uid = info.gid = 0
+                info.uname = info.gname = TAR_OWNER
+                target.addfile(info, source.extractfile(member))
+
+
+def _check_tar_members(
+    source: tarfile.TarFile, members: list[tarfile.TarInfo], expected_uids: Collection[str], name: str
+) -> None:
+    """Every member name once, every key with its image, caption and json, and the jsons' uids
+    exactly ``expected_uids``; else ``OSError`` naming the first difference."""
+    names = [m.name for m in members]
+    if len(names) != len(set(names)):
+        repeated = sorted(n for n, count in Counter(names).items() if count > 1)
+        raise OSError(errno.EIO, f"{name}: members written twice ({', '.join(repeated[:3])}): a local write failed part-way")
+    by_key: dict[str, set[str]] = {}
+    uids: list[str] = []
+    for member in members:
+        key, ext = tar_key(member.name)
+        by_key.setdefault(key, set()).add(ext)
+        if ext == "json":
+            try:
+                uids.append(json.loads(source.extractfile(member).read())["uid"])
+            except (ValueError, KeyError, TypeError) as err:
+                raise OSError(errno.EIO, f"{name}: {member.name} is not whole ({err}): a local write failed part-way") from err
+    partial = sorted(key for key, exts in by_key.items() if not {"jpg", "txt", "json"} <= exts)
+    expected = set(expected_uids)
+    if partial or len(uids) != len(set(uids)) or set(uids) != expected:
+        missing, extra = len(expected - set(uids)), len(uids) - len(set(uids) & expected)
+        raise OSError(
+            errno.EIO,
+            f"{name}: holds {len(uids)} samples, its manifest {len(expected)} ok ({missing} missing, {extra} "
+            f"repeated or unknown, {len(partial)} keys without image, caption and json): a local write failed part-way",
+        )
 
 
 LOCAL_WRITE_FAILURES = ("no space left on device", "file too large", "disk quota exceeded", "read-only file system")
@@ -330,7 +369,8 @@ def _download_shard_task(config: DownloadConfig, planned: PlannedShard, root: st
         result = DownloadStage(config).process_shard(shard, rows, work)
         _refuse_local_write_failures(result.manifest, shard)
         canonical = work / f"canonical-{shard}.tar"
-        canonical_tar(result.files["tar"], canonical)
+        ok = pc.equal(result.manifest.column("status"), "ok")
+        canonical_tar(result.files["tar"], canonical, result.manifest.column("uid").filter(ok).to_pylist())
         committed = {role: layout.shards_dir / path.name for role, path in result.files.items()}
         move_into_place(canonical, committed["tar"])
         move_into_place(result.files["parquet"], committed["parquet"])

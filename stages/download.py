@@ -217,7 +217,7 @@ class DownloadStage(ShardStage):
             encode_format="jpg",
         )
         return Downloader(
-            sample_writer_class=WebDatasetSampleWriter,
+            sample_writer_class=fail_fast_writer(WebDatasetSampleWriter),
             resizer=ValidatingResizer(resizer, cfg.max_image_pixels),
             thread_count=max(1, min(cfg.thread_count, n_rows)),
             save_caption=True,
@@ -311,6 +311,42 @@ class DownloadStage(ShardStage):
                 }
             )
         return pa.Table.from_pylist(out, schema=self.output_schema)
+
+
+def fail_fast_writer(writer_class: type) -> type:
+    """img2dataset's sample writer, made to stop the shard at its first failed write.
+
+    img2dataset catches an exception from writing a sample, prints it and goes on with the next:
+    after a full disk (``ENOSPC``) the tar's buffered file may keep half a member and write it
+    later, so the shard would be committed with a tar that repeats some samples and lacks others.
+    Here the first error sticks: later writes raise it again without touching the tar, and
+    ``close`` (which img2dataset calls outside its per-sample ``try``) raises it, so the shard
+    fails whole and a rerun downloads it again.
+    """
+
+    class FailFastSampleWriter(writer_class):  # type: ignore[misc, valid-type]
+        first_error: Exception | None = None
+
+        def write(self, *args: Any, **kwargs: Any) -> None:
+            if self.first_error is not None:
+                raise self.first_error
+            try:
+                super().write(*args, **kwargs)
+            except Exception as err:
+                self.first_error = err
+                raise
+
+        def close(self) -> None:
+            try:
+                super().close()
+            except Exception as err:
+                if self.first_error is None:
+                    raise
+                raise self.first_error from err
+            if self.first_error is not None:
+                raise self.first_error
+
+    return FailFastSampleWriter
 
 
 def refuse_urls(rows: pa.Table) -> dict[str, str]:

@@ -28,7 +28,7 @@ from pipeline.cli import main
 from pipeline.download_runner import canonical_tar, make_uid
 from sources.embedded import BROKEN_KINDS, generate
 from stages.base import Resources
-from stages.download import DownloadConfig, DownloadStage, classify_error
+from stages.download import DownloadConfig, DownloadStage, classify_error, fail_fast_writer
 
 EXPECTED_KIND = {"http_404": "http_404", "timeout": "timeout", "corrupt": "corrupt_image", "html": "not_an_image"}
 
@@ -194,18 +194,69 @@ def _tar_of(path: Path, members: list[tuple[str, bytes]], mtime: float) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
+def _sample_members(keys: list[str]) -> list[tuple[str, bytes]]:
+    return [(f"{key}.{ext}", json.dumps({"uid": f"u{key}"}).encode() if ext == "json" else f"{key}-{ext}".encode())
+            for key in keys for ext in ("txt", "jpg", "json")]
+
+
 def test_canonical_tar_is_a_function_of_the_samples(tmp_path):
     """Completion order and header times do not reach the bytes; members sort by WebDataset key."""
-    members = [(f"{key}.{ext}", f"{key}-{ext}".encode()) for key in ("000000012", "000000003", "000000007") for ext in ("txt", "jpg", "json")]
+    members = _sample_members(["000000012", "000000003", "000000007"])
+    uids = ["u000000012", "u000000003", "u000000007"]
     _tar_of(tmp_path / "a.tar", members, mtime=1_700_000_000)
     _tar_of(tmp_path / "b.tar", members[::-1], mtime=1_800_000_000.5)
     for name in ("a", "b"):
-        canonical_tar(tmp_path / f"{name}.tar", tmp_path / f"{name}-canonical.tar")
+        canonical_tar(tmp_path / f"{name}.tar", tmp_path / f"{name}-canonical.tar", uids)
     digests = {hashlib.sha256((tmp_path / f"{n}-canonical.tar").read_bytes()).hexdigest() for n in ("a", "b")}
     assert len(digests) == 1
     with tarfile.open(tmp_path / "a-canonical.tar") as tar:
         names = tar.getnames()
     assert names == sorted(names, key=lambda n: (tar_key(n)[0], n)) and names[0] == "000000003.jpg"
+
+
+@pytest.mark.parametrize(
+    "members, expected, says",
+    [
+        (_sample_members(["1", "2"]) + _sample_members(["1"]), ["u1", "u2"], "written twice"),
+        (_sample_members(["1"]), ["u1", "u2"], "1 missing"),
+        (_sample_members(["1", "2"])[:-1], ["u1", "u2"], "1 keys without"),
+        (_sample_members(["1"])[:2] + [("1.json", b'{"uid": "u')], ["u1"], "not whole"),
+    ],
+    ids=["repeated", "missing", "partial", "torn-json"],
+)
+def test_canonical_tar_refuses_a_tar_that_differs_from_its_manifest(tmp_path, members, expected, says):
+    """What a write that failed part-way leaves (seen on CI with a full disk: one sample three
+    times, three others absent) is refused before anything is committed."""
+    _tar_of(tmp_path / "a.tar", members, mtime=0)
+    with pytest.raises(OSError, match=says):
+        canonical_tar(tmp_path / "a.tar", tmp_path / "out.tar", expected)
+
+
+def test_a_failed_sample_write_fails_the_whole_shard():
+    """After one failed write the writer refuses the rest and its close raises the first error,
+    which img2dataset does not catch: the shard fails instead of being committed short."""
+
+    class FullDisk:
+        def __init__(self):
+            self.written = []
+
+        def write(self, sample):
+            if sample == "b":
+                raise OSError(28, "No space left on device")
+            self.written.append(sample)
+
+        def close(self):
+            pass
+
+    writer = fail_fast_writer(FullDisk)()
+    writer.write("a")
+    with pytest.raises(OSError, match="No space"):
+        writer.write("b")
+    with pytest.raises(OSError, match="No space"):
+        writer.write("c")
+    assert writer.written == ["a"]
+    with pytest.raises(OSError, match="No space"):
+        writer.close()
 
 
 def test_download_stage_declares_its_contract():
