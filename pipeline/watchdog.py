@@ -47,6 +47,7 @@ class WatchdogConfig:
 
 POLL_SECONDS = 1.0  # how often the watchdog looks at the clock (less for a short bound)
 RESTART_CHECK_SECONDS = 3.0  # how often it asks the cluster whether nodes left (one GCS call)
+RESEND_SECONDS = 5.0  # SIGINT again while the wait has not ended (a KeyboardInterrupt can be swallowed)
 
 
 class ProgressWatchdog:
@@ -56,6 +57,12 @@ class ProgressWatchdog:
     past the bound, sends SIGINT to the main thread: the wait ends as on Ctrl-C (Ray tears the
     execution down), and leaving the ``with`` block turns that KeyboardInterrupt into
     :class:`Stalled` with ``describe()``'s message, taken at the moment the bound passed.
+
+    The signal is sent again every ``RESEND_SECONDS`` until the ``with`` block is left: a
+    KeyboardInterrupt that lands in a finaliser or a callback is printed and dropped by Python, and
+    then the wait went on forever (seen once, in tests/test_stalls.py on a loaded machine: the
+    watchdog had fired and ended, the main thread still waited in Ray Data 10 minutes later). Sending is done under a
+    lock that ``__exit__`` takes before it stops the thread, so no signal is sent after that.
     """
 
     def __init__(self, timeout_s: float, describe: Callable[[float], str],
@@ -67,6 +74,7 @@ class ProgressWatchdog:
         self.restart: str | None = None
         self._last = time.monotonic()
         self._stop = threading.Event()
+        self._sending = threading.Lock()  # held while a signal is sent; __exit__ takes it to stop sends
         self._thread = threading.Thread(target=self._watch, name="progress-watchdog", daemon=True)
 
     def beat(self) -> None:
@@ -79,8 +87,16 @@ class ProgressWatchdog:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
-        self._stop.set()
-        self._thread.join()
+        while True:
+            try:
+                with self._sending:
+                    self._stop.set()
+                self._thread.join()
+                break
+            except KeyboardInterrupt:  # our own signal, sent just before the stop: the wait had ended anyway
+                if self.message is None and self.restart is None:
+                    raise
+                kind = KeyboardInterrupt
         if kind is not None and issubclass(kind, KeyboardInterrupt):
             if self.restart is not None:
                 raise ClusterShrank(self.restart) from None
@@ -105,7 +121,13 @@ class ProgressWatchdog:
                     break
         else:
             return
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # type: ignore[arg-type]
+        while True:
+            with self._sending:
+                if self._stop.is_set():
+                    return
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # type: ignore[arg-type]
+            if self._stop.wait(RESEND_SECONDS):
+                return
 
 
 class ClusterShrank(Exception):

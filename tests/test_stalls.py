@@ -17,12 +17,15 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import free_port
 
+from core.errors import Stalled
 from manifests.store import RunLayout
+from pipeline import watchdog
 from pipeline.cli import main
 from pipeline.sample_runner import HANG_HOOK
-from pipeline.watchdog import unplaceable
+from pipeline.watchdog import ProgressWatchdog, unplaceable
 
 REPO = Path(__file__).resolve().parents[1]
 STALL_S = 20
@@ -46,6 +49,30 @@ def test_a_replica_no_node_can_hold_is_named_with_what_it_asked():
     why = unplaceable({"clip_score": {"CPU": 1.0, "GPU": 0.25}}, [{"CPU": 8.0}, {"CPU": 16.0, "GPU": 0.0}])
     assert why is not None and why.startswith("clip_score: one replica asks for 1 CPU, 0.25 GPU")
     assert "(nodes: 8 CPU, 0 GPU; 16 CPU, 0 GPU)" in why or "(nodes: 16 CPU, 0 GPU; 8 CPU, 0 GPU)" in why
+
+
+def test_the_watchdog_interrupts_again_when_its_first_interrupt_is_swallowed(monkeypatch):
+    """A KeyboardInterrupt that lands in a finaliser is dropped by Python; the wait must still end."""
+    monkeypatch.setattr(watchdog, "RESEND_SECONDS", 0.3)
+    swallowed = 0
+    started = time.monotonic()
+    with pytest.raises(Stalled, match="nothing moved"):
+        with ProgressWatchdog(0.4, lambda waited: "nothing moved"):
+            while time.monotonic() - started < 30:
+                try:
+                    time.sleep(0.02)
+                except KeyboardInterrupt:
+                    if swallowed:
+                        raise
+                    swallowed += 1  # as Python does with an exception raised in a __del__
+    assert swallowed == 1 and time.monotonic() - started < 5
+
+
+def test_the_watchdog_sends_nothing_once_its_block_is_left(monkeypatch):
+    monkeypatch.setattr(watchdog, "RESEND_SECONDS", 0.05)
+    with ProgressWatchdog(60, lambda waited: "never"):
+        pass
+    time.sleep(0.3)  # a signal sent now would raise KeyboardInterrupt here
 
 
 def test_pools_that_cannot_start_or_a_call_that_never_returns_end_with_a_message_and_resume(
