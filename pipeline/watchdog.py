@@ -22,6 +22,7 @@ the pools again for what is left and goes on with the unfinished shards.
 
 from __future__ import annotations
 
+import _signal
 import signal
 import threading
 import time
@@ -76,6 +77,7 @@ class ProgressWatchdog:
         self._stop = threading.Event()
         self._sending = threading.Lock()  # held while a signal is sent; __exit__ takes it to stop sends
         self._thread = threading.Thread(target=self._watch, name="progress-watchdog", daemon=True)
+        self._saved_sigint: tuple[object, bool] | None = None  # (handler, was blocked) to restore on exit
 
     def beat(self) -> None:
         """Progress was made: restart the clock."""
@@ -83,6 +85,7 @@ class ProgressWatchdog:
 
     def __enter__(self) -> ProgressWatchdog:
         self._last = time.monotonic()
+        self._saved_sigint = _sigint_raises()
         self._thread.start()
         return self
 
@@ -97,6 +100,7 @@ class ProgressWatchdog:
                 if self.message is None and self.restart is None:
                     raise
                 kind = KeyboardInterrupt
+        _restore_sigint(self._saved_sigint)
         if kind is not None and issubclass(kind, KeyboardInterrupt):
             if self.restart is not None:
                 raise ClusterShrank(self.restart) from None
@@ -128,6 +132,33 @@ class ProgressWatchdog:
                 signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # type: ignore[arg-type]
             if self._stop.wait(RESEND_SECONDS):
                 return
+
+
+def _sigint_raises() -> tuple[object, bool] | None:
+    """Make SIGINT raise KeyboardInterrupt in the main thread for the watch; returns what to restore.
+
+    The watchdog's signal is only as good as the main thread's SIGINT handler: a library that left
+    its own (Ray's ``DeferSigint`` only records the signal while its block runs, and a block left
+    open keeps it) or a blocked SIGINT made the wait go on forever (seen in ``make test``: the
+    watchdog fired again and again, the main thread never noticed). None off the main thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    handler = _signal.getsignal(signal.SIGINT)
+    blocked = signal.SIGINT in signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if handler is not signal.default_int_handler:
+        _signal.signal(signal.SIGINT, signal.default_int_handler)  # not signal.signal: DeferSigint replaces it
+    return handler, blocked
+
+
+def _restore_sigint(saved: tuple[object, bool] | None) -> None:
+    if saved is None:
+        return
+    handler, blocked = saved
+    if handler is not None and handler is not signal.default_int_handler:  # None: set outside Python, cannot be put back
+        _signal.signal(signal.SIGINT, handler)  # type: ignore[arg-type]
+    if blocked:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
 
 
 class ClusterShrank(Exception):

@@ -68,6 +68,29 @@ def test_the_watchdog_interrupts_again_when_its_first_interrupt_is_swallowed(mon
     assert swallowed == 1 and time.monotonic() - started < 5
 
 
+def test_the_watchdog_interrupts_whatever_sigint_handler_or_mask_a_library_left(monkeypatch):
+    """Seen in make test: an earlier test left SIGINT so that it no longer raised, and the wait never
+    ended. During the watch SIGINT raises and is unblocked; after it, what was there is put back."""
+    import signal
+
+    monkeypatch.setattr(watchdog, "RESEND_SECONDS", 0.3)
+    recorded = []
+    before = signal.signal(signal.SIGINT, lambda signum, frame: recorded.append(signum))  # as Ray's DeferSigint does
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        started = time.monotonic()
+        with pytest.raises(Stalled):
+            with ProgressWatchdog(0.4, lambda waited: "stuck"):
+                while time.monotonic() - started < 30:
+                    time.sleep(0.02)
+        assert time.monotonic() - started < 5 and not recorded
+        assert signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, before)
+
+
 def test_the_watchdog_sends_nothing_once_its_block_is_left(monkeypatch):
     monkeypatch.setattr(watchdog, "RESEND_SECONDS", 0.05)
     with ProgressWatchdog(60, lambda waited: "never"):
