@@ -59,11 +59,11 @@ class ProgressWatchdog:
     execution down), and leaving the ``with`` block turns that KeyboardInterrupt into
     :class:`Stalled` with ``describe()``'s message, taken at the moment the bound passed.
 
-    The signal is sent again every ``RESEND_SECONDS`` until the ``with`` block is left: a
-    KeyboardInterrupt that lands in a finaliser or a callback is printed and dropped by Python, and
-    then the wait went on forever (seen once, in tests/test_stalls.py on a loaded machine: the
-    watchdog had fired and ended, the main thread still waited in Ray Data 10 minutes later). Sending is done under a
-    lock that ``__exit__`` takes before it stops the thread, so no signal is sent after that.
+    For the watch, SIGINT raises KeyboardInterrupt in the main thread whatever handler or mask was
+    there (:func:`_sigint_raises`; put back after). The signal is sent again every
+    ``RESEND_SECONDS`` until the ``with`` block is left, since a KeyboardInterrupt that lands in a
+    finaliser is printed and dropped by Python. Sending is done under a lock that ``__exit__`` takes
+    before it stops the thread, so no signal is sent after that.
     """
 
     def __init__(self, timeout_s: float, describe: Callable[[float], str],
