@@ -88,7 +88,9 @@ class Cluster:
             env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         self.workers.append(proc)
-        self.wait_for(lambda nodes: any(name in n["resources"] and n["alive"] for n in nodes), f"node {name} up")
+        # a node's start (imports, raylet, agents) took over 90 s at load ~7: the bound is for a hang, not for speed
+        self.wait_for(lambda nodes: any(name in n["resources"] and n["alive"] for n in nodes), f"node {name} up",
+                      timeout=240)
         return proc
 
     def state(self, what: str) -> list[dict]:
