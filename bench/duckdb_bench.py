@@ -85,7 +85,8 @@ STAGE_SQL = {
         select md5(i::varchar) as uid,
                case when {_h('i // 2', 10)} % 100 < 2 then md5((i // 2 * 2)::varchar) else md5(i::varchar) end
                    as dup_group,
-               (case when {_h('i // 2', 10)} % 100 < 2 then 2 else 1 end)::integer as dup_group_size
+               (case when {_h('i // 2', 10)} % 100 < 2 then 2 else 1 end)::integer as dup_group_size,
+               ({_h('i // 2', 10)} % 100 >= 2 or i % 2 = 0) as dup_keeper
         from range({{lo}}, {{hi}}) t(i)""",
 }
 
@@ -124,6 +125,7 @@ def python_selection(con: Any, policy: Any) -> int:
     import pyarrow as pa
 
     from manifests.schemas import SELECTION
+    from manifests.uids import with_uid_bytes
 
     rules = ",\n       ".join(f"({sql}) as \"rule:{name}\"" for name, sql in policy.rendered_rules().items())
     result = con.execute(f"select uid,\n       {rules}\nfrom samples\nwhere status = 'ok'\norder by uid")
@@ -135,7 +137,8 @@ def python_selection(con: Any, policy: Any) -> int:
         kept.append(not failed)
         reasons.append("kept: " + ", ".join(names) if not failed else "dropped: " + "; ".join(
             f"{n} is null (missing score)" if v is None else f"fails {n}" for n, v in zip(names, values) if v is not True))
-    table = pa.table({"uid": uids, "policy": [policy.name] * len(uids), "kept": kept, "reason": reasons}, schema=SELECTION)
+    table = pa.table({"uid": uids, "policy": [policy.name] * len(uids), "kept": kept, "reason": reasons})
+    table = with_uid_bytes(table).cast(SELECTION)
     return sum(table.column("kept").to_pylist())
 
 
@@ -216,9 +219,12 @@ def run(ctx: Context, rows: int | None = None) -> BenchResult:
     start = small["before"]  # this process before any DuckDB work of the benchmark
     growth_small, growth = mib(small["peak"] - start), mib(full["peak"] - start)
     label = f"{rows / 1e6:g}M" if rows >= 1e6 else f"{rows / 1e3:g}k"
+    over = [f"{p} {catalog[p]['median_s']:.2f} s" for p in policies if catalog[p]["median_s"] >= TARGET_S]
     result.rows.append(Ratio(NAME, f"slowest policy filter+count, {label} rows, selection written by select_policies",
                              catalog[slowest]["median_s"], "s", f"< {TARGET_S:g} s", catalog[slowest]["median_s"] < TARGET_S,
-                             f"{slowest}; all {len(policies)}: {full['all_s']:.2f} s wall, {full['all_cpu_s']:.2f} s CPU"))
+                             f"{slowest}; all {len(policies)}: {full['all_s']:.2f} s wall, {full['all_cpu_s']:.2f} s CPU; "
+                             f"{len(policies) - len(over)} of {len(policies)} under {TARGET_S:g} s"
+                             + (f" (over: {', '.join(over)})" if over else "")))
     result.rows.append(Ratio(NAME, f"policy inputs joined once per run, {label} rows (rebuilt when a part changes)",
                              full["build"]["s"], "s", "", None, f"{full['build']['cpu_s']:.1f} s CPU"))
     unchanged_slowest = max(full["unchanged"].values(), default=0.0)
@@ -243,8 +249,10 @@ def run(ctx: Context, rows: int | None = None) -> BenchResult:
         f"{ctx.cores} cores, memory_limit {MEMORY_LIMIT}. Timed is what `curate` runs for its filter step "
         f"(`pipeline.policy_runner.select_policies` over a catalog made by `build_catalog`): the policy inputs "
         f"(`policy_inputs.parquet`: the downloaded rows in uid order, the columns the rules name) joined once, "
-        f"{full['build']['s']:.1f} s ({full['build']['cpu_s']:.1f} s CPU); then each policy decided in DuckDB and its "
-        f"selection streamed from Arrow to Parquet, median of {REPEATS} runs after a warm-up. Peak RSS of this process: "
+        f"{full['build']['s']:.1f} s ({full['build']['cpu_s']:.1f} s CPU); then each policy decided in DuckDB (rules "
+        f"without a window or subquery return their rows in order, 1 byte a row; the others with each row's position) "
+        f"and its selection streamed from Arrow to Parquet (uids as 16 bytes, uncompressed), median of {REPEATS} runs "
+        f"after a warm-up. Peak RSS of this process: "
         f"{mib(small['peak']):.0f} MiB at {small['rows']:,} rows (run first), {mib(full['peak']):.0f} MiB at {rows:,} "
         f"(from {mib(full['before']):.0f} MiB before). The previous filter stage (the `samples` join at query time, "
         f"every row into Python) took {baseline_s:.2f} s for `{baseline_policy}` on the same catalog.",

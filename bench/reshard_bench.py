@@ -50,13 +50,14 @@ def write_selection(layout: Any, policy: str, keep_every: int = 2) -> int:
 
     from manifests.schemas import SELECTION
     from manifests.store import write_table_atomic
+    from manifests.uids import with_uid_bytes
 
     download = pq.read_table(layout.stage_dir("download"), columns=["uid", "status"])
     uids = sorted(download.filter(pc.equal(download.column("status"), "ok")).column("uid").to_pylist())
     kept = [i % keep_every == 0 for i in range(len(uids))]
-    table = pa.Table.from_pylist(
+    table = with_uid_bytes(pa.Table.from_pylist(
         [{"uid": u, "policy": policy, "kept": k, "reason": "kept: bench" if k else "dropped: bench"}
-         for u, k in zip(uids, kept)], schema=SELECTION)
+         for u, k in zip(uids, kept)])).cast(SELECTION)
     write_table_atomic(table, layout.selection_path(policy))
     return sum(kept)
 

@@ -1,5 +1,6 @@
 """The DuckDB catalog of a run: one view per stage over its Parquet parts, ``samples`` joining
-them on uid, ``selections`` (all policies) and ``selection_<policy>`` views, and ``curated``.
+them on uid, ``selections`` (all policies) and ``selection_<policy>`` views (uids as text again:
+a selection file holds them as 16 bytes, ``manifests.uids``), and ``curated``.
 
 The catalog holds only views (no data), so it is cheap to rebuild after every stage and always
 reflects the parts on disk. It is built under a temporary name and renamed into place, so a
@@ -12,7 +13,8 @@ so ``samples``, the policies and resharding, see only each uid's latest attempt
 The policies do not read ``samples``: at 10M rows its join on a string uid costs seconds per
 query. :func:`materialise_policy_inputs` joins what they read once (``policy_inputs.parquet``:
 the downloaded samples in uid order, only the columns the rules name) and rebuilds it only when
-a part it joins changed; ``samples`` stays the live join, for people.
+a part it joins changed; ``samples`` stays the live join, for people. Beside it, the same rows'
+uids as 16 bytes (``policy_uids.parquet``), which every selection writes.
 
 For an object-store root the catalog file stays local (``RunLayout.catalog_path``) and its views
 read ``s3://...`` URLs through the store's fsspec filesystem, which every connection registers
@@ -35,11 +37,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from manifests.store import RunLayout, is_remote, move_into_place, tmp_sibling
+from manifests.uids import SQL_AS_TEXT, UID_TYPE, uids_as_bytes
 
 MEMORY_LIMIT = "2GB"  # DuckDB's buffer for the policy join and queries; past it DuckDB spills to disk
 SPILL_DIR = ".tmp-duckdb-spill"  # under the run's local folder; a temporary name, so a killed run's is swept
 POLICY_INPUTS = "policy_inputs.parquet"
-_INPUTS_FORMAT = 1  # bump when what the file holds changes: every run then rebuilds it once
+POLICY_UIDS = "policy_uids.parquet"  # the same rows' uids as 16 bytes, uncompressed: what a selection writes
+_INPUTS_FORMAT = 2  # bump when what the file holds changes: every run then rebuilds it once
 DOWNLOAD_HISTORY = "download_history"  # the view of every download attempt (``download``: the latest per uid)
 
 
@@ -147,10 +151,12 @@ def build_catalog(layout: RunLayout, order: Sequence[str] = ("download",)) -> Pa
             selections = sorted(layout.selections_dir.glob("*.parquet")) if layout.selections_dir.is_dir() else []
             if selections:
                 glob = layout.selections_dir / "*.parquet"
-                con.execute(f"create view selections as select * from read_parquet({sql_string(glob)})")
+                # a selection file holds each uid as 16 bytes (manifests.uids); its views show the text
+                text = f"select * replace ({SQL_AS_TEXT} as uid) from read_parquet"
+                con.execute(f"create view selections as {text}({sql_string(glob)})")
                 for path in selections:
                     view = "selection_" + _safe(path.stem)
-                    con.execute(f'create view "{view}" as select * from read_parquet({sql_string(path)})')
+                    con.execute(f'create view "{view}" as {text}({sql_string(path)})')
             curated = sorted(layout.root.glob("curated/*/manifest.parquet"))
             if curated:
                 glob = layout.root / "curated" / "*" / "manifest.parquet"
@@ -174,6 +180,7 @@ class PolicyInputs:
     """The materialised table the policies read: where it is and what identifies its rows."""
 
     path: Path
+    uids_path: Path  # the rows' uids, in the same order, as 16 bytes (``manifests.uids``)
     rows: int
     uid_digest: str  # the uid column's content (not its files): a selection over the same uids keeps its digest
     built: bool  # joined now; False when the file on disk already matched the parts
@@ -182,6 +189,10 @@ class PolicyInputs:
 def policy_inputs_path(layout: RunLayout) -> Path:
     """Local, beside the catalog: derived data that any run can rebuild from the manifests."""
     return layout.local_dir / POLICY_INPUTS
+
+
+def policy_uids_path(layout: RunLayout) -> Path:
+    return layout.local_dir / POLICY_UIDS
 
 
 def _part_listing(layout: RunLayout, stage: str) -> list[tuple[str, int, str]]:
@@ -230,6 +241,24 @@ def copy_to_parquet_atomic(con: duckdb.DuckDBPyConnection, sql: str, path: Path,
     write_file_atomic(lambda tmp: con.execute(f"copy ({sql}) to {sql_string(tmp)} ({options})"), path, scratch)
 
 
+UID_BATCH = 1 << 20  # rows a batch of uids holds on their way to 16 bytes
+
+
+def _write_uids(batches: pa.RecordBatchReader, path: Path, metadata: dict[str, str], scratch: Path) -> None:
+    """The uids of ``batches`` (first column, text) as 16-byte values in one uncompressed column:
+    read back by every policy's selection, 10M rows in a tenth of a second."""
+
+    def write(tmp: Path) -> None:
+        schema = pa.schema([pa.field("uid", UID_TYPE, nullable=False)])
+        with pq.ParquetWriter(tmp, schema, compression="none", use_dictionary=False, write_statistics=False) as writer:
+            for batch in batches:
+                for piece in uids_as_bytes(batch.column(0)).chunks:
+                    writer.write_batch(pa.record_batch([piece], schema=schema))
+            writer.add_key_value_metadata(metadata)
+
+    write_file_atomic(write, path, scratch)
+
+
 def materialise_policy_inputs(layout: RunLayout, columns: Sequence[str], order: Sequence[str] = ("download",)) -> PolicyInputs:
     """Join the stages once into ``policy_inputs.parquet``: the downloaded samples (status 'ok' at
     their latest attempt) in uid order with ``columns`` (those the policies' rules name), the
@@ -261,10 +290,10 @@ def materialise_policy_inputs(layout: RunLayout, columns: Sequence[str], order: 
             "format": _INPUTS_FORMAT, "duckdb": duckdb.__version__, "columns": kept_columns,
             "parts": {s: _part_listing(layout, s) for s in ["download", *joined]},
         }).encode()).hexdigest()
-        path = policy_inputs_path(layout)
+        path, uids_path = policy_inputs_path(layout), policy_uids_path(layout)
         meta = parquet_metadata(path)
-        if meta.get("fingerprint") == fingerprint:
-            return PolicyInputs(path, int(meta["rows"]), meta["uid_digest"], built=False)
+        if meta.get("fingerprint") == fingerprint and parquet_metadata(uids_path).get("fingerprint") == fingerprint:
+            return PolicyInputs(path, uids_path, int(meta["rows"]), meta["uid_digest"], built=False)
         joins = " ".join(f'left join {_stage_relation(layout, s)} as "{s}" using (uid)' for s in joined)
         select = ", ".join(_ident(c) for c in kept_columns)
         con.execute(f"create temp table policy_inputs as select {select} "
@@ -275,7 +304,9 @@ def materialise_policy_inputs(layout: RunLayout, columns: Sequence[str], order: 
         uid_digest = hashlib.sha256(f"{rows}:{xor}:{total}".encode()).hexdigest()
         copy_to_parquet_atomic(con, "select * from policy_inputs", path,
                                {"fingerprint": fingerprint, "uid_digest": uid_digest, "rows": str(rows)}, layout.local_dir)
-        return PolicyInputs(path, rows, uid_digest, built=True)
+        _write_uids(con.execute("select uid from policy_inputs").to_arrow_reader(UID_BATCH), uids_path,
+                    {"fingerprint": fingerprint}, layout.local_dir)
+        return PolicyInputs(path, uids_path, rows, uid_digest, built=True)
     finally:
         con.close()
 

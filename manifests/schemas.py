@@ -116,13 +116,17 @@ DUP_GROUP = pa.schema(
         pa.field("uid", pa.string(), nullable=False),
         pa.field("dup_group", pa.string()),  # smallest uid of the sample's near-duplicate group (its own uid when alone)
         pa.field("dup_group_size", pa.int32()),
+        # the one sample of its group a dedup keeps: the largest original image (width x height), ties to the smaller uid
+        pa.field("dup_keeper", pa.bool_()),
     ]
 )
 
-# selections/<policy>.parquet: the decision, one row per downloaded-ok sample (DataComp: decide, then materialise)
+# selections/<policy>.parquet: the decision, one row per downloaded-ok sample (DataComp: decide, then materialise).
+# The uid is its 16 bytes here (``manifests.uids``: a file per policy of every sample); the catalog's
+# selection views and ``manifests.uids.read_selection`` give it back as text.
 SELECTION = pa.schema(
     [
-        pa.field("uid", pa.string(), nullable=False),
+        pa.field("uid", pa.binary(16), nullable=False),
         pa.field("policy", pa.string(), nullable=False),
         pa.field("kept", pa.bool_(), nullable=False),
         pa.field("reason", pa.string(), nullable=False),  # why kept or dropped, readable

@@ -68,13 +68,17 @@ def selection_digest(inputs: PolicyInputs, policy: str, decisions: Decisions) ->
 
 
 def _write_selection(stage: FilterStage, decisions: Decisions, inputs: PolicyInputs, digest: str, path) -> None:
-    """Stream the input's uids (one column, batch by batch) beside the decisions into the Parquet
-    file; the digest goes in its footer. Memory: a batch, whatever the pool's size."""
+    """Stream the input's uids (16 bytes each, batch by batch, from ``policy_uids.parquet``) beside
+    the decisions into the Parquet file; the digest goes in its footer. Memory: a batch, whatever
+    the pool's size."""
 
     def write(tmp) -> None:
-        uids = (b.column(0) for b in pq.ParquetFile(inputs.path).iter_batches(batch_size=UID_BATCH, columns=["uid"]))
-        with pq.ParquetWriter(tmp, stage.written_schema, compression="zstd", use_dictionary=["policy", "reason"],
-                              write_statistics=["policy", "kept", "reason"], store_schema=False) as writer:
+        uids = (b.column(0) for b in pq.ParquetFile(inputs.uids_path).iter_batches(batch_size=UID_BATCH))
+        # the uids: 16 random bytes each, nothing for a codec, a dictionary or min/max statistics to gain;
+        # statistics only for kept (``where kept`` skips pages): on the dictionary columns they cost more than the write
+        compression = {"uid": "none", "policy": "zstd", "kept": "zstd", "reason": "zstd"}
+        with pq.ParquetWriter(tmp, stage.written_schema, compression=compression, use_dictionary=["policy", "reason"],
+                              write_statistics=["kept"], store_schema=False) as writer:
             for batch in stage.selection_batches(decisions, uids):
                 writer.write_batch(batch)
             writer.add_key_value_metadata({DIGEST_KEY: digest})

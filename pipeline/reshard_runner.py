@@ -57,6 +57,7 @@ from manifests.store import (
     write_json_atomic,
     write_table_atomic,
 )
+from manifests.uids import uids_as_text
 from pipeline.shard_tasks import STALL_SECONDS, ShardTask, run_shard_tasks
 from stages.base import ShardOutput
 from stages.reshard import ReshardStage
@@ -122,7 +123,7 @@ def plan_reshard(layout: RunLayout, policy: str, samples_per_shard: int) -> Resh
     selection_path = layout.selection_path(policy)
     digest = sha256_of(selection_path)
     selection = read_table(selection_path, columns=["uid", "kept"])
-    kept_rows = selection.filter(pc.equal(selection.column("kept"), True)).column("uid")
+    kept_rows = uids_as_text(selection.filter(pc.equal(selection.column("kept"), True)).column("uid"))
     kept = pc.unique(kept_rows.combine_chunks())
     duplicates = len(kept_rows) - len(kept)
 

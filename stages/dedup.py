@@ -375,14 +375,35 @@ def dup_groups(
 
 # -- pool stage ----------------------------------------------------------------------------------
 
-POOL_QUERY = "select uid, phash, sha256 from samples where status = 'ok' order by uid"
+POOL_QUERY = ("select uid, phash, sha256, original_width, original_height from samples "
+              "where status = 'ok' order by uid")
+
+
+def group_keepers(groups: Sequence[str | None], areas: Sequence[int | None]) -> list[bool | None]:
+    """Per row, whether it is the one sample of its group a dedup keeps: the largest ``area``
+    (original width x height; a missing one ranks below any), ties to the earlier row (rows come in
+    uid order). None where the row has no group. A column, so that a dedup policy reads one boolean
+    instead of ranking every group in a window at filter time (10M rows: 0.2 s instead of 5 s)."""
+    n = len(groups)
+    if n == 0:
+        return []
+    group_codes = pa.array(groups, pa.string()).dictionary_encode().indices.to_numpy(zero_copy_only=False)
+    grouped = ~np.isnan(group_codes) if group_codes.dtype.kind == "f" else np.ones(n, bool)
+    codes = np.where(grouped, np.nan_to_num(group_codes, nan=-1), -1).astype(np.int64)
+    area = np.array([-1 if a is None else a for a in areas], np.int64)
+    order = np.lexsort((np.arange(n), -area, codes))  # by group, then largest area, then row
+    sorted_codes = codes[order]
+    first = order[np.r_[True, sorted_codes[1:] != sorted_codes[:-1]]]
+    keeper = np.zeros(n, bool)
+    keeper[first] = True
+    return [bool(k) if g else None for k, g in zip(keeper, grouped)]
 
 
 class DupGroupStage(PoolStage):
     """Groups every downloaded sample with its near-duplicates (see :func:`dup_groups`)."""
 
     name = "dup_group"
-    reads = ("phash", "sha256")
+    reads = ("phash", "sha256", "original_width", "original_height")
     output_schema = schema_for("dup_group")
     status_column = None
 
@@ -398,12 +419,15 @@ class DupGroupStage(PoolStage):
         groups, sizes = dup_groups(
             uids, table.column("phash").to_pylist(), table.column("sha256").to_pylist(), self.config.radius
         )
+        widths, heights = table.column("original_width").to_pylist(), table.column("original_height").to_pylist()
+        areas = [None if w is None or h is None else w * h for w, h in zip(widths, heights)]
         schema = self.output_schema
         return pa.Table.from_arrays(
             [
                 pa.array(uids, type=schema.field("uid").type),
                 pa.array(groups, type=schema.field("dup_group").type),
                 pa.array(sizes, type=schema.field("dup_group_size").type),
+                pa.array(group_keepers(groups, areas), type=schema.field("dup_keeper").type),
             ],
             schema=schema,
         )

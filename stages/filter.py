@@ -24,6 +24,7 @@ import pyarrow as pa
 from core.errors import ConfigError
 from core.settings import config_section, require
 from manifests.schemas import SELECTION
+from manifests.uids import UID_TYPE, uids_as_bytes
 from stages.base import PoolStage, Resources
 
 
@@ -107,10 +108,11 @@ def referenced_columns(policy: PolicyConfig) -> tuple[str, ...]:
     return tuple(sorted(set().union(*(_column_refs(t) for t in _parsed_rules(policy).values()))))
 
 
-def _has_window(node: object) -> bool:
+def _reorders(node: object) -> bool:
+    """A window function or a subquery anywhere in a rule's tree: DuckDB may return rows out of order."""
     if isinstance(node, dict):
-        return node.get("class") == "WINDOW" or any(_has_window(v) for v in node.values())
-    return isinstance(node, list) and any(_has_window(v) for v in node)
+        return node.get("class") in ("WINDOW", "SUBQUERY") or any(_reorders(v) for v in node.values())
+    return isinstance(node, list) and any(_reorders(v) for v in node)
 
 
 def _column_refs(node: object) -> set[str]:
@@ -125,8 +127,9 @@ def _column_refs(node: object) -> set[str]:
 
 
 _CODE_TYPES = ((5, np.uint8), (10, np.uint16), (20, np.uint32), (MAX_RULES, np.uint64))
+_DUCK_TYPES = {np.uint8: "utinyint", np.uint16: "usmallint", np.uint32: "uinteger", np.uint64: "ubigint"}
 # a selection as written: policy and reason dictionary-encoded (a handful of values); read back as strings
-_WRITTEN = pa.schema([pa.field("uid", pa.string(), nullable=False),
+_WRITTEN = pa.schema([pa.field("uid", UID_TYPE, nullable=False),
                       pa.field("policy", pa.dictionary(pa.int8(), pa.string()), nullable=False),
                       pa.field("kept", pa.bool_(), nullable=False),
                       pa.field("reason", pa.dictionary(pa.int32(), pa.string()), nullable=False)])
@@ -203,6 +206,11 @@ class FilterStage(PoolStage):
         rules = ", ".join(f"({sql}) as r{i}" for i, sql in enumerate(self.policy.rendered_rules().values()))
         return f"select {source.position}, {rules} from {source.relation} as samples"
 
+    def keeps_row_order(self) -> bool:
+        """Whether DuckDB returns the rules' rows in the input's order: no window function or
+        subquery (which may reorder them) in any rule."""
+        return not any(_reorders(tree) for tree in _parsed_rules(self.policy).values())
+
     def decide(self, con: duckdb.DuckDBPyConnection, source: PolicyInput) -> Decisions:
         """Evaluate the rules over ``source``: DuckDB computes each row's outcome and hands it over
         in Arrow batches with the row's position, which puts it in place (a window rule such as
@@ -220,20 +228,42 @@ class FilterStage(PoolStage):
             dtype = next(t for n, t in _CODE_TYPES if len(names) <= n)
             rows = con.execute(f"select count(*) from {source.relation}").fetchone()[0]
             codes = np.zeros(rows, dtype)
-            query = f"select {source.position}::ubigint as position, ({code})::ubigint as code from ({inner})"
-            for batch in con.execute(query).to_arrow_reader(1 << 20):
-                codes[batch.column(0).to_numpy()] = batch.column(1).to_numpy()
+            duck_type = _DUCK_TYPES[dtype]
+            if self.keeps_row_order():  # rows come back in the input's order: just the outcome, 1 byte a row
+                filled = 0
+                for batch in con.execute(f"select ({code})::{duck_type} from ({inner})").to_arrow_reader(1 << 20):
+                    part = batch.column(0).to_numpy()
+                    codes[filled : filled + len(part)] = part
+                    filled += len(part)
+                if filled != rows:
+                    raise RuntimeError(f"policy {self.policy.name!r}: {filled} outcomes for {rows} rows")
+            else:  # a window or subquery may reorder rows: each outcome comes with its row's position
+                position_type = "uinteger" if rows < 1 << 32 else "ubigint"
+                query = f"select {source.position}::{position_type}, ({code})::{duck_type} from ({inner})"
+                for batch in con.execute(query).to_arrow_reader(1 << 20):
+                    codes[batch.column(0).to_numpy()] = batch.column(1).to_numpy()
         except duckdb.Error as err:
             raise self._cannot_run(err) from None
-        present, counts = np.unique(codes, return_counts=True)
+        if codes.itemsize <= 2:  # up to 10 rules: count by value (a sort of 10M rows costs ten times more)
+            counts = np.bincount(codes)
+            present = np.flatnonzero(counts)
+            counts = counts[present]
+        else:
+            present, counts = np.unique(codes, return_counts=True)
         return Decisions(codes, {int(c): int(n) for c, n in zip(present, counts)},
                          {int(c): reason_text(names, int(c)) for c in present}, hashlib.sha256(codes.data).hexdigest())
 
     def selection_batches(self, decisions: Decisions, uids: Iterable[pa.Array]) -> Iterator[pa.RecordBatch]:
-        """The selection's rows, batch by batch: ``uids`` (the input's, in order, in any batches)
-        beside their outcomes; policy and reason dictionary-encoded (``written_schema``)."""
+        """The selection's rows, batch by batch: ``uids`` (the input's, in order, in any batches, 16
+        bytes each: ``manifests.uids``) beside their outcomes; policy and reason dictionary-encoded (``written_schema``)."""
         present = np.array(sorted(decisions.reasons), dtype=decisions.codes.dtype)
         reasons = pa.array([decisions.reasons[int(c)] for c in present], pa.string())
+        if decisions.codes.itemsize <= 2:  # outcome -> its reason's index, by table lookup
+            table = np.zeros(int(present[-1]) + 1 if len(present) else 1, np.int32)
+            table[present] = np.arange(len(present), dtype=np.int32)
+            reason_index = table.__getitem__
+        else:
+            reason_index = lambda codes: np.searchsorted(present, codes).astype(np.int32)  # noqa: E731
         policy = pa.array([self.policy.name], pa.string())
         offset = 0
         for uid in uids:
@@ -243,7 +273,7 @@ class FilterStage(PoolStage):
             offset += len(uid)
             yield pa.record_batch([
                 uid, pa.DictionaryArray.from_arrays(np.zeros(len(uid), np.int8), policy), pa.array(codes == 0),
-                pa.DictionaryArray.from_arrays(np.searchsorted(present, codes).astype(np.int32), reasons),
+                pa.DictionaryArray.from_arrays(reason_index(codes), reasons),
             ], schema=_WRITTEN)
         if offset != len(decisions.codes):
             raise RuntimeError(f"policy {self.policy.name!r}: {len(decisions.codes)} decisions for {offset} uids")
@@ -260,5 +290,5 @@ class FilterStage(PoolStage):
         except duckdb.Error as err:
             raise self._cannot_run(err) from None
         decisions = self.decide(con, PolicyInput("_policy_input", "rowid"))
-        uids = con.execute("select uid from _policy_input").to_arrow_table().column("uid").chunks
+        uids = uids_as_bytes(con.execute("select uid from _policy_input").to_arrow_table().column("uid")).chunks
         return pa.Table.from_batches(list(self.selection_batches(decisions, uids)), schema=_WRITTEN).cast(SELECTION)

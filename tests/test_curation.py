@@ -15,6 +15,7 @@ import webdataset as wds
 from conftest import RESHARD_SIZE, SMALL_SAMPLES
 
 from manifests.store import RunLayout, tar_key
+from manifests.uids import read_selection
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.stats import parrot_stats
@@ -78,7 +79,7 @@ def test_each_policy_selection_matches_its_sql_in_duckdb(embedded_run):
     config = load_config(embedded_run["config"])
     con = _con(root)
     for name in config.datasets["embedded"].policies:
-        selection = pq.read_table(RunLayout(root).selection_path(name)).to_pylist()
+        selection = read_selection(RunLayout(root).selection_path(name)).to_pylist()
         assert len(selection) == SMALL_SAMPLES
         kept = {r["uid"] for r in selection if r["kept"]}
         assert kept == _direct_sql_kept(con, config.policy(name).rendered_rules()), name
@@ -98,7 +99,7 @@ def test_resharded_shards_hold_exactly_the_kept_uids(embedded_run):
     root = embedded_run["root"]
     layout = RunLayout(root)
     for name in load_config(embedded_run["config"]).datasets["embedded"].policies:
-        kept = {r["uid"] for r in pq.read_table(layout.selection_path(name)).to_pylist() if r["kept"]}
+        kept = {r["uid"] for r in read_selection(layout.selection_path(name)).to_pylist() if r["kept"]}
         folder = layout.curated_dir(name)
         uids = []
         for tar in sorted(folder.glob("*.tar")):

@@ -172,7 +172,7 @@ def test_stage_declarations_and_resources():
     assert DedupStage.output_schema.equals(schema_for("dedup"), check_metadata=True)
     assert DedupStage(DedupConfig()).resources(True) == Resources(cpus=0.25, gpus=0.0, batch_size=32, replicas=1)
     assert (DupGroupStage.name, DupGroupStage.reads, DupGroupStage.status_column) == (
-        "dup_group", ("phash", "sha256"), None)
+        "dup_group", ("phash", "sha256", "original_width", "original_height"), None)
     assert DupGroupStage.output_schema.equals(schema_for("dup_group"), check_metadata=True)
     assert DupGroupStage(DedupConfig()).resources(False) == Resources(cpus=1.0)
 
@@ -361,17 +361,18 @@ def test_pool_stage_groups_downloaded_samples_from_the_catalog():
     near = 0x00FF00FF00FF00FF
     other = 0x0F0F0F0F0F0F0F0F  # 32 bits from near and from ~near
     con = duckdb.connect()
-    con.execute("create table samples (uid varchar, status varchar, phash bigint, sha256 varchar)")
+    con.execute("create table samples (uid varchar, status varchar, phash bigint, sha256 varchar, "
+                "original_width integer, original_height integer)")
     con.executemany(
-        "insert into samples values (?, ?, ?, ?)",
+        "insert into samples values (?, ?, ?, ?, ?, ?)",
         [
-            ("d", "ok", near, "s1"),
-            ("b", "ok", near ^ 0b111, "s2"),  # 3 bits from d
-            ("a", "ok", other, "s3"),
-            ("e", "ok", None, "s3"),  # undecodable, but the same bytes as a
-            ("c", "failed", near, "s2"),  # failed download: not in the output, links nothing
-            ("f", "ok", None, None),
-            ("g", "ok", ~near, "s4"),  # all bits differ from d
+            ("d", "ok", near, "s1", 640, 480),  # the larger of its group: kept over b
+            ("b", "ok", near ^ 0b111, "s2", 320, 240),  # 3 bits from d
+            ("a", "ok", other, "s3", 100, 100),
+            ("e", "ok", None, "s3", 100, 100),  # undecodable, but the same bytes as a; a tie: the smaller uid (a) is kept
+            ("c", "failed", near, "s2", 2000, 2000),  # failed download: not in the output, links nothing
+            ("f", "ok", None, None, None, None),
+            ("g", "ok", ~near, "s4", None, None),  # all bits differ from d
         ],
     )
     table = DupGroupStage(DedupConfig()).process_pool(con)
@@ -380,12 +381,14 @@ def test_pool_stage_groups_downloaded_samples_from_the_catalog():
         "uid": ["a", "b", "d", "e", "f", "g"],
         "dup_group": ["a", "b", "b", "a", None, "g"],
         "dup_group_size": [2, 2, 2, 2, None, 1],
+        "dup_keeper": [True, False, True, False, None, True],
     }
     DupGroupStage.check_output(table.column_names)
 
 
 def test_pool_stage_on_an_empty_pool():
     con = duckdb.connect()
-    con.execute("create table samples (uid varchar, status varchar, phash bigint, sha256 varchar)")
+    con.execute("create table samples (uid varchar, status varchar, phash bigint, sha256 varchar, "
+                "original_width integer, original_height integer)")
     table = DupGroupStage(DedupConfig()).process_pool(con)
     assert table.num_rows == 0 and table.schema.equals(schema_for("dup_group"), check_metadata=True)

@@ -18,6 +18,7 @@ from core.errors import ConfigError
 from manifests.catalog import build_catalog, connect, materialise_policy_inputs, policy_inputs_path
 from manifests.schemas import SELECTION
 from manifests.store import RunLayout
+from manifests.uids import UID_TYPE, read_selection, uids_as_text, with_uid_bytes
 from pipeline.config import load_config
 from pipeline.dag import STAGE_ORDER
 from pipeline.policy_runner import select_policies
@@ -27,7 +28,7 @@ SHARDS, PER_SHARD = 3, 40
 
 EXTRA = {
     # two rules, one a window over a column with NULLs: every reason shape (kept, fails, is null, both);
-    # the shipped clip-score-top and dedup are windows that reorder rows (over (order by ...))
+    # the shipped clip-score-top is a window that reorders rows (over (order by ...))
     "mixed": PolicyConfig("mixed", rules={"wide": "original_width >= 700",
                                           "top_half": "clip_score >= quantile_cont(clip_score, 0.5) over ()"}),
     "quoted": PolicyConfig("quoted", rules={"it's short": "len(caption) < 12"}),
@@ -62,8 +63,10 @@ def _write_parts(layout: RunLayout, shard: int, scale: float = 1.0) -> None:
 def _write_dup_groups(layout: RunLayout) -> None:
     uids = [hashlib.md5(str(i).encode()).hexdigest() for i in range(SHARDS * PER_SHARD)]
     groups = [uids[i - i % 3] if i % 10 < 3 else None for i in range(len(uids))]  # a few groups of three
+    keepers = [None if g is None else i % 3 == 1 for i, g in enumerate(groups)]
     layout.stage_dir("dup_group").mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"uid": uids, "dup_group": groups}), layout.stage_dir("dup_group") / "part-pool.parquet")
+    pq.write_table(pa.table({"uid": uids, "dup_group": groups, "dup_keeper": keepers}),
+                   layout.stage_dir("dup_group") / "part-pool.parquet")
 
 
 def _python_selection(con: duckdb.DuckDBPyConnection, policy: PolicyConfig) -> pa.Table:
@@ -78,7 +81,8 @@ def _python_selection(con: duckdb.DuckDBPyConnection, policy: PolicyConfig) -> p
         kept.append(not failed)
         reasons.append("kept: " + ", ".join(names) if not failed else
                        "dropped: " + "; ".join(f"{n} is null (missing score)" if n in unknown else f"fails {n}" for n in failed))
-    return pa.table({"uid": uids, "policy": [policy.name] * len(uids), "kept": kept, "reason": reasons}, schema=SELECTION)
+    table = pa.table({"uid": uids, "policy": [policy.name] * len(uids), "kept": kept, "reason": reasons})
+    return with_uid_bytes(table).cast(SELECTION)
 
 
 @pytest.fixture()
@@ -121,10 +125,10 @@ def test_clip_score_top_never_keeps_a_sample_without_a_score(run):
     top: the shipped rule orders them first."""
     layout, config, _ = run
     select_policies(layout, config, ("clip-score-top",))
+    build_catalog(layout, STAGE_ORDER)  # as curate does after the filter step: the selection views
     con = connect(layout.catalog_path, layout)
     kept_without_score = con.execute(
-        "select count(*) from read_parquet(?) sel join samples using (uid) where sel.kept and samples.clip_score is null",
-        [str(layout.selection_path("clip-score-top"))],
+        "select count(*) from selection_clip_score_top sel join samples using (uid) where sel.kept and samples.clip_score is null",
     ).fetchone()[0]
     missing = con.execute("select count(*) from samples where status = 'ok' and clip_score is null").fetchone()[0]
     con.close()
@@ -183,3 +187,25 @@ def test_a_rule_that_is_not_true_or_false_is_named(run):
     config.policies["typo"] = PolicyConfig("typo", rules={"bad": "no_such_column > 1"})
     with pytest.raises(ConfigError, match="policy 'typo' has a rule DuckDB cannot run"):
         select_policies(layout, config, ("typo",))
+
+
+def test_a_selection_holds_uids_as_16_bytes_and_its_views_show_them_as_text(run):
+    """The selection file writes each uid as 16 bytes, uncompressed (a file per policy of every
+    sample: the bytes it writes are the time it takes); the catalog's views and ``read_selection``
+    give back the manifests' text, so joins on uid work as before."""
+    layout, config, _ = run
+    select_policies(layout, config, ("no-text",))
+    build_catalog(layout, STAGE_ORDER)
+    path = layout.selection_path("no-text")
+    column = pq.ParquetFile(path).metadata.row_group(0).column(0)
+    assert pq.read_schema(path).field("uid").type == UID_TYPE and column.compression == "UNCOMPRESSED"
+    con = connect(layout.catalog_path, layout)
+    ok = [u for (u,) in con.execute("select uid from samples where status = 'ok' order by uid").fetchall()]
+    assert [u for (u,) in con.execute("select uid from selection_no_text").fetchall()] == ok
+    assert [u for (u,) in con.execute("select uid from selections where policy = 'no-text'").fetchall()] == ok
+    kept = {u for (u,) in con.execute("select uid from samples join selection_no_text using (uid) where kept").fetchall()}
+    con.close()
+    table = read_selection(path)
+    assert table.column("uid").to_pylist() == ok and table.schema.field("uid").type == pa.string()
+    assert kept == {r["uid"] for r in table.to_pylist() if r["kept"]} and 0 < len(kept) < len(ok)
+    assert uids_as_text(pq.read_table(path).column("uid")).to_pylist() == ok

@@ -21,6 +21,7 @@ from PIL import Image
 
 from manifests.schemas import CURATED, SELECTION, schema_for
 from manifests.store import RunLayout
+from manifests.uids import read_selection, with_uid_bytes
 from pipeline.reshard_runner import ReshardReport, is_up_to_date, plan_reshard, reshard_policy
 from stages.base import Resources
 import stages.reshard as reshard_stage
@@ -92,7 +93,7 @@ def write_selection(layout: RunLayout, uids: list[str], kept: set[str], repeat: 
     order = uids + ([repeat] if repeat else [])
     rows = [{"uid": u, "policy": POLICY, "kept": u in kept, "reason": "kept" if u in kept else "dropped: text"} for u in order]
     layout.selections_dir.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=SELECTION), layout.selection_path(POLICY))
+    pq.write_table(with_uid_bytes(pa.Table.from_pylist(rows)).cast(SELECTION), layout.selection_path(POLICY))
 
 
 def read_back(folder: Path) -> list[dict]:
@@ -191,8 +192,8 @@ def test_rerun_is_skipped_and_a_new_policy_reshards_only_itself(source, resharde
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
 
     other = "clip-score-top"
-    rows = pq.read_table(layout.selection_path(POLICY)).to_pylist()
-    pq.write_table(pa.Table.from_pylist([{**r, "policy": other, "kept": True} for r in rows], schema=SELECTION),
+    rows = read_selection(layout.selection_path(POLICY)).to_pylist()
+    pq.write_table(with_uid_bytes(pa.Table.from_pylist([{**r, "policy": other, "kept": True} for r in rows])).cast(SELECTION),
                    layout.selection_path(other))
     report = reshard_policy(layout, other, PER_OUTPUT, progress=False)
     assert not report.skipped and report.kept == len(source["uids"])
