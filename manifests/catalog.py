@@ -123,6 +123,18 @@ def bound_memory(con: duckdb.DuckDBPyConnection, layout: RunLayout) -> None:
     con.execute(f"set temp_directory = {sql_string(layout.local_dir / SPILL_DIR)}")
 
 
+def _selection_relation(path: Path) -> str:
+    """A selection's rows with the uid as text: the file holds it as 16 bytes (``manifests.uids``);
+    one written before that (text) is read as it is, until the next run rewrites it."""
+    try:
+        with fsspec.open(str(path), "rb") as f:
+            binary = pa.types.is_fixed_size_binary(pq.read_schema(f).field("uid").type)
+    except (OSError, ValueError, KeyError):
+        binary = True  # unreadable: the query will say so
+    source = f"read_parquet({sql_string(path)})"
+    return f"select * replace ({SQL_AS_TEXT} as uid) from {source}" if binary else f"select * from {source}"
+
+
 def build_catalog(layout: RunLayout, order: Sequence[str] = ("download",)) -> Path:
     """(Re)create ``<root>/catalog.duckdb`` with a view per stage present and a ``samples`` view.
 
@@ -150,13 +162,12 @@ def build_catalog(layout: RunLayout, order: Sequence[str] = ("download",)) -> Pa
                 con.execute(f'create view samples as select * from download {joins}')
             selections = sorted(layout.selections_dir.glob("*.parquet")) if layout.selections_dir.is_dir() else []
             if selections:
-                glob = layout.selections_dir / "*.parquet"
-                # a selection file holds each uid as 16 bytes (manifests.uids); its views show the text
-                text = f"select * replace ({SQL_AS_TEXT} as uid) from read_parquet"
-                con.execute(f"create view selections as {text}({sql_string(glob)})")
+                views = []
                 for path in selections:
                     view = "selection_" + _safe(path.stem)
-                    con.execute(f'create view "{view}" as {text}({sql_string(path)})')
+                    con.execute(f'create view "{view}" as {_selection_relation(path)}')
+                    views.append(f'select * from "{view}"')
+                con.execute("create view selections as " + " union all by name ".join(views))
             curated = sorted(layout.root.glob("curated/*/manifest.parquet"))
             if curated:
                 glob = layout.root / "curated" / "*" / "manifest.parquet"

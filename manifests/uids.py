@@ -45,7 +45,7 @@ def _bytes_of(text: pa.Array) -> pa.Array:
         return pa.array([], UID_TYPE)
     offsets = np.frombuffer(text.buffers()[1], np.int32)[text.offset : text.offset + n + 1]
     if not (np.diff(offsets) == HEX_CHARS).all():
-        bad = pc.filter(text, pc.not_equal(pc.utf8_length(text), HEX_CHARS))[0].as_py()
+        bad = pc.filter(text, pc.not_equal(pc.binary_length(text), HEX_CHARS))[0].as_py()
         raise ValueError(f"not a uid (32 hex characters): {bad!r}")
     chars = np.frombuffer(text.buffers()[2], np.uint8)[offsets[0] : offsets[0] + n * HEX_CHARS]
     values = _BYTE_OF_PAIR[np.frombuffer(chars.tobytes() if offsets[0] % 2 else chars, np.uint16)]
@@ -71,16 +71,21 @@ def _text_of(raw: pa.Array) -> pa.Array:
 def uids_as_bytes(uids: pa.Array | pa.ChunkedArray) -> pa.ChunkedArray:
     """Hex uids (strings) as 16-byte values, in order; anything else is a ValueError naming it."""
     if pa.types.is_fixed_size_binary(uids.type):
+        _check_width(uids.type)
         return uids if isinstance(uids, pa.ChunkedArray) else pa.chunked_array([uids])
     return pa.chunked_array([_bytes_of(p) for p in _pieces(uids)], UID_TYPE)
+
+
+def _check_width(kind: pa.DataType) -> None:
+    if kind.byte_width != UID_BYTES:
+        raise ValueError(f"a uid is {UID_BYTES} bytes, not {kind.byte_width}")
 
 
 def uids_as_text(uids: pa.Array | pa.ChunkedArray) -> pa.ChunkedArray:
     """16-byte uids as their 32-character lowercase hex, in order (text passes through)."""
     if not pa.types.is_fixed_size_binary(uids.type):
         return uids if isinstance(uids, pa.ChunkedArray) else pa.chunked_array([uids])
-    if uids.type.byte_width != UID_BYTES:
-        raise ValueError(f"a uid is {UID_BYTES} bytes, not {uids.type.byte_width}")
+    _check_width(uids.type)
     return pa.chunked_array([_text_of(p) for p in _pieces(uids)], pa.string())
 
 

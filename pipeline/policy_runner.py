@@ -28,7 +28,7 @@ from stages.filter import Decisions, FilterStage, PolicyInput
 
 POOL_PART = "pool"  # a pool stage writes manifests/<stage>/part-pool.parquet: the catalog joins it like any part
 DIGEST_KEY = "selection_digest"  # in a selection's Parquet footer: what it holds, to skip an unchanged rewrite
-_SELECTION_FORMAT = 1
+_SELECTION_FORMAT = 2  # 2: uids as 16 bytes (a run made before rewrites its selections once)
 UID_BATCH = 1 << 20
 
 

@@ -233,6 +233,9 @@ class FilterStage(PoolStage):
                 filled = 0
                 for batch in con.execute(f"select ({code})::{duck_type} from ({inner})").to_arrow_reader(1 << 20):
                     part = batch.column(0).to_numpy()
+                    if filled + len(part) > rows:  # a rule that makes rows (unnest): no outcome per sample
+                        raise ConfigError(f"policy {self.policy.name!r}: its rules return more rows than the "
+                                          f"{rows} samples (one value per sample is needed)")
                     codes[filled : filled + len(part)] = part
                     filled += len(part)
                 if filled != rows:

@@ -63,7 +63,7 @@ def _write_parts(layout: RunLayout, shard: int, scale: float = 1.0) -> None:
 def _write_dup_groups(layout: RunLayout) -> None:
     uids = [hashlib.md5(str(i).encode()).hexdigest() for i in range(SHARDS * PER_SHARD)]
     groups = [uids[i - i % 3] if i % 10 < 3 else None for i in range(len(uids))]  # a few groups of three
-    keepers = [None if g is None else i % 3 == 1 for i, g in enumerate(groups)]
+    keepers = [None if g is None else groups.index(g) == i for i, g in enumerate(groups)]  # one per group
     layout.stage_dir("dup_group").mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"uid": uids, "dup_group": groups, "dup_keeper": keepers}),
                    layout.stage_dir("dup_group") / "part-pool.parquet")
@@ -209,3 +209,19 @@ def test_a_selection_holds_uids_as_16_bytes_and_its_views_show_them_as_text(run)
     assert table.column("uid").to_pylist() == ok and table.schema.field("uid").type == pa.string()
     assert kept == {r["uid"] for r in table.to_pylist() if r["kept"]} and 0 < len(kept) < len(ok)
     assert uids_as_text(pq.read_table(path).column("uid")).to_pylist() == ok
+
+
+def test_a_selection_written_before_uids_were_bytes_still_reads_as_text(run):
+    """A run made by the previous version keeps a policy's text-uid selection until a run rewrites
+    it (``curate --policies`` names only some): its view reads it as it is, beside the new ones."""
+    layout, config, _ = run
+    select_policies(layout, config, ("no-text",))
+    old = read_selection(layout.selection_path("no-text")).replace_schema_metadata(None)
+    pq.write_table(old.set_column(1, "policy", pa.array(["old"] * old.num_rows)), layout.selection_path("old"))
+    build_catalog(layout, STAGE_ORDER)
+    con = connect(layout.catalog_path, layout)
+    ok = [u for (u,) in con.execute("select uid from samples where status = 'ok' order by uid").fetchall()]
+    assert [u for (u,) in con.execute("select uid from selection_old").fetchall()] == ok
+    by_policy = dict(con.execute("select policy, count(distinct uid) from selections join samples using (uid) group by 1").fetchall())
+    con.close()
+    assert by_policy == {"no-text": len(ok), "old": len(ok)}
