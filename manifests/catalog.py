@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from manifests.store import RunLayout, is_remote, move_into_place, tmp_sibling
-from manifests.uids import SQL_AS_TEXT, UID_TYPE, uids_as_bytes
+from manifests.uids import SQL_AS_TEXT, UID_BATCH, UID_TYPE, uids_as_bytes
 
 MEMORY_LIMIT = "2GB"  # DuckDB's buffer for the policy join and queries; past it DuckDB spills to disk
 SPILL_DIR = ".tmp-duckdb-spill"  # under the run's local folder; a temporary name, so a killed run's is swept
@@ -250,9 +250,6 @@ def copy_to_parquet_atomic(con: duckdb.DuckDBPyConnection, sql: str, path: Path,
     kv = ", ".join(f"{k}: {sql_string(v)}" for k, v in metadata.items())
     options = "format parquet, compression zstd, compression_level 1" + (f", kv_metadata {{{kv}}}" if kv else "")
     write_file_atomic(lambda tmp: con.execute(f"copy ({sql}) to {sql_string(tmp)} ({options})"), path, scratch)
-
-
-UID_BATCH = 1 << 20  # rows a batch of uids holds on their way to 16 bytes
 
 
 def _write_uids(batches: pa.RecordBatchReader, path: Path, metadata: dict[str, str], scratch: Path) -> None:

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 UID_BYTES = 16
 UID_TYPE = pa.binary(UID_BYTES)
 HEX_CHARS = 2 * UID_BYTES
+UID_BATCH = 1 << 20  # rows of uids read, converted or written at a time
 _PIECE_ROWS = 1 << 24  # rows a converted piece holds: 32 bytes a row stays within int32 string offsets
 _DIGITS = b"0123456789abcdef"
 # a byte's two hex characters, as the uint16 that those two characters are in memory

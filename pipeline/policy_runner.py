@@ -21,6 +21,7 @@ from manifests.catalog import (
     PolicyInputs, bound_memory, connect, materialise_policy_inputs, parquet_metadata, sql_string, write_file_atomic,
 )
 from manifests.store import RunLayout, read_table, write_table_atomic
+from manifests.uids import UID_BATCH
 from pipeline.config import Config
 from pipeline.dag import STAGE_ORDER
 from stages.base import PoolStage
@@ -29,7 +30,6 @@ from stages.filter import Decisions, FilterStage, PolicyInput
 POOL_PART = "pool"  # a pool stage writes manifests/<stage>/part-pool.parquet: the catalog joins it like any part
 DIGEST_KEY = "selection_digest"  # in a selection's Parquet footer: what it holds, to skip an unchanged rewrite
 _SELECTION_FORMAT = 2  # 2: uids as 16 bytes (a run made before rewrites its selections once)
-UID_BATCH = 1 << 20
 
 
 @dataclass

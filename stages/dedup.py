@@ -387,9 +387,8 @@ def group_keepers(groups: Sequence[str | None], areas: Sequence[int | None]) -> 
     n = len(groups)
     if n == 0:
         return []
-    group_codes = pa.array(groups, pa.string()).dictionary_encode().indices.to_numpy(zero_copy_only=False)
-    grouped = ~np.isnan(group_codes) if group_codes.dtype.kind == "f" else np.ones(n, bool)
-    codes = np.where(grouped, np.nan_to_num(group_codes, nan=-1), -1).astype(np.int64)
+    codes = pa.array(groups, pa.string()).dictionary_encode().indices.fill_null(-1).to_numpy().astype(np.int64)
+    grouped = codes >= 0
     area = np.array([-1 if a is None else a for a in areas], np.int64)
     order = np.lexsort((np.arange(n), -area, codes))  # by group, then largest area, then row
     sorted_codes = codes[order]

@@ -213,7 +213,8 @@ class FilterStage(PoolStage):
 
     def decide(self, con: duckdb.DuckDBPyConnection, source: PolicyInput) -> Decisions:
         """Evaluate the rules over ``source``: DuckDB computes each row's outcome and hands it over
-        in Arrow batches with the row's position, which puts it in place (a window rule such as
+        in Arrow batches, in the input's order when no rule can reorder rows (:meth:`keeps_row_order`),
+        else with each row's position, which puts it in place (a window rule such as
         ``over (order by clip_score)`` returns rows in its own order; no sort restores it)."""
         names = list(self.policy.rules)
         inner = self.decision_sql(source)
