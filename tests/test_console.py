@@ -44,3 +44,29 @@ def test_a_clean_run_prints_bars_warnings_once_and_the_summary(tmp_path):
         or line.startswith(("==", " "))
     )]
     assert not unexplained, unexplained[:10]
+
+
+PROBE = """
+import os, time
+import psutil, ray
+from pipeline.ray_runtime import ray_session
+
+@ray.remote(num_cpus=0.5)
+def worker_pid():
+    time.sleep(1)
+    return os.getpid()
+
+with ray_session(num_cpus=2):
+    pids = set(ray.get([worker_pid.remote() for _ in range(4)]))  # 4 workers: twice Ray's soft limit
+    time.sleep(6)  # Ray's idle killer would end the two over the limit after ~1 s idle
+    print(len(pids), sum(psutil.pid_exists(pid) for pid in pids))
+"""
+
+
+def test_a_local_session_keeps_idle_workers_until_it_ends():
+    """Workers that ran downloads aborted in Ray's teardown of an idle worker (`Mutex corrupt`,
+    SIGABRT on the console); a local session keeps idle workers, which end with the session."""
+    done = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    started, alive = map(int, done.stdout.split()[-2:])
+    assert started == 4 and alive == 4, done.stdout
