@@ -15,9 +15,11 @@ from collections.abc import Iterator
 # Idle workers are kept, not ended: Ray ends an idle worker gracefully, through its own teardown,
 # and workers that had run img2dataset downloads aborted in that teardown (absl "Mutex corrupt",
 # SIGABRT, the worker's stderr forwarded to the console) in about 3% of their idle exits, after
-# their task had finished (nothing lost; noise in the middle of the progress bars). What in the
-# teardown races is not found (turning Ray's metrics off did not stop it). A kept worker is reused
-# by later tasks and ends with the session, killed by its raylet, with no teardown to abort in.
+# their task had finished (nothing lost; noise in the middle of the progress bars). A core dump
+# shows Ray's OpenCensus stats harvester thread locking a mutex whose memory is being reused while
+# the exiting worker's ray.shutdown() imports ray.dag: a use-after-free inside Ray (turning Ray's
+# metrics collection off did not stop it). A kept worker is reused by later tasks and ends with
+# the session, killed by its raylet, with no teardown to abort in.
 # The cost: idle task workers stay resident until the run ends, at most about one per CPU that ran
 # tasks at once (a download worker measured ~400 MiB unique memory).
 LOCAL_SYSTEM_CONFIG: dict = {"kill_idle_workers_interval_ms": 0}
