@@ -103,12 +103,13 @@ def select_policies(layout: RunLayout, config: Config, policies: tuple[str, ...]
     inputs = materialise_policy_inputs(layout, columns, STAGE_ORDER)
     source = PolicyInput(f"read_parquet({sql_string(inputs.path)}, file_row_number = true)", "file_row_number")
     reports = []
+    constants: dict = {}  # pool-wide values (a quantile over the pool), computed once for the policies that share them
     con = connect(layout.catalog_path, layout)  # the catalog's views stay visible to a rule's subquery
     try:
         bound_memory(con, layout)
         for name, stage in stages.items():
             started = time.perf_counter()
-            decisions = stage.decide(con, source)
+            decisions = stage.decide(con, source, constants)
             stage.check_output(stage.written_schema.names)
             path = layout.selection_path(name)
             digest = selection_digest(inputs, name, decisions)

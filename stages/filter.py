@@ -75,12 +75,27 @@ def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-@functools.lru_cache(maxsize=256)
 def _syntax_tree(sql: str) -> dict:
-    """DuckDB's parse of ``select (<rule>) from samples`` as JSON: no data, no catalog needed.
-    Cached, and on one connection: opening a DuckDB instance costs more than parsing."""
+    """DuckDB's parse of ``select (<rule>) from samples`` as JSON: no data, no catalog needed."""
+    return _parse(f"select ({sql}) from samples")
+
+
+def _parse(statement: str) -> dict:
+    """A statement's syntax tree (a fresh copy: callers may edit it). Cached, and on one
+    connection: opening a DuckDB instance costs more than parsing."""
+    return json.loads(_parsed_text(statement))
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed_text(statement: str) -> str:
     with _PARSER_LOCK:
-        return json.loads(_parser().execute("select json_serialize_sql(?)", [f"select ({sql}) from samples"]).fetchone()[0])
+        return _parser().execute("select json_serialize_sql(?)", [statement]).fetchone()[0]
+
+
+def _unparse(tree: dict) -> str:
+    """A syntax tree (:func:`_parse`) back to SQL text."""
+    with _PARSER_LOCK:
+        return _parser().execute("select json_deserialize_sql(?::json)", [json.dumps(tree)]).fetchone()[0]
 
 
 @functools.cache
@@ -106,6 +121,89 @@ def referenced_columns(policy: PolicyConfig) -> tuple[str, ...]:
     """The ``samples`` columns a policy's rules name, so a rule naming a column that no stage
     writes stops the run before any work (and the policies' input holds just these columns)."""
     return tuple(sorted(set().union(*(_column_refs(t) for t in _parsed_rules(policy).values()))))
+
+
+_WHOLE_POOL_ENDS = ("CURRENT_ROW_RANGE", "UNBOUNDED_FOLLOWING")  # with no ORDER BY every row is a peer: the whole pool
+
+
+def _pool_aggregate(node: dict) -> dict | None:
+    """For ``agg(x) over ()`` (an aggregate over the whole pool: one value, the same on every row),
+    the plain aggregate ``agg(x)`` as a syntax node; None for any other window (ranks, frames,
+    partitions, orders: a value per row)."""
+    try:
+        pool_wide = (node["type"] == "WINDOW_AGGREGATE" and not node["partitions"] and not node["orders"]
+                     and not node["arg_orders"] and node["start"] == "UNBOUNDED_PRECEDING"
+                     and node["end"] in _WHOLE_POOL_ENDS and node["exclude_clause"] == "NO_OTHER"
+                     and not node["ignore_nulls"] and node["start_expr"] is None and node["end_expr"] is None)
+        if not pool_wide:
+            return None
+        return {"class": "FUNCTION", "type": "FUNCTION", "alias": "", "query_location": node["query_location"],
+                "function_name": node["function_name"], "schema": node["schema"], "catalog": node["catalog"],
+                "children": node["children"], "filter": node["filter_expr"], "distinct": node["distinct"],
+                "order_bys": {"type": "ORDER_MODIFIER", "orders": []}, "is_operator": False, "export_state": False}
+    except KeyError:  # a DuckDB whose syntax tree differs: evaluate the window as written
+        return None
+
+
+def fold_pool_constants(con: duckdb.DuckDBPyConnection, query: str, relation: str,
+                        constants: dict[str, dict | None]) -> str:
+    """``query`` (a select over ``relation as samples``) with each value that is the same on every
+    row computed once and written in as a constant: an aggregate over the whole pool
+    (``quantile_cont(x, 0.5) over ()``) and an uncorrelated scalar subquery (``(select max(x) from
+    t)``).
+
+    Why: DuckDB evaluates such a window as a window, which at 10^7 rows costs more than the
+    aggregate itself and may return rows out of order (so each outcome then needs its row's
+    position); with the constant in place the rule is a plain projection that keeps the input's
+    order. Same values: the aggregate is run over the same rows, and the constant is DuckDB's own
+    text of the value cast back to its type (exact for floats). ``constants`` caches values by the
+    query that computes them, so policies sharing a threshold compute it once; keep it for one
+    version of ``relation``. Anything that cannot be computed on its own (a correlated subquery)
+    is left as written."""
+    tree = _parse(query)
+    if tree.get("error"):
+        return query  # the caller runs it and reports DuckDB's message
+
+    def value(expression: dict, over: str | None) -> dict | None:
+        template = _parse(f"select 1 from {over} as samples" if over else "select 1")
+        template["statements"][0]["node"]["select_list"] = [dict(expression, alias="v")]
+        computing = _unparse(template)
+        if computing not in constants:
+            try:
+                type_name, text = con.execute(f"select typeof(v), v::varchar from ({computing})").fetchone()
+                literal = "NULL" if text is None else "'" + text.replace("'", "''") + "'"
+                cast = _parse(f"select cast({literal} as {type_name})")
+                constants[computing] = None if cast.get("error") else cast["statements"][0]["node"]["select_list"][0]
+            except duckdb.Error:  # e.g. a subquery naming a column of the outer row: not a constant
+                constants[computing] = None
+        return constants[computing]
+
+    folded = False
+
+    def fold(node: object) -> object:
+        nonlocal folded
+        if isinstance(node, list):
+            return [fold(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        if node.get("class") in ("WINDOW", "SUBQUERY"):  # never inside: a nested query has its own rows
+            aggregate = _pool_aggregate(node) if node["class"] == "WINDOW" else None
+            scalar = node["class"] == "SUBQUERY" and node.get("subquery_type") == "SCALAR"
+            constant = value(aggregate, relation) if aggregate else value(node, None) if scalar else None
+            if constant is None:
+                return node
+            folded = True
+            return dict(constant, alias=node.get("alias", ""))
+        return {k: fold(v) for k, v in node.items()}
+
+    tree = fold(tree)
+    return _unparse(tree) if folded else query
+
+
+def reorders_rows(query: str) -> bool:
+    """Whether DuckDB may return ``query``'s rows out of its input's order: a window function or
+    a subquery anywhere in it."""
+    return _reorders(_parse(query))
 
 
 def _reorders(node: object) -> bool:
@@ -206,19 +304,19 @@ class FilterStage(PoolStage):
         rules = ", ".join(f"({sql}) as r{i}" for i, sql in enumerate(self.policy.rendered_rules().values()))
         return f"select {source.position}, {rules} from {source.relation} as samples"
 
-    def keeps_row_order(self) -> bool:
-        """Whether DuckDB returns the rules' rows in the input's order: no window function or
-        subquery (which may reorder them) in any rule."""
-        return not any(_reorders(tree) for tree in _parsed_rules(self.policy).values())
-
-    def decide(self, con: duckdb.DuckDBPyConnection, source: PolicyInput) -> Decisions:
+    def decide(self, con: duckdb.DuckDBPyConnection, source: PolicyInput,
+               constants: dict[str, dict | None] | None = None) -> Decisions:
         """Evaluate the rules over ``source``: DuckDB computes each row's outcome and hands it over
-        in Arrow batches, in the input's order when no rule can reorder rows (:meth:`keeps_row_order`),
+        in Arrow batches, in the input's order when no rule can reorder rows (:func:`reorders_rows`),
         else with each row's position, which puts it in place (a window rule such as
-        ``over (order by clip_score)`` returns rows in its own order; no sort restores it)."""
+        ``over (order by clip_score)`` returns rows in its own order; no sort restores it). Pool-wide
+        values (``quantile_cont(x, 0.5) over ()``) are computed first, once (:func:`fold_pool_constants`;
+        ``constants`` shares them between policies over the same ``source``)."""
         names = list(self.policy.rules)
-        inner = self.decision_sql(source)
+        _parsed_rules(self.policy)  # a rule that does not parse: a ConfigError naming it
         try:
+            inner = fold_pool_constants(con, self.decision_sql(source), source.relation,
+                                        {} if constants is None else constants)
             types = {n: t for n, t, *_ in con.execute(f"describe {inner}").fetchall()}
             for i, rule in enumerate(names):
                 if types[f"r{i}"] not in ("BOOLEAN", '"NULL"', "NULL"):
@@ -230,7 +328,7 @@ class FilterStage(PoolStage):
             rows = con.execute(f"select count(*) from {source.relation}").fetchone()[0]
             codes = np.zeros(rows, dtype)
             duck_type = _DUCK_TYPES[dtype]
-            if self.keeps_row_order():  # rows come back in the input's order: just the outcome, 1 byte a row
+            if not reorders_rows(inner):  # rows come back in the input's order: just the outcome, 1 byte a row
                 filled = 0
                 for batch in con.execute(f"select ({code})::{duck_type} from ({inner})").to_arrow_reader(1 << 20):
                     part = batch.column(0).to_numpy()

@@ -22,16 +22,21 @@ from manifests.uids import UID_TYPE, read_selection, uids_as_text, with_uid_byte
 from pipeline.config import load_config
 from pipeline.dag import STAGE_ORDER
 from pipeline.policy_runner import select_policies
-from stages.filter import FilterStage, PolicyConfig
+from stages.filter import FilterStage, PolicyConfig, PolicyInput, fold_pool_constants, reorders_rows
 
 SHARDS, PER_SHARD = 3, 40
 
 EXTRA = {
-    # two rules, one a window over a column with NULLs: every reason shape (kept, fails, is null, both);
-    # the shipped clip-score-top is a window that reorders rows (over (order by ...))
+    # two rules, one a window over a column with NULLs: every reason shape (kept, fails, is null, both)
     "mixed": PolicyConfig("mixed", rules={"wide": "original_width >= 700",
                                           "top_half": "clip_score >= quantile_cont(clip_score, 0.5) over ()"}),
     "quoted": PolicyConfig("quoted", rules={"it's short": "len(caption) < 12"}),
+    # rules DuckDB may answer out of order (each outcome then comes with its row's position): a rank
+    # per row, and a subquery that names the outer row; and a scalar subquery, computed once
+    "ranked": PolicyConfig("ranked", rules={"top_third": "percent_rank() over (order by clip_score nulls first) >= 0.66"}),
+    "parrot_relative": PolicyConfig("parrot_relative", rules={
+        "above_kind_mean": "clip_score >= (select avg(s2.clip_score) from samples s2 where s2.is_parrot = samples.is_parrot)"}),
+    "above_median": PolicyConfig("above_median", rules={"above": "clip_score >= (select median(clip_score) from samples)"}),
 }
 
 
@@ -121,8 +126,8 @@ def test_selections_equal_the_python_built_ones(run):
 
 
 def test_clip_score_top_never_keeps_a_sample_without_a_score(run):
-    """percent_rank() orders NULLs last by default, which ranked every missing CLIP score at the
-    top: the shipped rule orders them first."""
+    """A missing CLIP score must not count as a high one (``percent_rank()`` orders NULLs last by
+    default, which once ranked them at the top): the shipped rule drops them, saying why."""
     layout, config, _ = run
     select_policies(layout, config, ("clip-score-top",))
     build_catalog(layout, STAGE_ORDER)  # as curate does after the filter step: the selection views
@@ -131,8 +136,10 @@ def test_clip_score_top_never_keeps_a_sample_without_a_score(run):
         "select count(*) from selection_clip_score_top sel join samples using (uid) where sel.kept and samples.clip_score is null",
     ).fetchone()[0]
     missing = con.execute("select count(*) from samples where status = 'ok' and clip_score is null").fetchone()[0]
+    said = con.execute("select count(*) from selection_clip_score_top sel join samples using (uid) "
+                       "where samples.clip_score is null and reason = 'dropped: top_fraction is null (missing score)'").fetchone()[0]
     con.close()
-    assert missing > 0 and kept_without_score == 0
+    assert missing > 0 and kept_without_score == 0 and said == missing
 
 
 def test_policy_inputs_hold_what_samples_has(run):
@@ -170,9 +177,10 @@ def test_rerun_rewrites_only_the_selections_that_changed(run):
     _write_parts(layout, 2, scale=0.5)  # shard 2's CLIP scores halved: only the clip_score rankings move
     build_catalog(layout, STAGE_ORDER)
     changed = {r.policy for r in select_policies(layout, config, policies) if r.changed}
-    assert changed == {"clip-score-top", "mixed"}
+    moved = {"clip-score-top", "mixed", "ranked", "parrot_relative", "above_median"}
+    assert changed == moved
     now = _mtimes(layout)
-    assert {n for n in now if now[n] != first[n]} == {"clip-score-top.parquet", "mixed.parquet"}
+    assert {n for n in now if now[n] != first[n]} == {f"{name}.parquet" for name in moved}
     con = connect(layout.catalog_path, layout)
     assert pq.read_table(layout.selection_path("mixed")).cast(SELECTION).equals(_python_selection(con, config.policy("mixed")))
     con.close()
@@ -225,3 +233,50 @@ def test_a_selection_written_before_uids_were_bytes_still_reads_as_text(run):
     by_policy = dict(con.execute("select policy, count(distinct uid) from selections join samples using (uid) group by 1").fetchall())
     con.close()
     assert by_policy == {"no-text": len(ok), "old": len(ok)}
+
+
+def test_pool_wide_values_are_computed_once_exactly_and_keep_the_input_order(run):
+    """``agg(x) over ()`` and a scalar subquery that does not name the outer row are one value for
+    the whole pool: the filter computes each once, writes it into the rule as a constant (exact:
+    DuckDB's text of the FLOAT or DOUBLE cast back) and the rule then keeps the input's row order;
+    a value per row (a rank, a running or partitioned window, a correlated subquery) stays as written."""
+    con = duckdb.connect()
+    con.execute("create table t as select i, (i * 0.1 + 0.07)::float as f, i * 0.1 + 0.07 as d, i % 3 = 0 as g, "
+                "null::float as n from range(1000) r(i)")
+    constants: dict = {}
+
+    def query(rule: str) -> str:
+        return f"select i, ({rule}) as r0 from t as samples"
+
+    def outcomes(sql: str) -> list:
+        return con.execute(f"select r0 from ({sql}) order by i").fetchall()
+
+    folded = ["f >= quantile_disc(f, 0.37) over ()",  # the threshold is a FLOAT in the data: an inexact constant flips its row
+              "d >= quantile_disc(d, 0.61) over ()", "d >= avg(d) over ()", "f > (select quantile_cont(f, 0.9) from t)",
+              "coalesce(f < max(n) over (), g)", "d > sum(d) filter (where g) over () / 1e3",
+              "d < count(distinct i % 7) over (rows between unbounded preceding and unbounded following)"]
+    for rule in folded:
+        sql = fold_pool_constants(con, query(rule), "t", constants)
+        assert not reorders_rows(sql) and reorders_rows(query(rule)), sql
+        assert outcomes(sql) == outcomes(query(rule)) and 0 < sum(bool(v) for (v,) in outcomes(sql)) < 1000, rule
+    computed = len(constants)
+    fold_pool_constants(con, query("f < quantile_disc(f, 0.37) over ()"), "t", constants)  # shares the first rule's value
+    assert len(constants) == computed == len(folded)
+    as_written = ["percent_rank() over (order by f) > 0.5", "sum(d) over (rows between unbounded preceding and current row) > 10",
+                  "d > avg(d) over (partition by g)", "d >= (select max(t2.d) from t t2 where t2.g = samples.g) - 50",
+                  "d > avg(d) over (order by i)"]
+    for rule in as_written:
+        assert fold_pool_constants(con, query(rule), "t", constants) == query(rule), rule
+    con.close()
+
+    # the shipped percentile policies: two thresholds for three policies, each then a projection in the input's order
+    layout, config, _ = run
+    shipped = {name: FilterStage(config.policy(name)) for name in ("clip-score-top", "tmars", "no-parrot-tmars")}
+    inputs = materialise_policy_inputs(layout, sorted({c for s in shipped.values() for c in s.policy_reads()}), STAGE_ORDER)
+    source = PolicyInput(f"read_parquet('{inputs.path}', file_row_number = true)", "file_row_number")
+    con, constants = connect(layout.catalog_path, layout), {}
+    for stage in shipped.values():
+        sql = fold_pool_constants(con, stage.decision_sql(source), source.relation, constants)
+        assert reorders_rows(stage.decision_sql(source)) and not reorders_rows(sql), sql
+    con.close()
+    assert len(constants) == 2
