@@ -25,7 +25,7 @@ from manifests.uids import UID_BATCH
 from pipeline.config import Config
 from pipeline.dag import STAGE_ORDER
 from stages.base import PoolStage
-from stages.filter import Decisions, FilterStage, PolicyInput
+from stages.filter import Decisions, FilterStage, PolicyInput, PoolConstants, pool_constant_queries
 
 POOL_PART = "pool"  # a pool stage writes manifests/<stage>/part-pool.parquet: the catalog joins it like any part
 DIGEST_KEY = "selection_digest"  # in a selection's Parquet footer: what it holds, to skip an unchanged rewrite
@@ -103,10 +103,14 @@ def select_policies(layout: RunLayout, config: Config, policies: tuple[str, ...]
     inputs = materialise_policy_inputs(layout, columns, STAGE_ORDER)
     source = PolicyInput(f"read_parquet({sql_string(inputs.path)}, file_row_number = true)", "file_row_number")
     reports = []
-    constants: dict = {}  # pool-wide values (a quantile over the pool), computed once for the policies that share them
     con = connect(layout.catalog_path, layout)  # the catalog's views stay visible to a rule's subquery
+    bound_memory(con, layout)
+    # pool-wide values (a quantile over the pool): computed once for the policies that share them,
+    # in the background while the policies before them decide and write
+    constants = PoolConstants(con)
     try:
-        bound_memory(con, layout)
+        constants.prefetch(query for stage in stages.values()
+                           for query in pool_constant_queries(stage.decision_sql(source), source.relation))
         for name, stage in stages.items():
             started = time.perf_counter()
             decisions = stage.decide(con, source, constants)
@@ -119,5 +123,6 @@ def select_policies(layout: RunLayout, config: Config, policies: tuple[str, ...]
             reports.append(SelectionReport(name, decisions.kept, decisions.total, changed,
                                            stage.policy.description, time.perf_counter() - started))
     finally:
+        constants.close()
         con.close()
     return reports

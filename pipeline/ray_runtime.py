@@ -11,7 +11,9 @@ import threading
 from collections.abc import Iterator
 
 
-# Ray's settings for a Ray this process starts itself (not for a cluster it joins).
+# Ray's settings for every Ray this project starts: a local session (here), cluster.yaml's head node
+# (`ray start --head --system-config=...`, which the worker nodes take from it) and the test cluster.
+# A cluster started some other way keeps what its operator set.
 # Idle workers are kept, not ended: Ray ends an idle worker gracefully, through its own teardown,
 # and workers that had run img2dataset downloads aborted in that teardown (absl "Mutex corrupt",
 # SIGABRT, the worker's stderr forwarded to the console) in about 3% of their idle exits, after
@@ -22,7 +24,7 @@ from collections.abc import Iterator
 # the session, killed by its raylet, with no teardown to abort in.
 # The cost: idle task workers stay resident until the run ends, at most about one per CPU that ran
 # tasks at once (a download worker measured ~400 MiB unique memory).
-LOCAL_SYSTEM_CONFIG: dict = {"kill_idle_workers_interval_ms": 0}
+RAY_SYSTEM_CONFIG: dict = {"kill_idle_workers_interval_ms": 0}
 
 
 @contextlib.contextmanager
@@ -41,7 +43,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     quiet_known_noise()
     if address is None:
         kwargs["num_cpus"] = num_cpus or os.cpu_count() or 1
-        kwargs["_system_config"] = LOCAL_SYSTEM_CONFIG
+        kwargs["_system_config"] = RAY_SYSTEM_CONFIG
         # workers must import our packages even when run from another folder
         kwargs["runtime_env"] = {"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}}
     on_term = signal.getsignal(signal.SIGTERM)

@@ -14,7 +14,8 @@ import hashlib
 import json
 import re
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import duckdb
@@ -145,40 +146,77 @@ def _pool_aggregate(node: dict) -> dict | None:
         return None
 
 
-def fold_pool_constants(con: duckdb.DuckDBPyConnection, query: str, relation: str,
-                        constants: dict[str, dict | None]) -> str:
-    """``query`` (a select over ``relation as samples``) with each value that is the same on every
-    row computed once and written in as a constant: an aggregate over the whole pool
-    (``quantile_cont(x, 0.5) over ()``) and an uncorrelated scalar subquery (``(select max(x) from
-    t)``).
+class PoolConstants:
+    """Values that are the same on every row of one version of the policy input (a quantile over the
+    pool, an uncorrelated scalar subquery), each kept by the query that computes it: computed once
+    and shared by every policy that uses it. :meth:`prefetch` computes them on a second connection
+    while the caller goes on: writing a selection keeps one core busy in Arrow, so on two cores the
+    other computes the thresholds that later policies will need."""
 
-    Why: DuckDB evaluates such a window as a window, which at 10^7 rows costs more than the
-    aggregate itself and may return rows out of order (so each outcome then needs its row's
-    position); with the constant in place the rule is a plain projection that keeps the input's
-    order. Same values: the aggregate is run over the same rows, and the constant is DuckDB's own
-    text of the value cast back to its type (exact for floats). ``constants`` caches values by the
-    query that computes them, so policies sharing a threshold compute it once; keep it for one
-    version of ``relation``. Anything that cannot be computed on its own (a correlated subquery)
-    is left as written."""
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self._con = con
+        self._values: dict[str, Future] = {}
+        self._lock = threading.Lock()
+        self._background: ThreadPoolExecutor | None = None
+        self._cursor: duckdb.DuckDBPyConnection | None = None
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def value(self, computing: str) -> dict | None:
+        """The constant's syntax node for ``computing`` (a one-row, one-column ``v`` query), or None
+        when it cannot be computed on its own (a subquery naming the outer row)."""
+        with self._lock:
+            future = self._values.get(computing)
+            mine = future is None
+            if mine:
+                future = self._values[computing] = Future()
+        if mine:
+            future.set_result(self._compute(self._con, computing))
+        return future.result()
+
+    def prefetch(self, queries: Iterable[str]) -> None:
+        """Start computing ``queries`` (from :func:`pool_constant_queries`) in the background."""
+        with self._lock:
+            for computing in queries:
+                if computing not in self._values:
+                    if self._background is None:
+                        self._cursor = self._con.cursor()
+                        self._background = ThreadPoolExecutor(1, thread_name_prefix="pool-constants")
+                    self._values[computing] = self._background.submit(self._compute, self._cursor, computing)
+
+    def close(self) -> None:
+        """Stop the background work (interrupting a query still running) and release its connection."""
+        if self._background is not None:
+            if any(not f.done() for f in self._values.values()):
+                self._cursor.interrupt()
+            self._background.shutdown(wait=True, cancel_futures=True)
+            self._cursor.close()
+            self._background = self._cursor = None
+
+    @staticmethod
+    def _compute(con: duckdb.DuckDBPyConnection, computing: str) -> dict | None:
+        try:
+            type_name, text = con.execute(f"select typeof(v), v::varchar from ({computing})").fetchone()
+        except duckdb.Error:  # e.g. a subquery naming a column of the outer row: not a constant
+            return None
+        literal = "NULL" if text is None else "'" + text.replace("'", "''") + "'"
+        cast = _parse(f"select cast({literal} as {type_name})")  # DuckDB's own text, back to its type: exact
+        return None if cast.get("error") else cast["statements"][0]["node"]["select_list"][0]
+
+
+def _fold(query: str, relation: str, constant_for: Callable[[str], dict | None]) -> str:
+    """``query`` with each pool-wide value replaced by ``constant_for(<the query computing it>)``
+    where that is not None; the text unchanged when nothing was replaced."""
     tree = _parse(query)
     if tree.get("error"):
         return query  # the caller runs it and reports DuckDB's message
+    folded = False
 
-    def value(expression: dict, over: str | None) -> dict | None:
+    def computing(expression: dict, over: str | None) -> str:
         template = _parse(f"select 1 from {over} as samples" if over else "select 1")
         template["statements"][0]["node"]["select_list"] = [dict(expression, alias="v")]
-        computing = _unparse(template)
-        if computing not in constants:
-            try:
-                type_name, text = con.execute(f"select typeof(v), v::varchar from ({computing})").fetchone()
-                literal = "NULL" if text is None else "'" + text.replace("'", "''") + "'"
-                cast = _parse(f"select cast({literal} as {type_name})")
-                constants[computing] = None if cast.get("error") else cast["statements"][0]["node"]["select_list"][0]
-            except duckdb.Error:  # e.g. a subquery naming a column of the outer row: not a constant
-                constants[computing] = None
-        return constants[computing]
-
-    folded = False
+        return _unparse(template)
 
     def fold(node: object) -> object:
         nonlocal folded
@@ -189,7 +227,8 @@ def fold_pool_constants(con: duckdb.DuckDBPyConnection, query: str, relation: st
         if node.get("class") in ("WINDOW", "SUBQUERY"):  # never inside: a nested query has its own rows
             aggregate = _pool_aggregate(node) if node["class"] == "WINDOW" else None
             scalar = node["class"] == "SUBQUERY" and node.get("subquery_type") == "SCALAR"
-            constant = value(aggregate, relation) if aggregate else value(node, None) if scalar else None
+            constant = (constant_for(computing(aggregate, relation)) if aggregate else
+                        constant_for(computing(node, None)) if scalar else None)
             if constant is None:
                 return node
             folded = True
@@ -198,6 +237,28 @@ def fold_pool_constants(con: duckdb.DuckDBPyConnection, query: str, relation: st
 
     tree = fold(tree)
     return _unparse(tree) if folded else query
+
+
+def fold_pool_constants(query: str, relation: str, constants: PoolConstants) -> str:
+    """``query`` (a select over ``relation as samples``) with each value that is the same on every
+    row computed once and written in as a constant: an aggregate over the whole pool
+    (``quantile_cont(x, 0.5) over ()``) and an uncorrelated scalar subquery (``(select max(x) from
+    t)``).
+
+    Why: DuckDB evaluates such a window as a window, which at 10^7 rows costs more than the
+    aggregate itself and may return rows out of order (so each outcome then needs its row's
+    position); with the constant in place the rule is a plain projection that keeps the input's
+    order. Same values: the aggregate is run over the same rows, and the constant is DuckDB's own
+    text of the value cast back to its type (exact for floats). Anything that cannot be computed
+    on its own (a correlated subquery) is left as written."""
+    return _fold(query, relation, constants.value)
+
+
+def pool_constant_queries(query: str, relation: str) -> list[str]:
+    """The queries that compute ``query``'s pool-wide values (for :meth:`PoolConstants.prefetch`)."""
+    found: list[str] = []
+    _fold(query, relation, lambda computing: found.append(computing))  # returns None: nothing replaced
+    return found
 
 
 def reorders_rows(query: str) -> bool:
@@ -305,7 +366,7 @@ class FilterStage(PoolStage):
         return f"select {source.position}, {rules} from {source.relation} as samples"
 
     def decide(self, con: duckdb.DuckDBPyConnection, source: PolicyInput,
-               constants: dict[str, dict | None] | None = None) -> Decisions:
+               constants: PoolConstants | None = None) -> Decisions:
         """Evaluate the rules over ``source``: DuckDB computes each row's outcome and hands it over
         in Arrow batches, in the input's order when no rule can reorder rows (:func:`reorders_rows`),
         else with each row's position, which puts it in place (a window rule such as
@@ -315,8 +376,8 @@ class FilterStage(PoolStage):
         names = list(self.policy.rules)
         _parsed_rules(self.policy)  # a rule that does not parse: a ConfigError naming it
         try:
-            inner = fold_pool_constants(con, self.decision_sql(source), source.relation,
-                                        {} if constants is None else constants)
+            inner = fold_pool_constants(self.decision_sql(source), source.relation,
+                                        PoolConstants(con) if constants is None else constants)
             types = {n: t for n, t, *_ in con.execute(f"describe {inner}").fetchall()}
             for i, rule in enumerate(names):
                 if types[f"r{i}"] not in ("BOOLEAN", '"NULL"', "NULL"):

@@ -30,6 +30,7 @@ import pytest
 from conftest import free_port
 from run_compare import assert_runs_equal, curated_digests, load_run
 
+from pipeline.ray_runtime import RAY_SYSTEM_CONFIG
 from pipeline.sample_runner import BROKEN_NODE_HOOK
 
 REPO = Path(__file__).resolve().parents[1]
@@ -205,7 +206,7 @@ def cluster(s3_env) -> Iterator[Cluster]:
         "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}", "--num-cpus=1",
         f"--resources={json.dumps({'head_node': 1})}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dash_port}", f"--ray-client-server-port={free_port()}", f"--temp-dir={tmp / 'ray'}",
-        "--disable-usage-stats", *own_ports(),
+        "--disable-usage-stats", f"--system-config={json.dumps(RAY_SYSTEM_CONFIG)}", *own_ports(),
     )
     assert head.returncode == 0, head.stdout[-3000:] + head.stderr[-3000:]
     try:
@@ -352,6 +353,9 @@ def test_cluster_yaml_is_a_valid_launcher_config():
     validate_config(fillout_defaults(raw))
     assert raw["file_mounts"] == {"~/clip-curation": "."}
     assert any("make setup" in c for c in raw["setup_commands"])
+    # the head carries the settings of every Ray this project starts (the worker nodes take them from it)
+    compact = json.dumps(RAY_SYSTEM_CONFIG, separators=(",", ":"))  # a ': ' would make YAML read a mapping
+    assert any(f"--system-config='{compact}'" in c for c in raw["head_start_ray_commands"])
     assert any("gpu" in name for name in raw["available_node_types"])
     broken = dict(raw, max_workers="many")
     with pytest.raises(Exception):

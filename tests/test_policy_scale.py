@@ -22,7 +22,7 @@ from manifests.uids import UID_TYPE, read_selection, uids_as_text, with_uid_byte
 from pipeline.config import load_config
 from pipeline.dag import STAGE_ORDER
 from pipeline.policy_runner import select_policies
-from stages.filter import FilterStage, PolicyConfig, PolicyInput, fold_pool_constants, reorders_rows
+from stages.filter import FilterStage, PolicyConfig, PolicyInput, PoolConstants, fold_pool_constants, pool_constant_queries, reorders_rows
 
 SHARDS, PER_SHARD = 3, 40
 
@@ -243,7 +243,7 @@ def test_pool_wide_values_are_computed_once_exactly_and_keep_the_input_order(run
     con = duckdb.connect()
     con.execute("create table t as select i, (i * 0.1 + 0.07)::float as f, i * 0.1 + 0.07 as d, i % 3 = 0 as g, "
                 "null::float as n from range(1000) r(i)")
-    constants: dict = {}
+    constants = PoolConstants(con)
 
     def query(rule: str) -> str:
         return f"select i, ({rule}) as r0 from t as samples"
@@ -256,17 +256,17 @@ def test_pool_wide_values_are_computed_once_exactly_and_keep_the_input_order(run
               "coalesce(f < max(n) over (), g)", "d > sum(d) filter (where g) over () / 1e3",
               "d < count(distinct i % 7) over (rows between unbounded preceding and unbounded following)"]
     for rule in folded:
-        sql = fold_pool_constants(con, query(rule), "t", constants)
+        sql = fold_pool_constants(query(rule), "t", constants)
         assert not reorders_rows(sql) and reorders_rows(query(rule)), sql
         assert outcomes(sql) == outcomes(query(rule)) and 0 < sum(bool(v) for (v,) in outcomes(sql)) < 1000, rule
     computed = len(constants)
-    fold_pool_constants(con, query("f < quantile_disc(f, 0.37) over ()"), "t", constants)  # shares the first rule's value
+    fold_pool_constants(query("f < quantile_disc(f, 0.37) over ()"), "t", constants)  # shares the first rule's value
     assert len(constants) == computed == len(folded)
     as_written = ["percent_rank() over (order by f) > 0.5", "sum(d) over (rows between unbounded preceding and current row) > 10",
                   "d > avg(d) over (partition by g)", "d >= (select max(t2.d) from t t2 where t2.g = samples.g) - 50",
                   "d > avg(d) over (order by i)"]
     for rule in as_written:
-        assert fold_pool_constants(con, query(rule), "t", constants) == query(rule), rule
+        assert fold_pool_constants(query(rule), "t", constants) == query(rule), rule
     con.close()
 
     # the shipped percentile policies: two thresholds for three policies, each then a projection in the input's order
@@ -274,9 +274,14 @@ def test_pool_wide_values_are_computed_once_exactly_and_keep_the_input_order(run
     shipped = {name: FilterStage(config.policy(name)) for name in ("clip-score-top", "tmars", "no-parrot-tmars")}
     inputs = materialise_policy_inputs(layout, sorted({c for s in shipped.values() for c in s.policy_reads()}), STAGE_ORDER)
     source = PolicyInput(f"read_parquet('{inputs.path}', file_row_number = true)", "file_row_number")
-    con, constants = connect(layout.catalog_path, layout), {}
+    con = connect(layout.catalog_path, layout)
+    constants = PoolConstants(con)
+    queries = [q for stage in shipped.values() for q in pool_constant_queries(stage.decision_sql(source), source.relation)]
+    assert len(queries) == 3 and len(set(queries)) == 2  # tmars and no-parrot-tmars share a threshold
+    constants.prefetch(queries)  # computed in the background, then used
     for stage in shipped.values():
-        sql = fold_pool_constants(con, stage.decision_sql(source), source.relation, constants)
+        sql = fold_pool_constants(stage.decision_sql(source), source.relation, constants)
         assert reorders_rows(stage.decision_sql(source)) and not reorders_rows(sql), sql
+    constants.close()
     con.close()
     assert len(constants) == 2
