@@ -252,7 +252,11 @@ def run(ctx: Context, rows: int | None = None) -> BenchResult:
         f"{full['build']['s']:.1f} s ({full['build']['cpu_s']:.1f} s CPU); then each policy decided in DuckDB (rules "
         f"without a window or subquery return their rows in order, 1 byte a row; the others with each row's position) "
         f"and its selection streamed from Arrow to Parquet (uids as 16 bytes, uncompressed), median of {REPEATS} runs "
-        f"after a warm-up. Peak RSS of this process: "
+        f"after a warm-up. A value the same on every row (the percentile policies' `quantile_cont(x, q) over ()`) "
+        f"is computed once per step, on a second connection in the background from the step's start, and written "
+        f"into the rule as a constant, so those policies project in order too; a policy's seconds are its own "
+        f"decide and write, the background work overlapping the policies before it (the `all 7` row is the "
+        f"step's wall time, all of it included). Peak RSS of this process: "
         f"{mib(small['peak']):.0f} MiB at {small['rows']:,} rows (run first), {mib(full['peak']):.0f} MiB at {rows:,} "
         f"(from {mib(full['before']):.0f} MiB before). The previous filter stage (the `samples` join at query time, "
         f"every row into Python) took {baseline_s:.2f} s for `{baseline_policy}` on the same catalog.",
