@@ -74,6 +74,7 @@ needs_data = pytest.mark.skipif(
 # pooled text-area coverage, regions matched and words read of 82 annotated.
 FLOORS: dict[str, dict[str, float]] = {
     "easyocr": {"mmocr": 2, "dtrb": 5, "coverage": 0.83, "regions": 30, "words": 14},  # 3, 6, 0.876, 34, 17
+    "easyocr-fp32-detector": {"mmocr": 2, "dtrb": 5, "coverage": 0.83, "regions": 30, "words": 14},  # 3, 6, 0.876, 34, 17
     "rapidocr": {"mmocr": 1, "dtrb": 4, "coverage": 0.83, "regions": 36, "words": 33},  # 1, 5, 0.879, 40, 37
 }
 
@@ -208,12 +209,17 @@ def _stage_rows(stage: OcrStage, images: list[np.ndarray]) -> list[dict]:
     return rows
 
 
-@pytest.fixture(scope="module", params=["easyocr", "rapidocr"])
+@pytest.fixture(scope="module", params=["easyocr", "easyocr-fp32-detector", "rapidocr"])
 def engine_run(request: pytest.FixtureRequest) -> EngineRun:
-    """One engine loaded once; every real image through the stage once; tests read the rows."""
-    config = OcrConfig(engine=request.param, device="cpu", cpus_per_replica=float(THREADS))
-    engine = make_engine(config, cuda_available=False)
-    assert isinstance(engine, EasyOcrEngine if request.param == "easyocr" else RapidOcrEngine)
+    """One engine loaded once; every real image through the stage once; tests read the rows.
+    ``easyocr`` is the shipped one (CRAFT in int8); ``easyocr-fp32-detector`` the same with CRAFT
+    in fp32, so that int8's floors are measured against it here, on real photographs."""
+    name = request.param.split("-")[0]
+    config = OcrConfig(engine=name, device="cpu", cpus_per_replica=float(THREADS))
+    engine = (EasyOcrEngine(device="cpu", num_threads=THREADS, quantize_detector=False)
+              if request.param == "easyocr-fp32-detector" else make_engine(config, cuda_available=False))
+    assert engine.precision.startswith("detector fp32") if request.param == "easyocr-fp32-detector" else True
+    assert isinstance(engine, EasyOcrEngine if name == "easyocr" else RapidOcrEngine)
     stage = OcrStage(config, engine=engine)
     return EngineRun(
         engine=request.param,
