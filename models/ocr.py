@@ -13,10 +13,12 @@ Why ``EasyOcrEngine`` does not just call ``easyocr.Reader.readtext`` per image:
   (no parallelism left to gain, worse cache use), and padding a portrait image into a landscape
   canvas costs pixels: so on CPU only images with the same padded shape share a forward.
 - On CPU the detector is >90% of the time. CRAFT is all convolutions, so easyocr's dynamic int8
-  quantisation does not touch it; on CPUs like ours (AVX but no AVX2) PyTorch's convolutions are
-  slow, and the same graph exported to ONNX runs 1.3-1.5x faster on onnxruntime. We export it once at
-  load time (in memory, no file), check it against the torch output, and keep torch on GPU and as
-  the fallback.
+  quantisation does not touch it; the same graph exported to ONNX runs 1.3-1.5x faster on
+  onnxruntime than in PyTorch. We export it once at load time (in memory, no file), check it
+  against the torch output, and keep torch on GPU and as the fallback. With ``quantize`` (the
+  default) the export is then quantised statically to int8 (``quantize_craft``: calibrated on
+  rendered text, checked against fp32, fp32 kept if the check fails): 3.7x faster per forward
+  on one thread here (AVX-512 VNNI), about 2x the stage's images/s on real photographs.
 - Images are scaled so that their longest side is ``detector_size``: the detector's cost grows
   with pixels, and this dataset's text stays detectable well below 512 px. Small images are
   enlarged at most ``MAX_UPSCALE`` (2x) times: beyond that CRAFT reads no more and costs more.
@@ -442,7 +444,8 @@ class EasyOcrEngine:
                 if detector_backend == "onnxruntime":
                     raise
                 log.warning("CRAFT ONNX export unavailable (%s); detecting with torch", err)
-        runtime = self._ort.runtime if self._ort is not None else f"torch {torch.__version__}"
+        runtime = (f"{self._ort.runtime}{', int8' if self._ort.int8 else ''}" if self._ort is not None
+                   else f"torch {torch.__version__}")
         self._engine = f"easyocr {version('easyocr')} craft+english_g2 (craft on {runtime})"
 
     @property

@@ -51,12 +51,13 @@ class OcrConfig:
         return problems
 
 OCR_COLUMNS: tuple[str, ...] = tuple(OCR.names)
-# CPU-seconds per image of one replica at detector_size 512 on the embedded set (2-core Xeon, AVX
-# without AVX2; CRAFT on onnxruntime), from make bench: easyocr's stage ~0.8-1 (bench/ocr_bench.py),
-# rapidocr's 0.054 (bench/dag_bench.py's stages alone); a ViT-S-32 CLIP replica costs 0.046. The
-# weights ``cost_per_image`` gives the pool sizing: only the ratios matter, and they hold on
-# other CPUs far better than the seconds do.
-CPU_S_PER_IMAGE = {"easyocr": 1.0, "rapidocr": 0.06}
+# CPU-seconds per image of one replica at detector_size 512 on the embedded set, CRAFT on
+# onnxruntime (make bench, 2-core AMD EPYC with AVX-512 VNNI): easyocr's stage 0.41 with CRAFT in
+# int8 (``quantize``, the default on CPU) and 1.88 in fp32 (bench/ocr_bench.py); rapidocr's 0.06
+# (bench/dag_bench.py's stages alone); a ViT-S-32 CLIP replica costs 0.05. The weights
+# ``cost_per_image`` gives the pool sizing: only the ratios matter, and they hold on other CPUs
+# far better than the seconds do.
+CPU_S_PER_IMAGE = {"easyocr": 0.41, "easyocr-fp32": 1.88, "rapidocr": 0.06}
 _RESULT_COLUMNS = ("n_regions", "text_area_ratio", "quads", "texts", "confidences", "ocr_text")
 
 
@@ -120,7 +121,8 @@ class OcrStage(BatchStage):
 
         The detector is most of it, and its cost grows with its input's pixels.
         """
-        return CPU_S_PER_IMAGE[self.config.engine] * (self.config.detector_size / 512) ** 2
+        fp32 = self.config.engine == "easyocr" and not self.config.quantize
+        return CPU_S_PER_IMAGE[self.config.engine + ("-fp32" if fp32 else "")] * (self.config.detector_size / 512) ** 2
 
     def setup(self) -> None:
         """Load the engine once (per Ray actor); a second call is a no-op."""

@@ -268,3 +268,29 @@ def test_rapidocr_finds_text(samples: list, images: list[np.ndarray]) -> None:
     assert found & {w.casefold() for w in samples[index].words}
     assert out["ocr_engine"][0].startswith("rapidocr-onnxruntime")
     pa.Table.from_pydict(out, schema=schema_for("ocr"))
+
+
+def test_int8_detector_falls_back_to_fp32_and_says_so(monkeypatch: pytest.MonkeyPatch,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """The int8 detector is built at load; if the quantiser fails (or disagrees with fp32), the
+    engine detects in fp32, records that as its precision and warns once: never a failed actor."""
+    import models.ocr as ocr
+
+    def broken(model_bytes: bytes) -> bytes:
+        raise RuntimeError("no quantiser here")
+
+    monkeypatch.setattr(ocr, "quantize_craft", broken)
+    with caplog.at_level("WARNING", logger="models.ocr"):
+        engine = EasyOcrEngine(device="cpu", quantize=True, num_threads=1)
+    assert engine.precision == "detector fp32, recogniser int8-dynamic"
+    assert engine.detector_backend == "onnxruntime"
+    assert any("int8 CRAFT unavailable (no quantiser here)" in r.getMessage() for r in caplog.records)
+
+
+def test_int8_calibration_is_rendered_the_same_every_time() -> None:
+    """Every actor (and every run) calibrates on the same pixels, so builds the same int8 model."""
+    from models.ocr import _calibration_batches
+
+    first, again = _calibration_batches(), _calibration_batches()
+    assert len(first) == 8 and all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert all(b.dtype == np.float32 and b.shape[:2] == (1, 3) and max(b.shape[2:]) == 512 for b in first)

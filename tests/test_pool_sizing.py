@@ -33,7 +33,9 @@ def _replicas(cluster: dict[str, float], **sections: dict) -> dict[str, int]:
 def test_defaults_are_auto_and_ocr_costs_most() -> None:
     assert OcrConfig().replicas == ClipConfig().replicas == AUTO
     ocr, clip = OcrStage(OcrConfig()), ClipScoreStage(ClipConfig())
-    assert ocr.cost_per_image() > 10 * clip.cost_per_image()  # easyocr at 512 vs ViT-S-32: measured ~20x
+    assert ocr.cost_per_image() > 5 * clip.cost_per_image()  # easyocr (CRAFT int8) at 512 vs ViT-S-32: measured ~8x
+    # CRAFT in fp32 (quantize = false) costs about 4.6x int8 (make bench's ocr rows)
+    assert OcrStage(OcrConfig(quantize=False)).cost_per_image() == pytest.approx(1.88 / 0.41 * ocr.cost_per_image())
     # cost follows the detector's pixels and the CLIP model's size
     assert OcrStage(OcrConfig(detector_size=256)).cost_per_image() == pytest.approx(ocr.cost_per_image() / 4)
     assert ClipScoreStage(ClipConfig(model="ViT-B-32")).cost_per_image() == pytest.approx(4 * clip.cost_per_image())
@@ -44,15 +46,15 @@ def test_two_cores_get_two_ocr_replicas_and_pools_grow_with_the_cluster() -> Non
     """On the 2-core box one OCR actor left a core idle (0.38 img/s, 36% idle): now both cores
     run OCR; on big nodes OCR takes nearly every core and CLIP grows when its share reaches one."""
     assert _replicas({"CPU": 2}) == {"ocr": 2, "parrot": 1, "clip_score": 1, "dedup": 1}
-    assert _replicas({"CPU": 16})["ocr"] == 15
+    assert _replicas({"CPU": 16})["ocr"] == 14
     big = _replicas({"CPU": 64})
-    assert big["ocr"] >= 58 and big["clip_score"] >= 2
+    assert big["ocr"] >= 50 and big["clip_score"] >= 5
     # the expensive stage gets the cores, whichever it is
     large_clip = _replicas({"CPU": 16}, clip={"model": "ViT-L-14"})
     assert large_clip["clip_score"] > large_clip["ocr"]
     # two threads per replica: half the replicas; half a CPU still runs one thread: no more replicas
     assert _replicas({"CPU": 16}, ocr={"cpus_per_replica": 2.0})["ocr"] == 7
-    assert _replicas({"CPU": 16}, ocr={"cpus_per_replica": 0.5})["ocr"] == 15
+    assert _replicas({"CPU": 16}, ocr={"cpus_per_replica": 0.5})["ocr"] == 14
 
 
 def test_fixed_counts_are_kept() -> None:
