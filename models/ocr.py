@@ -207,7 +207,8 @@ class _OrtCraft:
                 self.int8 = True
             except Exception as err:  # noqa: BLE001 - a quantiser problem means: the fp32 detector
                 self.session = self._fp32
-                log.warning("int8 CRAFT unavailable (%s); detecting in fp32", err)
+                # said in every row's ocr_precision and the run's summary, not on the console from each actor
+                log.info("int8 CRAFT unavailable (%s); detecting in fp32", err)
         self._fp32 = None  # the session kept is the one that runs
 
     @staticmethod
@@ -291,13 +292,26 @@ def _calibration_batches(seed: int = 0) -> list[np.ndarray]:
     return batches
 
 
-def quantize_craft(model_bytes: bytes) -> bytes:
+def cpu_has_vnni() -> bool:
+    """Whether this x86 CPU multiplies uint8 by int8 with 32-bit sums (AVX-512 VNNI or AVX-VNNI).
+    Without it onnxruntime's AVX2/AVX-512 int8 kernels sum pairs in 16 bits, which can saturate
+    with full-range 8-bit weights (onnxruntime's quantisation notes): there weights get 7 bits."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def quantize_craft(model_bytes: bytes, reduce_range: bool | None = None) -> bytes:
     """CRAFT's ONNX graph with int8 weights (per channel) and int8 activations (ranges calibrated
     on ``_calibration_batches``), in QDQ form, which onnxruntime runs with integer kernels (VNNI
     where the CPU has it): 3.7x faster than fp32 per 384x512 forward on one thread here. CRAFT is
     all convolutions, so easyocr's dynamic quantisation (which touches only the recogniser's
     linear/LSTM layers) leaves it fp32; static calibration is what reaches convolutions.
-    Deterministic: the same calibration gives the same model in every actor. Seconds, at load."""
+    Deterministic: the same calibration gives the same model in every actor. Seconds, at load.
+    ``reduce_range``: 7-bit weights (default: where the CPU lacks VNNI, see ``cpu_has_vnni``)."""
     import tempfile
     from pathlib import Path
 
@@ -318,6 +332,7 @@ def quantize_craft(model_bytes: bytes) -> bytes:
         quant_pre_process(str(folder / "fp32.onnx"), str(folder / "pre.onnx"), skip_symbolic_shape=True)
         quantize_static(str(folder / "pre.onnx"), str(folder / "int8.onnx"), Batches(), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        reduce_range=not cpu_has_vnni() if reduce_range is None else reduce_range,
                         extra_options={"CalibTensorRangeSymmetric": False})
         return (folder / "int8.onnx").read_bytes()
 
