@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from core.errors import ConfigError
 from core.settings import config_section, require
+from manifests.catalog import sql_string
 from manifests.schemas import SELECTION
 from manifests.uids import UID_TYPE, uids_as_bytes
 from stages.base import PoolStage, Resources
@@ -200,7 +201,7 @@ class PoolConstants:
             type_name, text = con.execute(f"select typeof(v), v::varchar from ({computing})").fetchone()
         except duckdb.Error:  # e.g. a subquery naming a column of the outer row: not a constant
             return None
-        literal = "NULL" if text is None else "'" + text.replace("'", "''") + "'"
+        literal = "NULL" if text is None else sql_string(text)
         cast = _parse(f"select cast({literal} as {type_name})")  # DuckDB's own text, back to its type: exact
         return None if cast.get("error") else cast["statements"][0]["node"]["select_list"][0]
 
