@@ -24,10 +24,13 @@ help:
 
 setup: $(STAMP)
 
+# facenet-pytorch (the faces step's MTCNN, weights inside the wheel) goes in with --no-deps: its
+# metadata pins torch<2.3, numpy<2, Pillow<10.3, which are stale (models/faces.py); its version is in constraints.txt.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt facenet-pytorch
 	touch $(STAMP)
 
 curate: $(STAMP)

@@ -13,6 +13,11 @@ A second ratio compares the stage with open_clip's stock ``encode_text`` over th
 context: the stage trims the text forward to the batch's longest caption (exact under the causal
 mask, see ``models.clip.encode_text_trimmed``), so this one is a speed-up, not an overhead.
 
+A third side runs the stage with ``clip.keep_embeddings = false``: what keeping each sample's
+image and caption embedding (float16, the catalog's ``embeddings`` view) costs in images/s, and,
+from the rows both sides produced, what it costs in bytes of the clip_score part (one part of
+all the images, written as the runner writes parts: zstd Parquet).
+
 Same model object, same threads (the replica's CPUs, as in the DAG), batches taken in turns.
 The embedded dataset's ground-truth boxes stand in for OCR quads (about half the images have
 text, so the stage runs about 1.5 image forwards per sample).
@@ -67,6 +72,8 @@ def run(ctx: Context, threads: int = 1) -> BenchResult:
         stage.setup()  # torch threads = the replica's CPUs
     clip = stage.clip
     assert clip is not None
+    no_embeddings = ClipScoreStage(dataclasses.replace(config, keep_embeddings=False))
+    no_embeddings.clip = clip  # the same model object
     size = config.batch_size
 
     batches = []
@@ -89,14 +96,15 @@ def run(ctx: Context, threads: int = 1) -> BenchResult:
             text_emb = clip.model.encode_text(tokens) if stock_text else clip.text_forward(tokens)
         return image_emb, text_emb
 
-    timers = {"stage": Timer(), "bare": Timer(), "stock": Timer()}
+    timers = {"stage": Timer(), "no-embeddings": Timer(), "bare": Timer(), "stock": Timer()}
     with quiet_warnings():
         stage.process_batch({k: v[:2] for k, v in batches[0][0].items()})  # warm-up, untimed
         bare(batches[0][1][:2], batches[0][2][:2], False)
-        outputs = []
+        outputs, outputs_off = [], []
         for _ in range(rounds):
             for batch, pixels, tokens in batches:
                 outputs.append(timers["stage"].run(lambda: stage.process_batch(batch)))
+                outputs_off.append(timers["no-embeddings"].run(lambda: no_embeddings.process_batch(batch)))
                 timers["bare"].run(lambda: bare(pixels, tokens, False))
                 timers["stock"].run(lambda: bare(pixels, tokens, True))
 
@@ -112,15 +120,26 @@ def run(ctx: Context, threads: int = 1) -> BenchResult:
     overhead = rate["stage"] / rate["bare"]
     vs_stock = rate["stage"] / rate["stock"]
     forwards = sum(len(p) for _, p, _ in batches) / n_images
+    per_sample = {"with": _part_bytes(outputs[: len(batches)]) / n_images,
+                  "without": _part_bytes(outputs_off[: len(batches)]) / n_images}
+    keep_cost = rate["stage"] / rate["no-embeddings"]
     result.rows.append(Ratio(NAME, "stage img/s / bare forward img/s (same tensors)", overhead, "x", f">= {TARGET:g}",
                              overhead >= TARGET, f"{rate['stage']:.2f} vs {rate['bare']:.2f} img/s, {threads} thread(s)"))
     result.rows.append(Ratio(NAME, "stage img/s / stock open_clip forward (77-token text)", vs_stock, "x", "", None,
                              "text forward trimmed to the longest caption (exact)"))
+    dim = len(next(e for e in outputs[0]["image_embedding"] if e is not None))
+    result.rows.append(Ratio(NAME, "stage img/s keep_embeddings on / off", keep_cost, "x", "", None,
+                             f"{rate['stage']:.2f} vs {rate['no-embeddings']:.2f} img/s"))
+    result.rows.append(Ratio(NAME, "clip_score part bytes/sample with / without embeddings",
+                             per_sample["with"] / per_sample["without"], "x", "", None,
+                             f"{per_sample['with']:.0f} vs {per_sample['without']:.0f} B/sample "
+                             f"(2 x {dim} float16 = {4 * dim} B raw), zstd Parquet"))
     med = {k: statistics.median(t.laps) for k, t in timers.items()}
     result.data = {"images": n_images, "rounds": rounds, "threads": threads, "batch_size": size,
                    "model": clip.description, "trim_text": clip.trim_text, "image_forwards_per_sample": forwards,
                    "images_per_s": rate, "cpu_s_per_image": {k: t.cpu_s / total for k, t in timers.items()},
-                   "median_batch_s": med, "max_abs_score_diff_stage_vs_bare": check}
+                   "median_batch_s": med, "max_abs_score_diff_stage_vs_bare": check,
+                   "part_bytes_per_sample": per_sample, "embedding_dim": dim}
     result.markdown = "\n".join([
         f"{n_images} embedded images x {rounds} rounds, batches of {size}, {threads} torch thread(s) (a replica's "
         f"CPUs in the DAG), {clip.description}, {forwards:.2f} image forwards per sample (originals + text-masked).",
@@ -132,9 +151,31 @@ def run(ctx: Context, threads: int = 1) -> BenchResult:
         "`stage`: `ClipScoreStage.process_batch` (mask, preprocess, tokenize, forward, rows); `bare`: the same "
         "forward code on the stage's tensors made beforehand; `stock`: open_clip's own `encode_text` over the full "
         f"context instead of the trimmed text forward. Stage scores vs cosines of the bare embeddings: max abs "
-        f"difference {check:.1e} (the same tensors).",
+        f"difference {check:.1e} (the same tensors). `no-embeddings`: the stage with `clip.keep_embeddings = false`.",
+        "",
+        f"Embeddings kept (`[clip] keep_embeddings`, the default): the clip_score part holds "
+        f"{per_sample['with']:.0f} bytes per sample instead of {per_sample['without']:.0f} "
+        f"({n_images} rows in one zstd Parquet part, as the runner writes them; two {dim}-d float16 vectors are "
+        f"{4 * dim} bytes raw), and the stage runs at {keep_cost:.2f}x the images/s it has without them.",
     ])
     return result
+
+
+def _part_bytes(outputs: list[dict[str, list]]) -> int:
+    """Bytes of the rows as one clip_score part, written as ``manifests.store.write_table_atomic`` writes."""
+    import tempfile
+
+    import pyarrow as pa
+
+    from manifests.schemas import schema_for
+    from manifests.store import write_table_atomic
+
+    schema = schema_for("clip_score")
+    table = pa.concat_tables([pa.Table.from_pydict(out, schema=schema) for out in outputs])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "part.parquet"
+        write_table_atomic(table, path)
+        return path.stat().st_size
 
 
 def main(argv: list[str] | None = None) -> int:

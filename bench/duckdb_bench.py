@@ -59,7 +59,8 @@ STAGE_SQL = {
                lpad((i // 10000)::varchar, 6, '0') || lpad((i % 10000)::varchar, 4, '0') as key,
                512::integer as width, (384 + {_h('i', 2)} % 128)::integer as height,
                (512 + {_h('i', 9)} % 1024)::integer as original_width,
-               (384 + {_h('i', 2)} % 768)::integer as original_height
+               (384 + {_h('i', 2)} % 768)::integer as original_height,
+               (({_h('i', 11)} % 1000) / 2000.0)::double as similarity  -- a LAION list's own score (laion-sim)
         from range({{lo}}, {{hi}}) t(i)""",
     "ocr": f"""
         select md5(i::varchar) as uid, 'ok' as ocr_status,
@@ -72,6 +73,13 @@ STAGE_SQL = {
                (case when {_h('i', 3)} % 100 < 40 then ({_h('i', 6)} % 1001) / 1000.0 else 0 end)::float
                    as parrot_score,
                ({_h('i', 3)} % 100 < 40 and ({_h('i', 6)} % 1001) / 1000.0 >= 0.3) as is_parrot
+        from range({{lo}}, {{hi}}) t(i)""",
+    "caption": f"""
+        select md5(i::varchar) as uid, 'ok' as caption_status,
+               case when {_h('i', 12)} % 100 < 85 then 'en' else 'de' end as caption_lang,
+               (0.5 + ({_h('i', 13)} % 500) / 1000.0)::float as caption_lang_score,
+               (1 + {_h('i', 14)} % 12)::integer as caption_n_words,
+               (4 + {_h('i', 15)} % 80)::integer as caption_n_chars
         from range({{lo}}, {{hi}}) t(i)""",
     "clip_score": f"""
         select md5(i::varchar) as uid, 'ok' as clip_status,

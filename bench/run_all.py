@@ -20,6 +20,8 @@ Benchmarks (run in this order; --only picks some):
   million  plan and download a 1,000,000-row URL list (shard 10,000) from 127.0.0.1: planning
            rows/s, download samples/s, driver peak RSS, no-op rerun seconds (--quick: 20,000 rows);
            about an hour on 2 cores: `make bench ARGS="--only million"`
+  sources  a 1,000,000-row list with 10 LAION/DataComp columns vs the same list without: plan seconds,
+           driver peak RSS, catalog build, policy inputs (each side a fresh process; ~3 min)
 
 Writes BENCHMARKS.md (the machine, the load average at start and end, the table, one section per
 benchmark, the projected cost of curating 100M samples) and bench/results/ (plots, raw JSON).
@@ -66,6 +68,7 @@ BENCHMARKS: dict[str, str] = {
     "reshard": "bench.reshard_bench",
     "dag": "bench.dag_bench",
     "million": "bench.million_bench",
+    "sources": "bench.source_columns_bench",
 }
 
 

@@ -2,6 +2,12 @@
 them on uid, ``selections`` (all policies) and ``selection_<policy>`` views (uids as text again:
 a selection file holds them as 16 bytes, ``manifests.uids``), and ``curated``.
 
+The CLIP stage's kept vectors (``image_embedding``, ``text_embedding``: float16 lists in its parts)
+are left out of ``clip_score`` and ``samples`` (~1.5 KB a row: ``select * from samples`` stays
+readable and fast) and shown in ``embeddings`` instead, as FLOAT[d] arrays that
+``array_cosine_similarity`` takes: ``select uid from embeddings order by
+array_cosine_similarity(image_embedding, ?::FLOAT[384]) desc limit 5``.
+
 The catalog holds only views (no data), so it is cheap to rebuild after every stage and always
 reflects the parts on disk. It is built under a temporary name and renamed into place, so a
 reader never opens a half-written catalog.
@@ -36,7 +42,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from manifests.store import RunLayout, is_remote, move_into_place, tmp_sibling
+from manifests.schemas import EMBEDDING_COLUMNS, SOURCE_COLUMNS_KEY
+from manifests.store import RunLayout, is_remote, list_names, move_into_place, tmp_sibling
 from manifests.uids import SQL_AS_TEXT, UID_BATCH, UID_TYPE, uids_as_bytes
 
 MEMORY_LIMIT = "2GB"  # DuckDB's buffer for the policy join and queries; past it DuckDB spills to disk
@@ -67,9 +74,9 @@ def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _safe(name: str) -> str:
-    """A policy name as a plain identifier: no-parrot -> no_parrot."""
-    return "".join(c if c.isalnum() else "_" for c in name)
+def selection_view(policy: str) -> str:
+    """The catalog view of a policy's selection: no-parrot -> selection_no_parrot."""
+    return "selection_" + "".join(c if c.isalnum() else "_" for c in policy)
 
 
 def _stages_in_order(layout: RunLayout, order: Sequence[str]) -> list[str]:
@@ -81,6 +88,75 @@ def _stages_in_order(layout: RunLayout, order: Sequence[str]) -> list[str]:
 def _stage_relation(layout: RunLayout, stage: str) -> str:
     """A stage's parts as one relation (parts may differ in columns: ``union_by_name``)."""
     return f"read_parquet({sql_string(layout.stage_dir(stage) / 'part-*.parquet')}, union_by_name=true)"
+
+
+SOURCE_VIEW = "source"  # the URL list's own columns (manifests.schemas: source columns), joined into samples
+
+
+def source_plans(layout: RunLayout) -> list[Path]:
+    """The plan files (``input/urls*.parquet``) of the lists that brought source columns, from
+    their footers alone; a retry's plan repeats earlier rows and has none."""
+    plans = []
+    for name in sorted(list_names(layout.input_dir)):
+        if not (name.startswith("urls") and name.endswith(".parquet")):
+            continue
+        path = layout.input_dir / name
+        if json.loads(parquet_metadata(path).get(SOURCE_COLUMNS_KEY) or "[]"):
+            plans.append(path)
+    return plans
+
+
+def source_relation(plans: Sequence[Path]) -> str | None:
+    """The source columns of every sample of ``plans`` (uid first) as one relation; None without plans.
+    Lists appended with other columns: ``union_by_name``, so a column one list lacks is null there."""
+    if not plans:
+        return None
+    files = "[" + ", ".join(sql_string(p) for p in plans) + "]"
+    names = dict.fromkeys(n for p in plans for n in json.loads(parquet_metadata(p)[SOURCE_COLUMNS_KEY]))
+    select = ", ".join(_ident(n) for n in ["uid", *names])
+    return f"(select {select} from read_parquet({files}, union_by_name=true))"
+
+
+EMBEDDINGS_VIEW = "embeddings"  # uid, image_embedding, text_embedding (FLOAT[d]), model: from the clip_score parts
+
+
+def _stage_view(con: duckdb.DuckDBPyConnection, layout: RunLayout, stage: str) -> str:
+    """A stage's view query: all its columns but the embeddings (~1.5 KB a row: they would make
+    ``select * from samples`` slow and unreadable; the ``embeddings`` view has them)."""
+    relation = _stage_relation(layout, stage)
+    if stage != "clip_score":
+        return f"select * from {relation}"
+    names = {c for (c, *_) in con.execute(f"describe select * from {relation}").fetchall()}
+    wide = [_ident(c) for c in EMBEDDING_COLUMNS if c in names]  # parts written before embeddings lack them
+    return f"select * exclude ({', '.join(wide)}) from {relation}" if wide else f"select * from {relation}"
+
+
+def embeddings_select(con: duckdb.DuckDBPyConnection, layout: RunLayout) -> str | None:
+    """The ``embeddings`` view's query: each sample that kept embeddings, as DuckDB arrays of the
+    model's dimension (``array_cosine_similarity`` and friends need FLOAT[d], Parquet stores a
+    list). None when no clip_score part kept any (written before, or ``clip.keep_embeddings`` off).
+
+    One probe row per model names the dimension (a scan of the small ``clip_model`` column, not of
+    the vectors). Models of different dimensions in one run (a pool's imported ViT-L/14 vectors
+    beside the model's own) leave the vectors as FLOAT[] lists: ``list_cosine_similarity`` within
+    one ``model`` still works, an array cast would fail."""
+    relation = _stage_relation(layout, "clip_score")
+    try:
+        con.execute(f"describe select image_embedding from {relation}")
+    except duckdb.BinderException:  # no part has the column
+        return None
+    models = [m for (m,) in con.execute(f"select distinct clip_model from {relation} where clip_status = 'ok'").fetchall()]
+    dims = set()
+    for model in models:
+        row = con.execute(f"select len(image_embedding) from {relation} where clip_model is not distinct from ? "
+                          "and image_embedding is not null limit 1", [model]).fetchone()
+        if row is not None:
+            dims.add(int(row[0]))
+    if not dims:
+        return None
+    kind = f"FLOAT[{dims.pop()}]" if len(dims) == 1 else "FLOAT[]"
+    arrays = ", ".join(f"{_ident(c)}::{kind} as {_ident(c)}" for c in EMBEDDING_COLUMNS)
+    return f"select uid, {arrays}, clip_model as model from {relation} where image_embedding is not null"
 
 
 def download_relations(con: duckdb.DuckDBPyConnection, layout: RunLayout) -> tuple[str, str]:
@@ -156,15 +232,23 @@ def build_catalog(layout: RunLayout, order: Sequence[str] = ("download",)) -> Pa
                     con.execute(f'create view "{DOWNLOAD_HISTORY}" as select * from {history}')
                     con.execute(f'create view download as select * from {latest}')
                 else:
-                    con.execute(f'create view "{stage}" as select * from {_stage_relation(layout, stage)}')
+                    con.execute(f'create view "{stage}" as {_stage_view(con, layout, stage)}')
+            embeddings = embeddings_select(con, layout) if "clip_score" in stages else None
+            if embeddings is not None:
+                con.execute(f'create view "{EMBEDDINGS_VIEW}" as {embeddings}')
+            source = source_relation(source_plans(layout))
+            if source is not None:
+                con.execute(f'create view "{SOURCE_VIEW}" as select * from {source}')
             if "download" in stages:
                 joins = " ".join(f'left join "{s}" using (uid)' for s in stages if s != "download")
+                if source is not None:
+                    joins = f'left join "{SOURCE_VIEW}" using (uid) ' + joins
                 con.execute(f'create view samples as select * from download {joins}')
             selections = sorted(layout.selections_dir.glob("*.parquet")) if layout.selections_dir.is_dir() else []
             if selections:
                 views = []
                 for path in selections:
-                    view = "selection_" + _safe(path.stem)
+                    view = selection_view(path.stem)
                     con.execute(f'create view "{view}" as {_selection_relation(path)}')
                     views.append(f'select * from "{view}"')
                 con.execute("create view selections as " + " union all by name ".join(views))
@@ -286,23 +370,28 @@ def materialise_policy_inputs(layout: RunLayout, columns: Sequence[str], order: 
         bound_memory(con, layout)
         wanted = list(dict.fromkeys(["uid", *columns]))
         found = {c for (c, *_) in con.execute(f"describe select * from {_stage_relation(layout, 'download')}").fetchall()}
+        plans = source_plans(layout)
+        relations = {s: _stage_relation(layout, s) for s in stages}
+        if plans:
+            relations = {SOURCE_VIEW: source_relation(plans), **relations}
         joined = []
-        for stage in stages:
+        for stage, relation in relations.items():
             if set(wanted) - found:
-                names = {c for (c, *_) in con.execute(f"describe select * from {_stage_relation(layout, stage)}").fetchall()}
+                names = {c for (c, *_) in con.execute(f"describe select * from {relation}").fetchall()}
                 if (set(wanted) - found) & (names - {"uid"}):
                     joined.append(stage)
                     found |= names
         kept_columns = [c for c in wanted if c in found]  # a missing one fails in the policy, which names it
         fingerprint = hashlib.sha256(json.dumps({
             "format": _INPUTS_FORMAT, "duckdb": duckdb.__version__, "columns": kept_columns,
-            "parts": {s: _part_listing(layout, s) for s in ["download", *joined]},
+            "parts": {s: _part_listing(layout, s) for s in ["download", *joined] if s != SOURCE_VIEW},
+            "source": [(p.name, parquet_metadata(p).get(SOURCE_COLUMNS_KEY)) for p in plans] if SOURCE_VIEW in joined else [],
         }).encode()).hexdigest()
         path, uids_path = policy_inputs_path(layout), policy_uids_path(layout)
         meta = parquet_metadata(path)
         if meta.get("fingerprint") == fingerprint and parquet_metadata(uids_path).get("fingerprint") == fingerprint:
             return PolicyInputs(path, uids_path, int(meta["rows"]), meta["uid_digest"], built=False)
-        joins = " ".join(f'left join {_stage_relation(layout, s)} as "{s}" using (uid)' for s in joined)
+        joins = " ".join(f'left join {relations[s]} as "{s}" using (uid)' for s in joined)
         select = ", ".join(_ident(c) for c in kept_columns)
         con.execute(f"create temp table policy_inputs as select {select} "
                     f"from {download_relations(con, layout)[1]} as download {joins} where status = 'ok' order by uid")

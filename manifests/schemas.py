@@ -86,6 +86,20 @@ PARROT = pa.schema(
     ]
 )
 
+# The caption's language and length (stages/caption.py): what DataComp's basic filter reads.
+CAPTION = pa.schema(
+    [
+        pa.field("uid", pa.string(), nullable=False),
+        pa.field("caption_status", pa.string(), nullable=False),  # "ok" | "failed" (the language model raised)
+        pa.field("caption_error", pa.string()),
+        pa.field("caption_lang", pa.string()),  # ISO 639 code of the most likely language; null for an empty caption
+        pa.field("caption_lang_score", pa.float32()),  # the model's probability of caption_lang; 0 when null
+        pa.field("caption_n_words", pa.int32()),  # len(caption.split()): Python's whitespace split, as DataComp
+        pa.field("caption_n_chars", pa.int32()),  # len(caption): code points, nothing stripped, as DataComp
+        pa.field("caption_lang_engine", pa.string()),  # e.g. "lingua-language-detector 2.1.1 high-accuracy spoken-languages"
+    ]
+)
+
 CLIP_SCORE = pa.schema(
     [
         pa.field("uid", pa.string(), nullable=False),
@@ -98,8 +112,15 @@ CLIP_SCORE = pa.schema(
         pa.field("clip_weights_meaningful", pa.bool_()),  # False for randomly initialised weights
         pa.field("clip_device", pa.string()),
         pa.field("clip_precision", pa.string()),
+        # The embeddings the score is the cosine of (the plain image's, not the text-masked one's),
+        # L2-normalised, float16; null when the row failed or clip.keep_embeddings is off. A list,
+        # not a fixed-size list: the dimension is the model's. The catalog keeps them out of
+        # ``clip_score`` and ``samples`` and shows them as FLOAT[d] in its ``embeddings`` view.
+        pa.field("image_embedding", pa.list_(pa.float16())),
+        pa.field("text_embedding", pa.list_(pa.float16())),
     ]
 )
+EMBEDDING_COLUMNS = ("image_embedding", "text_embedding")  # of CLIP_SCORE: the catalog's ``embeddings`` view
 
 DEDUP = pa.schema(
     [
@@ -107,6 +128,22 @@ DEDUP = pa.schema(
         pa.field("dedup_status", pa.string(), nullable=False),  # "ok" | "failed" (no image)
         pa.field("dedup_error", pa.string()),
         pa.field("phash", pa.int64()),  # 64-bit DCT perceptual hash, the bits as a signed int64
+    ]
+)
+
+# A face box: [x1, y1, x2, y2] as fractions of the image's width and height (DataComp's face_bboxes).
+FACE_BOX = pa.list_(pa.float64())
+
+FACES = pa.schema(
+    [
+        pa.field("uid", pa.string(), nullable=False),
+        pa.field("face_status", pa.string(), nullable=False),  # "ok" | "failed" (decode or model error, or no pool boxes)
+        pa.field("face_error", pa.string()),
+        pa.field("face_bboxes", pa.list_(FACE_BOX)),  # one per face, largest first (detector) or as the pool lists them
+        pa.field("n_faces", pa.int32()),
+        pa.field("face_source", pa.string()),  # "mtcnn" (detected here) | "pool" (the list's source_face_bboxes)
+        pa.field("face_engine", pa.string()),  # e.g. "facenet-pytorch 2.6.0 mtcnn min_face=20px conf>=0.9"
+        pa.field("face_device", pa.string()),  # "cpu" | "cuda:0" | null (pool)
     ]
 )
 
@@ -145,14 +182,31 @@ CURATED = pa.schema(
     ]
 )
 
+# A URL list's other columns travel with each sample as *source columns* (LAION's ``similarity``,
+# DataComp's ``face_bboxes``): kept in the list's plan (``input/urls*.parquet``, beside the INPUT
+# columns) and shown by the catalog's ``source`` view, which ``samples`` joins on uid. A list's own
+# ``uid`` column (DataComp's 128-bit ids) becomes ``source_uid``, which exports use when present.
+SOURCE_UID = "source_uid"
+SOURCE_COLUMNS_KEY = "source_columns"  # a plan file's footer key: its source columns, as JSON
+
 STAGE_SCHEMAS: dict[str, pa.Schema] = {
     "download": DOWNLOAD,
     "ocr": OCR,
     "parrot": PARROT,
+    "caption": CAPTION,
     "clip_score": CLIP_SCORE,
     "dedup": DEDUP,
+    "faces": FACES,
     "dup_group": DUP_GROUP,
 }
+
+
+def pipeline_columns() -> frozenset[str]:
+    """Every column name the pipeline itself writes (any stage, the plan, selections, the curated
+    manifest), lower-cased: DuckDB's names are case-insensitive, so a source column named ``WIDTH``
+    would collide with ``width`` in the ``samples`` view."""
+    schemas = (INPUT, RETRY_INPUT, SELECTION, CURATED, *STAGE_SCHEMAS.values())
+    return frozenset(name.lower() for schema in schemas for name in schema.names) | {SOURCE_UID}
 
 
 def schema_for(stage: str) -> pa.Schema:

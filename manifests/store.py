@@ -237,18 +237,29 @@ def write_bytes_atomic(data: bytes, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def dictionary_columns(schema: pa.Schema) -> list[str] | bool:
+    """The columns worth dictionary encoding: all (True) but float16 vectors (clip_score's
+    embeddings), whose values hardly repeat, so the dictionary fills up and is dropped: 2137 B a
+    384-d pair instead of 1544 without one (DuckDB cannot read float16 BYTE_STREAM_SPLIT)."""
+    def vector(t: pa.DataType) -> bool:
+        return (pa.types.is_list(t) or pa.types.is_fixed_size_list(t)) and pa.types.is_float16(t.value_type)
+    names = [f.name for f in schema if not vector(f.type)]
+    return True if len(names) == len(schema) else names
+
+
 def write_table_atomic(table: pa.Table, path: Path) -> None:
     """A Parquet file (zstd) written whole: temporary name + fsync + rename, or one PUT remotely."""
+    options = {"compression": "zstd", "use_dictionary": dictionary_columns(table.schema)}
     if is_remote(path):
         buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd")
+        pq.write_table(table, buffer, **options)
         write_bytes_atomic(buffer.getvalue(), path)
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_sibling(path)
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, **options)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -308,6 +319,12 @@ def _parquet_file(path: Path) -> Iterator[pq.ParquetFile]:
         return
     with pq.ParquetFile(path) as f:
         yield f
+
+
+def read_schema(path: Path) -> pa.Schema:
+    """A Parquet file's Arrow schema, footer metadata included (no data read)."""
+    with _parquet_file(path) as f:
+        return f.schema_arrow
 
 
 def read_row_groups(path: Path, groups: Sequence[int], columns: list[str] | None = None) -> pa.Table:

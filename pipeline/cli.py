@@ -1,4 +1,4 @@
-"""Command line: ``python -m pipeline {curate,query,stats,ocr-accuracy,train,evaluate,ablation,datasets} ...``.
+"""Command line: ``python -m pipeline {curate,query,stats,ocr-accuracy,train,evaluate,ablation,datasets,export} ...``.
 
 Every problem the user can fix (bad config, bad URL list, busy port) is one line on stderr and
 exit code 2; a run that could not finish every shard exits 1 and says which shards to rerun; a
@@ -64,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     curate.add_argument("--url-column", default=None, help="name of the URL column in the list (default: url)")
     curate.add_argument(
         "--caption-column", default=None, help="name of the caption column in the list (default: caption)"
+    )
+    curate.add_argument(
+        "--drop-columns", default=None, metavar="COL[,COL]",
+        help="columns of the URL list NOT to keep; every other column besides the URL and caption is kept with "
+        "its type as a source column (catalog views `source` and `samples`; policies may name them); a list's "
+        "`uid` column is kept as source_uid, which exports use",
+    )
+    curate.add_argument(
+        "--rename-columns", default=None, metavar="OLD=NEW[,OLD=NEW]",
+        help="rename source columns on the way in, e.g. status=source_status: a column named like one the "
+        "pipeline writes (case-insensitive, as DuckDB) must be renamed or dropped",
     )
     curate.add_argument("--output", default=None, help="output root of the run: a folder, or an fsspec URL such as s3://bucket/prefix (default: output/<dataset>)")
     curate.add_argument("--config", default=None, help="TOML file merged over pipeline/default.toml")
@@ -140,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, default=None, help="total optimisation steps (default: [train].steps)")
     train.add_argument("--masking", choices=("none", "random", "pgs"), default=None,
                        help="patch masking while training: random (FLIP) or pgs (CLIP-PGS)")
+    train.add_argument("--source", choices=("curated", "selection"), default=None,
+                       help="curated: the policy's curated shards; selection: its kept samples read from "
+                       "<output>/shards/ through <output>/selections/<policy>.parquet, no reshard needed "
+                       "(default: [train].source)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     evaluate = sub.add_parser(
@@ -169,7 +184,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     datasets = sub.add_parser("datasets", help="list the datasets the config knows")
     datasets.add_argument("--config", default=None, help="TOML file merged over pipeline/default.toml")
+    from pipeline.export import add_export_parser
+
+    add_export_parser(sub, _default_output("embedded"))
     return parser
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def _renames(text: str) -> dict[str, str]:
+    """``--rename-columns old=new,...`` as a dict; a pair without '=' is one ConfigError."""
+    pairs = {}
+    for item in _names(text) or ():
+        old, sep, new = item.partition("=")
+        if not sep or not old.strip() or not new.strip():
+            raise ConfigError(f"--rename-columns: {item!r} is not OLD=NEW")
+        pairs[old.strip()] = new.strip()
+    return pairs
 
 
 def cmd_curate(args: argparse.Namespace) -> int:
@@ -180,7 +213,7 @@ def cmd_curate(args: argparse.Namespace) -> int:
     from sources import open_source
 
     config = load_config(args.config)
-    stages = select_steps(args.stages)
+    stages = select_steps(args.stages) if args.stages else None  # None: every step the config switches on
     dataset_name = args.dataset or ("laion-subset" if args.url_list else "embedded")
     dataset = config.dataset(dataset_name)
     overrides = {
@@ -190,6 +223,8 @@ def cmd_curate(args: argparse.Namespace) -> int:
             "samples": args.samples,
             "url_column": args.url_column,
             "caption_column": args.caption_column,
+            "drop_columns": _names(args.drop_columns),
+            "rename_columns": None if args.rename_columns is None else {**dataset.rename_columns, **_renames(args.rename_columns)},
         }.items()
         if v is not None
     }
@@ -200,12 +235,13 @@ def cmd_curate(args: argparse.Namespace) -> int:
     if args.shard_size is not None:
         download = dataclasses.replace(download, shard_size=args.shard_size)
         download.validate()
-    policies = tuple(p.strip() for p in args.policies.split(",") if p.strip()) if args.policies else dataset.policies
-    for name in policies:
-        config.policy(name)
     layout = RunLayout(args.output or _default_output(dataset_name))
     source = open_source(dataset, url_list=args.url_list, slow_seconds=download.timeout_s + 2.0)
     source.fingerprint()  # reads and checks a URL list now, before Ray starts: bad input fails fast
+    policies = (tuple(p.strip() for p in args.policies.split(",") if p.strip()) if args.policies
+                else source.policies_for(dataset.policies))
+    for name in policies:
+        config.policy(name)
     result = curate(source, layout, config, download, policies, address=args.address, progress=not args.no_progress,
                     stages=stages, retry=args.retry)
     print(run_summary(result))
@@ -267,7 +303,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from manifests.store import RunLayout
     from training.ablation import train_on_policy
 
-    config = _with_train(load_config(args.config), steps=args.steps, masking=args.masking)
+    config = _with_train(load_config(args.config), steps=args.steps, masking=args.masking, source=args.source)
     result = train_on_policy(config, RunLayout(args.output), args.policy, progress=not args.no_progress)
     print(result.summary())
     return 0
@@ -336,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None) -> int:
+    from pipeline.export import cmd_export
+
     args = build_parser().parse_args(argv)
     handlers = {
         "curate": cmd_curate,
@@ -346,6 +384,7 @@ def _run(argv: list[str] | None) -> int:
         "train": cmd_train,
         "evaluate": cmd_evaluate,
         "ablation": cmd_ablation,
+        "export": cmd_export,
     }
     try:
         return handlers[args.command](args)

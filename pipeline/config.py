@@ -26,9 +26,11 @@ from pydantic import TypeAdapter, ValidationError
 from core.errors import ConfigError
 from core.settings import STRICT, require
 from sources import DatasetConfig
+from stages.caption import CaptionConfig
 from stages.clip_score import ClipConfig
 from stages.dedup import DedupConfig
 from stages.download import DownloadConfig
+from stages.faces import FaceConfig
 from stages.filter import PolicyConfig
 from stages.ocr import OcrConfig
 from stages.parrot import ParrotConfig
@@ -40,7 +42,7 @@ from pipeline.watchdog import WatchdogConfig
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default.toml")
 
 __all__ = [
-    "AblationConfig", "ClipConfig", "Config", "ConfigError", "DatasetConfig", "DedupConfig", "DownloadConfig",
+    "AblationConfig", "CaptionConfig", "ClipConfig", "Config", "ConfigError", "DatasetConfig", "DedupConfig", "DownloadConfig", "FaceConfig",
     "OcrConfig", "ParrotConfig", "PolicyConfig", "ReshardConfig", "TrainConfig", "WatchdogConfig", "load_config",
 ]
 
@@ -54,8 +56,10 @@ class Config:
     download: DownloadConfig = field(default_factory=DownloadConfig)
     ocr: OcrConfig = field(default_factory=OcrConfig)
     parrot: ParrotConfig = field(default_factory=ParrotConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
+    faces: FaceConfig = field(default_factory=FaceConfig)
     reshard: ReshardConfig = field(default_factory=ReshardConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -77,10 +81,12 @@ class Config:
     def problems(self) -> list[str]:
         """Every section's problems, then the references between sections."""
         problems: list[str] = []
-        for section in (self.download, self.ocr, self.parrot, self.clip, self.dedup, self.reshard, self.watchdog, self.train,
+        for section in (self.download, self.ocr, self.parrot, self.caption, self.clip, self.dedup, self.faces, self.reshard, self.watchdog, self.train,
                         self.ablation, *self.policies.values(), *self.datasets.values()):
             problems += section.problems()
         problems += require(
+            (self.faces.enabled or not self.reshard.blur_faces,
+             "reshard.blur_faces = true needs the face boxes: set [faces] enabled = true"),
             *((name in self.policies, f"ablation.policies names unknown policy {name!r}") for name in self.ablation.policies),
             *((name in self.policies, f"datasets.{d.name}.policies names unknown policy {name!r}")
               for d in self.datasets.values() for name in d.policies),

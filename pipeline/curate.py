@@ -13,13 +13,15 @@ derived, so a step that reads them brings them along.
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.errors import ConfigError
-from manifests.catalog import build_catalog
+from manifests.catalog import build_catalog, parquet_metadata, source_plans
+from manifests.schemas import SOURCE_COLUMNS_KEY
 from manifests.store import RunLayout, check_writable
 from pipeline.config import Config
 from pipeline.dag import (
@@ -32,6 +34,7 @@ from pipeline.dag import (
     STAGE_ORDER,
     STEPS,
     Step,
+    active_steps,
     check_reads,
     depends_on,
     step,
@@ -63,6 +66,14 @@ class CurateResult:
                 and not self.waiting)
 
 
+def source_column_names(source: DatasetSource, layout: RunLayout) -> set[str]:
+    """The source columns the run's samples have: this list's, and those of lists planned before."""
+    names = set(source.source_columns())
+    for plan in source_plans(layout):
+        names |= set(json.loads(parquet_metadata(plan).get(SOURCE_COLUMNS_KEY) or "[]"))
+    return names
+
+
 def with_pool_steps(stages: tuple[str, ...], config: Config, policies: tuple[str, ...]) -> tuple[str, ...]:
     """``stages`` plus the pool steps that a chosen step reads (recomputed on every run anyway)."""
     chosen = set(stages)
@@ -88,7 +99,8 @@ def curate(
     from pipeline.reshard_runner import is_up_to_date, reshard_policy
 
     started = time.monotonic()
-    check_reads(config, policies)
+    check_reads(config, policies, source_columns=source_column_names(source, layout))
+    active_steps(stages, config)  # a switched-off step named in --stages: one line, before anything is written
     try:
         check_writable(layout.root)
     except OSError as err:
@@ -150,7 +162,7 @@ def curate(
         for s in STEPS:
             if s.kind != SAMPLE:
                 flush_samples()
-            if s.name not in chosen:
+            if s.name not in chosen or not s.enabled(config):  # an optional step switched off ([faces] enabled)
                 continue
             if s.kind in (POOL, POLICY):
                 why = not_ready(s)
@@ -175,11 +187,12 @@ def curate(
                 catalog()
             elif s.kind == POLICY:  # reshard
                 for policy in policies:
-                    if not is_up_to_date(layout, policy, config.reshard.samples_per_shard):
+                    if not is_up_to_date(layout, policy, config.reshard.samples_per_shard, config.reshard.blur_faces):
                         ensure_ray()
                         result.reshards.append(
                             reshard_policy(layout, policy, config.reshard.samples_per_shard, progress=progress,
-                                           stall_seconds=config.watchdog.stall_timeout_s)
+                                           stall_seconds=config.watchdog.stall_timeout_s,
+                                           blur_faces=config.reshard.blur_faces)
                         )
                 catalog()
     if "report" in chosen:

@@ -4,8 +4,10 @@
     download     shard   one Ray task per shard (img2dataset)          shards/, manifests/download/
     ocr          sample  \\                                            manifests/ocr/
     parrot       sample   | one streaming Ray Data pipeline: each      manifests/parrot/
-    clip_score   sample   | image read and decoded once, an actor      manifests/clip_score/
-    dedup        sample  /  pool per stage                             manifests/dedup/
+    caption      sample   | image read and decoded once, an actor      manifests/caption/
+    clip_score   sample   | pool per stage (parrot and caption read    manifests/clip_score/
+    dedup        sample   | text only; faces only with [faces]         manifests/dedup/
+    faces        sample  /  enabled = true)                            manifests/faces/
     dup_group    pool    on the driver, over the whole pool            manifests/dup_group/
     filter       policy  one DuckDB query per policy                   selections/<policy>.parquet
     reshard      policy  one Ray task per output shard                 curated/<policy>/
@@ -22,15 +24,17 @@ Adding a stage is one file in ``stages/`` and one line here (plus its schema in
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
 from core.errors import ConfigError
 from stages.base import IMAGE, Stage
+from stages.caption import CaptionStage
 from stages.clip_score import ClipScoreStage
 from stages.dedup import DedupStage, DupGroupStage
 from stages.download import DownloadStage
+from stages.faces import FaceStage
 from stages.filter import FilterStage
 from stages.ocr import OcrStage
 from stages.parrot import ParrotStage
@@ -51,12 +55,15 @@ class Step:
     make: Callable[[Any, str | None], Stage] | None  # (config, policy) -> stage; policy for POLICY steps
     done: str
     also_writes: tuple[str, ...] = ()  # beyond the schema: download makes the pixels available
+    enabled: Callable[[Any], bool] = lambda config: True  # an optional step: part of a run only when its config says so
 
     def reads(self, config: Any, policy: str | None = None) -> tuple[str, ...]:
         if self.stage is None:
             return ()
         if self.stage is FilterStage and policy is not None:  # a policy reads what its SQL names
             return FilterStage(config.policy(policy)).policy_reads()
+        if self.stage is ReshardStage and config.reshard.blur_faces:  # blurs the faces step's boxes
+            return (*self.stage.reads, "face_bboxes")
         return self.stage.reads
 
     def writes(self) -> tuple[str, ...]:
@@ -70,15 +77,20 @@ STEPS: tuple[Step, ...] = (
          done="manifests/ocr/part-<shard>.parquet exists for every downloaded shard"),
     Step("parrot", SAMPLE, ParrotStage, lambda c, _: ParrotStage(c.parrot),
          done="manifests/parrot/part-<shard>.parquet exists for every downloaded shard"),
+    Step("caption", SAMPLE, CaptionStage, lambda c, _: CaptionStage(c.caption),
+         done="manifests/caption/part-<shard>.parquet exists for every downloaded shard"),
     Step("clip_score", SAMPLE, ClipScoreStage, lambda c, _: ClipScoreStage(c.clip),
          done="manifests/clip_score/part-<shard>.parquet exists for every downloaded shard"),
     Step("dedup", SAMPLE, DedupStage, lambda c, _: DedupStage(c.dedup),
          done="manifests/dedup/part-<shard>.parquet exists for every downloaded shard"),
+    Step("faces", SAMPLE, FaceStage, lambda c, _: FaceStage(c.faces),
+         done="manifests/faces/part-<shard>.parquet exists for every downloaded shard (a step only with [faces] enabled)",
+         enabled=lambda c: c.faces.enabled),
     Step("dup_group", POOL, DupGroupStage, lambda c, _: DupGroupStage(c.dedup),
          done="recomputed from the manifests on every run; rewritten only when it changed"),
     Step("filter", POLICY, FilterStage, lambda c, p: FilterStage(c.policy(p)),
          done="recomputed on every run (cheap SQL); selections/<policy>.parquet rewritten only when it changed"),
-    Step("reshard", POLICY, ReshardStage, lambda c, p: ReshardStage(p, c.reshard.samples_per_shard),
+    Step("reshard", POLICY, ReshardStage, lambda c, p: ReshardStage(p, c.reshard.samples_per_shard, c.reshard.blur_faces),
          done="curated/<policy>/sizes.json exists and records the current selection's sha256"),
     Step("report", RUN, None, None, done="rewritten at the end of every run"),
 )
@@ -94,14 +106,18 @@ def step(name: str) -> Step:
     raise KeyError(name)
 
 
-def check_reads(config: Any, policies: tuple[str, ...], steps: tuple[Step, ...] = STEPS) -> None:
-    """Walk the steps in order; every column a step reads must be written by an earlier one.
+def check_reads(config: Any, policies: tuple[str, ...], steps: tuple[Step, ...] = STEPS,
+                source_columns: Collection[str] = ()) -> None:
+    """Walk the steps in order; every column a step reads must be written by an earlier one (or
+    come with the URL list: ``source_columns``, e.g. LAION's ``similarity``).
 
     Runs before any work: a policy rule that names a misspelt column, or a stage put before the
     stage it depends on, stops the run here with one message naming the column and the step.
     """
-    available = set(INPUT_COLUMNS)
+    available = set(INPUT_COLUMNS) | set(source_columns)
     for s in steps:
+        if not s.enabled(config):  # an optional step switched off writes nothing a later step may read
+            continue
         for policy in (policies if s.kind == POLICY else (None,)):
             missing = sorted(set(s.reads(config, policy)) - available)
             if missing:
@@ -125,6 +141,17 @@ def select_steps(names: str | None) -> tuple[str, ...]:
         raise ConfigError(f"--stages names {', '.join(repr(n) for n in unknown)}, which is not a step; "
                           f"steps: {', '.join(known)}")
     return tuple(n for n in known if n in wanted)
+
+
+def active_steps(names: tuple[str, ...] | None, config: Any) -> tuple[str, ...]:
+    """The steps a run does: ``names`` (``--stages``; None: every step) less the optional steps
+    its config switches off. Naming a switched-off step is a ConfigError saying how to switch it on."""
+    off = [s.name for s in STEPS if not s.enabled(config)]
+    named_off = [n for n in (names or ()) if n in off]
+    if named_off:
+        raise ConfigError(f"--stages names {', '.join(repr(n) for n in named_off)}, which is switched off; "
+                          f"set [{named_off[0]}] enabled = true in the config")
+    return tuple(n for n in (names or tuple(s.name for s in STEPS)) if n not in off)
 
 
 def depends_on(target: Step, config: Any, policies: tuple[str, ...]) -> tuple[str, ...]:

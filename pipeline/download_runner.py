@@ -48,13 +48,14 @@ import pyarrow.compute as pc
 
 from core.errors import ConfigError
 from manifests.catalog import bound_memory, connect, download_relations, sql_string
-from manifests.schemas import INPUT, RETRY_INPUT
+from manifests.schemas import INPUT, RETRY_INPUT, SOURCE_COLUMNS_KEY, SOURCE_UID
 from manifests.store import (
     RunLayout,
     make_dirs,
     move_into_place,
     read_bytes,
     read_row_groups,
+    read_schema,
     read_table,
     remove_stale_temporaries,
     row_group_ranges,
@@ -66,6 +67,7 @@ from manifests.store import (
 )
 from pipeline.shard_tasks import STALL_SECONDS, ShardTask, run_shard_tasks
 from sources import DatasetSource, ground_truth_path
+from sources.pool_embeddings import EMBEDDINGS_KEY, IMAGE_EMBEDDING, TEXT_EMBEDDING
 from stages.base import ShardOutput
 from stages.download import ERROR_KINDS, DownloadConfig, DownloadStage
 from stages.reshard import TAR_MODE, TAR_MTIME, TAR_OWNER
@@ -109,13 +111,27 @@ def select_new_rows(uids: pa.ChunkedArray, known: pa.Array | None) -> tuple[np.n
     return np.flatnonzero(keep), int(np.count_nonzero(~first & ~present)), int(np.count_nonzero(present))
 
 
+def plan_schema(urls: pa.Table) -> pa.Schema:
+    """The plan's schema: INPUT, then the list's source columns as typed (named in the footer, so
+    the catalog's ``source`` view finds the plans that have any without reading a row), then the
+    pool's embeddings when it shipped them (their origin in the footer: the CLIP step imports them)."""
+    extra = [urls.schema.field(n) for n in urls.column_names[2:]]
+    embedded = (IMAGE_EMBEDDING, TEXT_EMBEDDING)
+    meta = {SOURCE_COLUMNS_KEY: json.dumps([f.name for f in extra if f.name not in embedded])}
+    origin = (urls.schema.metadata or {}).get(EMBEDDINGS_KEY.encode())
+    if origin:
+        meta[EMBEDDINGS_KEY] = origin.decode()
+    return pa.schema([*INPUT, *extra], metadata=meta)
+
+
 def plan_row_groups(
     urls: pa.Table, uids: pa.ChunkedArray, rows: np.ndarray, shard_size: int, first_shard: int, first_input_row: int
 ) -> Iterator[pa.Table]:
-    """The plan (schema INPUT) of the selected ``rows``, shard by shard in input order, as row groups
-    of whole shards: a download task reads its shard's group, not the plan."""
+    """The plan (:func:`plan_schema`) of the selected ``rows``, shard by shard in input order, as row
+    groups of whole shards: a download task reads its shard's group, not the plan."""
     per_group = shard_size * max(1, -(-PLAN_GROUP_ROWS // shard_size))
-    columns = urls.select(["url", "caption"]).append_column("uid", uids)
+    schema = plan_schema(urls)
+    columns = urls.append_column("uid", uids)
     for start in range(0, len(rows), per_group):
         picked = rows[start : start + per_group]
         low = int(picked[0])  # rows are increasing: take from the slice they span, not the whole list
@@ -130,9 +146,26 @@ def plan_row_groups(
                 "caption": group.column("caption"),
                 "shard": pa.array(names, pa.string()),
                 "input_row": pa.array(first_input_row + picked, pa.int64()),
+                **{name: group.column(name) for name in urls.column_names[2:]},
             },
-            schema=INPUT,
+            schema=schema,
         )
+
+
+def drop_repeated_source_uids(urls: pa.Table, rows: np.ndarray, known: pa.Array | None) -> tuple[np.ndarray, int]:
+    """``rows`` without those whose ``source_uid`` an earlier row (of the list or of the run) has:
+    the pool's id names one sample, and exports key by it. Returns (rows kept, rows dropped)."""
+    if SOURCE_UID not in urls.column_names or not len(rows):
+        return rows, 0
+    ids = urls.column(SOURCE_UID).take(pa.array(rows, pa.int64()))
+    position = pa.array(np.arange(len(rows), dtype=np.int64))
+    firsts = pa.table({"id": ids, "at": position}).group_by("id").aggregate([("at", "min")]).column("at_min")
+    first = np.zeros(len(rows), dtype=bool)
+    first[firsts.to_numpy()] = True
+    first |= pc.is_null(ids).to_numpy(zero_copy_only=False)  # no id: nothing to repeat
+    if known is not None and len(known):
+        first &= ~pc.fill_null(pc.is_in(ids, value_set=known), False).to_numpy(zero_copy_only=False)
+    return rows[first], int(np.count_nonzero(~first))
 
 
 @dataclass(frozen=True)
@@ -157,6 +190,7 @@ class InputList:
     shard_size: int
     first_input_row: int  # input_row of its first row: the rows of the lists before it
     reasons: tuple[str, ...] = ()  # a retry's reasons, as given to --retry (empty for a list)
+    source_uid_repeats: int = 0  # rows whose source_uid an earlier row has (the list's or the run's): planned once
 
     @property
     def kind(self) -> str:
@@ -176,6 +210,8 @@ class InputList:
         entry = dataclasses.asdict(self)
         if not self.reasons:
             del entry["reasons"]  # a list's entry reads as before retries existed
+        if not self.source_uid_repeats:
+            del entry["source_uid_repeats"]
         return entry
 
     def shard_list(self) -> list[str]:
@@ -220,6 +256,12 @@ class PlannedShard:
 
     def read(self, layout: RunLayout) -> pa.Table:
         rows = read_row_groups(layout.input_dir / self.plan, self.row_groups)
+        rows = rows.select([n for n in rows.column_names if n in RETRY_INPUT.names])  # not the source columns
+        return rows.filter(pc.equal(rows.column("shard"), self.shard))
+
+    def read_columns(self, layout: RunLayout, columns: list[str]) -> pa.Table:
+        """``columns`` of the shard's rows (``shard`` among them), e.g. the pool's embeddings."""
+        rows = read_row_groups(layout.input_dir / self.plan, self.row_groups, columns=columns)
         return rows.filter(pc.equal(rows.column("shard"), self.shard))
 
 
@@ -279,6 +321,9 @@ class DownloadReport:
                          "not fetched again")
         if self.duplicates_dropped:
             lines.append(f"{self.duplicates_dropped} repeated (url, caption) rows of the input planned once")
+        if entry is not None and entry.source_uid_repeats:
+            lines.append(f"{entry.source_uid_repeats} row(s) repeating an earlier row's source_uid (the list's uid "
+                         "column) planned once: the first row of each id is kept")
         if self.retry is not None:
             lines += self.retry.lines()
         return lines
@@ -406,9 +451,12 @@ def _write_input_lists(layout: RunLayout, lists: tuple[InputList, ...]) -> None:
     write_json_atomic(meta, layout.input_meta_path)
 
 
-def _known_uids(layout: RunLayout, lists: tuple[InputList, ...]) -> pa.Array | None:
-    """Every uid the run has planned (the uid column of each plan file), for an appended list."""
-    columns = [read_table(layout.input_dir / i.file, columns=["uid"]).column("uid") for i in lists if i.file]
+def _known_uids(layout: RunLayout, lists: tuple[InputList, ...], column: str = "uid") -> pa.Array | None:
+    """Every uid (or ``source_uid``) the run has planned, from each plan file, for an appended list."""
+    files = [layout.input_dir / i.file for i in lists if i.file and not i.is_retry]
+    if column != "uid":
+        files = [f for f in files if column in read_schema(f).names]
+    columns = [read_table(f, columns=[column]).column(column) for f in files]
     if not columns:
         return None
     return pa.chunked_array([c for col in columns for c in col.chunks], pa.string()).combine_chunks()
@@ -423,11 +471,14 @@ def _plan_list(
     urls = source.load_urls()
     uids = uids_of(urls)
     rows, duplicates, present = select_new_rows(uids, _known_uids(layout, earlier))
+    rows, repeats = drop_repeated_source_uids(urls, rows, _known_uids(layout, earlier, SOURCE_UID)
+                                              if SOURCE_UID in urls.column_names else None)
     first_shard = next_shard(earlier)
     first_input_row = sum(i.rows for i in earlier if not i.is_retry)  # a retry's rows are earlier lists' rows
     path = layout.input_list_path(index)
     if len(rows):
-        write_row_groups_atomic(plan_row_groups(urls, uids, rows, shard_size, first_shard, first_input_row), INPUT, path)
+        write_row_groups_atomic(plan_row_groups(urls, uids, rows, shard_size, first_shard, first_input_row),
+                                plan_schema(urls), path)
     return InputList(
         file=path.name if len(rows) else None,
         dataset=source.config.name,
@@ -440,6 +491,7 @@ def _plan_list(
         shards=-(-len(rows) // shard_size),
         shard_size=shard_size,
         first_input_row=first_input_row,
+        source_uid_repeats=repeats,
     )
 
 

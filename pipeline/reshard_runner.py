@@ -20,8 +20,13 @@ Commit protocol: each task writes its tar and Parquet sibling under temporary na
 them; the driver then writes ``manifest.parquet`` (schema CURATED), ``reshard.json`` (the
 parameters, the selection's sha256) and finally ``sizes.json`` (open_clip's dataset-size file):
 ``sizes.json`` is the completion marker. A policy is skipped when its marker exists, its selection
-is not newer than the marker, and the recorded selection hash and ``samples_per_shard`` still
-match; otherwise (a new selection, a killed run) the policy's folder is removed and redone whole.
+is not newer than the marker, and the recorded selection hash, ``samples_per_shard`` and
+``blur_faces`` still match; otherwise (a new selection, a killed run, blurring switched on or off)
+the policy's folder is removed and redone whole.
+
+With ``[reshard] blur_faces``, each kept sample's face boxes (the faces step's ``face_bboxes``) go
+with its shard's task, which blurs them (``stages.reshard.blur_face_boxes``); ``reshard.json``
+records ``blur_faces`` and how many samples had a face blurred.
 """
 
 from __future__ import annotations
@@ -89,6 +94,7 @@ class ShardPlan:
     shard: str
     inputs: list[tuple[str, dict[str, str]]]  # (source tar, {source key: uid}), by source shard
     samples: int
+    faces: dict[str, list[list[float]] | None] | None = None  # uid -> face boxes to blur (blur_faces only)
 
 
 @dataclass
@@ -99,6 +105,8 @@ class ReshardPlan:
     kept: int
     duplicates_dropped: int
     shards: list[ShardPlan] = field(default_factory=list)
+    blur_faces: bool = False
+    faces_blurred: int = 0  # kept samples with at least one face box (blur_faces only)
 
 
 def _check_policy_name(layout: RunLayout, policy: str) -> Path:
@@ -111,7 +119,16 @@ def _check_policy_name(layout: RunLayout, policy: str) -> Path:
     return folder
 
 
-def plan_reshard(layout: RunLayout, policy: str, samples_per_shard: int) -> ReshardPlan:
+def _face_boxes(layout: RunLayout, uids: list[str]) -> dict[str, list[list[float]] | None]:
+    """Each of ``uids``' face boxes from the faces step's parts (None: its row failed or is absent)."""
+    if not layout.stage_dir("faces").is_dir():
+        return {}
+    table = read_table(layout.stage_dir("faces"), columns=["uid", "face_bboxes"])
+    table = table.filter(pc.is_in(table.column("uid"), value_set=pa.array(uids, pa.string())))
+    return dict(zip(table.column("uid").to_pylist(), table.column("face_bboxes").to_pylist()))
+
+
+def plan_reshard(layout: RunLayout, policy: str, samples_per_shard: int, blur_faces: bool = False) -> ReshardPlan:
     """Which source samples go into which output shard (no Ray, no tar is opened).
 
     A uid is kept when any of its selection rows says kept, and is planned once. Every kept uid
@@ -145,7 +162,9 @@ def plan_reshard(layout: RunLayout, policy: str, samples_per_shard: int) -> Resh
     uids = joined.column("uid").to_pylist()
     source_shards = joined.column("shard").to_pylist()
     source_keys = joined.column("key").to_pylist()
-    plan = ReshardPlan(policy, samples_per_shard, digest, len(uids), duplicates)
+    plan = ReshardPlan(policy, samples_per_shard, digest, len(uids), duplicates, blur_faces=blur_faces)
+    boxes = _face_boxes(layout, uids) if blur_faces else {}
+    plan.faces_blurred = sum(1 for u in uids if boxes.get(u))
     for index, start in enumerate(range(0, len(uids), samples_per_shard)):
         by_source: dict[str, dict[str, str]] = {}
         for i in range(start, min(start + samples_per_shard, len(uids))):
@@ -153,16 +172,17 @@ def plan_reshard(layout: RunLayout, policy: str, samples_per_shard: int) -> Resh
         inputs = [
             (str(layout.shards_dir / f"{s}.tar"), dict(sorted(by_source[s].items()))) for s in sorted(by_source)
         ]
-        plan.shards.append(ShardPlan(shard_name(index), inputs, sum(len(k) for _, k in inputs)))
+        faces = {u: boxes.get(u) for u in uids[start:start + samples_per_shard]} if blur_faces else None
+        plan.shards.append(ShardPlan(shard_name(index), inputs, sum(len(k) for _, k in inputs), faces))
     return plan
 
 
-def is_up_to_date(layout: RunLayout, policy: str, samples_per_shard: int) -> bool:
+def is_up_to_date(layout: RunLayout, policy: str, samples_per_shard: int, blur_faces: bool = False) -> bool:
     """Whether ``curated/<policy>`` is complete and was made from the current selection.
 
     The mtime rule (selection not newer than ``sizes.json``) is what ``curate`` checks; the
     recorded sha256 also catches a selection restored with an old mtime, and a changed
-    ``samples_per_shard`` means other shards.
+    ``samples_per_shard`` means other shards, a changed ``blur_faces`` other images.
     """
     folder = layout.curated_dir(policy)
     marker, params_path, selection = folder / SIZES_FILE, folder / PARAMS, layout.selection_path(policy)
@@ -174,7 +194,8 @@ def is_up_to_date(layout: RunLayout, policy: str, samples_per_shard: int) -> boo
         params = json.loads(params_path.read_text())
     except ValueError:
         return False
-    return params.get("samples_per_shard") == samples_per_shard and params.get("selection_sha256") == sha256_of(selection)
+    return (params.get("samples_per_shard") == samples_per_shard and bool(params.get("blur_faces")) == blur_faces
+            and params.get("selection_sha256") == sha256_of(selection))
 
 
 def _remove_policy_dir(layout: RunLayout, policy: str) -> None:
@@ -210,19 +231,20 @@ def _remove_policy_dir(layout: RunLayout, policy: str) -> None:
 
 
 def _reshard_shard_task(
-    policy: str, samples_per_shard: int, shard: str, inputs: list[tuple[str, dict[str, str]]], out_dir: str
+    policy: str, samples_per_shard: int, shard: str, inputs: list[tuple[str, dict[str, str]]], out_dir: str,
+    faces: dict[str, list[list[float]] | None] | None = None,
 ) -> ShardOutput:
     """Body of one Ray task: one output shard, committed by rename inside the stage.
 
     For an object-store root the shard is written to a local temporary folder, then its tar and
     Parquet sibling are uploaded whole (a PUT is atomic) before the task returns.
     """
-    stage = ReshardStage(policy, samples_per_shard)
+    stage = ReshardStage(policy, samples_per_shard, blur_faces=faces is not None)
     target = as_path(out_dir)
     if not is_remote(target):
-        return stage.process_shard(shard, inputs, Path(out_dir))
+        return stage.process_shard(shard, inputs, Path(out_dir), faces=faces)
     with tempfile.TemporaryDirectory(prefix=f"reshard-{shard}-") as work:
-        result = stage.process_shard(shard, inputs, Path(work))
+        result = stage.process_shard(shard, inputs, Path(work), faces=faces)
         committed = {role: target / path.name for role, path in result.files.items()}
         for role, path in result.files.items():
             move_into_place(path, committed[role])
@@ -230,7 +252,7 @@ def _reshard_shard_task(
 
 
 def reshard_policy(layout: RunLayout, policy: str, samples_per_shard: int, progress: bool = True,
-                   stall_seconds: float = STALL_SECONDS) -> ReshardReport:
+                   stall_seconds: float = STALL_SECONDS, blur_faces: bool = False) -> ReshardReport:
     """Materialise ``selections/<policy>.parquet`` as ``curated/<policy>/`` (Ray must be up).
 
     Skips a policy that is up to date (see :func:`is_up_to_date`); otherwise removes the policy's
@@ -238,7 +260,7 @@ def reshard_policy(layout: RunLayout, policy: str, samples_per_shard: int, progr
     """
     started = time.monotonic()
     folder = _check_policy_name(layout, policy)
-    if is_up_to_date(layout, policy, samples_per_shard):
+    if is_up_to_date(layout, policy, samples_per_shard, blur_faces):
         sizes = json.loads((folder / SIZES_FILE).read_text())
         params = json.loads((folder / PARAMS).read_text())
         return ReshardReport(
@@ -250,7 +272,7 @@ def reshard_policy(layout: RunLayout, policy: str, samples_per_shard: int, progr
             duplicates_dropped=int(params.get("duplicates_dropped", 0)),
         )
 
-    plan = plan_reshard(layout, policy, samples_per_shard)
+    plan = plan_reshard(layout, policy, samples_per_shard, blur_faces)
     _remove_policy_dir(layout, policy)
     make_dirs(folder)
     manifests = _run_shards(plan, folder, progress, stall_seconds)
@@ -265,7 +287,10 @@ def reshard_policy(layout: RunLayout, policy: str, samples_per_shard: int, progr
         "shards": len(plan.shards),
         "duplicates_dropped": plan.duplicates_dropped,
         "order": "uid-sorted, cut every samples_per_shard; inside a shard, uid order too",
+        "blur_faces": plan.blur_faces,
     }
+    if plan.blur_faces:
+        params["faces_blurred"] = plan.faces_blurred  # kept samples with at least one face box blurred
     write_json_atomic(params, folder / PARAMS)
     write_json_atomic({f"{s.shard}.tar": s.samples for s in plan.shards}, folder / SIZES_FILE)  # last: the marker
     return ReshardReport(
@@ -291,11 +316,11 @@ def _run_shards(plan: ReshardPlan, folder: Path, progress: bool, stall_seconds: 
         done[shard] = output.manifest
 
     tasks = [
-        ShardTask(s.shard, (plan.policy, plan.samples_per_shard, s.shard, s.inputs, str(folder)), s.samples)
+        ShardTask(s.shard, (plan.policy, plan.samples_per_shard, s.shard, s.inputs, str(folder), s.faces), s.samples)
         for s in plan.shards
     ]
     run_shard_tasks(
-        ReshardStage(plan.policy, plan.samples_per_shard), _reshard_shard_task, tasks,
+        ReshardStage(plan.policy, plan.samples_per_shard, plan.blur_faces), _reshard_shard_task, tasks,
         on_done=collect, failure="stop", label=f"reshard {plan.policy}", progress=progress, stall_seconds=stall_seconds,
     )
     return [done[s.shard] for s in plan.shards]

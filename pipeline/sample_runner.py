@@ -57,6 +57,7 @@ class SampleReport:
     seconds: float = 0.0
     samples: int = 0
     images_decoded: int = 0  # rows that went through the decoder (0 when no stage that ran reads image)
+    clip_imported: int = 0  # samples whose CLIP score came from the pool's own embeddings (pipeline/clip_import.py)
     incomplete_shards: dict[str, str] = field(default_factory=dict)
     waiting: dict[str, str] = field(default_factory=dict)  # shard -> why a step could not run on it yet
     refits: list[str] = field(default_factory=list)  # each time nodes left and the pools were sized again
@@ -233,7 +234,7 @@ def size_pools(declared: dict[str, Resources], costs: dict[str, float], cluster_
 def pool_sizes(config: Config, steps: list[Step], cluster: dict[str, float]) -> dict[str, Resources]:
     """Each step's resources on this cluster (``ray.cluster_resources()``), auto pools sized."""
     gpus = cluster.get("GPU", 0)
-    stages = {s.name: s.make(config, None) for s in steps}
+    stages = {s.name: s.make(config, None) for s in steps if s.enabled(config)}  # a switched-off step has no pool
     declared = {name: stage.resources(gpus > 0) for name, stage in stages.items()}
     costs = {name: stage.cost_per_image() for name, stage in stages.items()}
     return size_pools(declared, costs, cluster.get("CPU", 1), gpus)
@@ -268,6 +269,17 @@ def _typed(column: pa.ChunkedArray, target: pa.DataType) -> pa.ChunkedArray:
     return column.cast(target)
 
 
+def _vectors_as_lists(batch: pa.Table) -> pa.Table:
+    """Ray hands back a column of same-length vectors (clip_score's embeddings) as its own tensor
+    extension type, but the same column with a null in it as a plain list: the two do not
+    concatenate into one shard's part. Every 1-d tensor column becomes the plain list."""
+    for k, f in enumerate(batch.schema):
+        if isinstance(f.type, pa.ExtensionType) and len(getattr(f.type, "shape", ())) == 1:
+            item = f.type.storage_type.value_type
+            batch = batch.set_column(k, f.name, batch.column(k).cast(pa.list_(item)))
+    return batch
+
+
 def _stage_table(batch: pa.Table, stage: type[Stage]) -> pa.Table:
     """The stage's part: exactly its schema's columns, typed; a missing one is a contract error."""
     schema = stage.output_schema
@@ -294,15 +306,34 @@ def run_per_sample(
     import ray
 
     started = time.monotonic()
+    context = tuple(s for s in (context or steps) if s.enabled(config))  # an optional step switched off: not run
+    steps = tuple(s for s in steps if s.enabled(config))
     report = SampleReport(stages={s.name: StageReport() for s in steps})
-    context = tuple(context or steps)
     counts = ok_counts(layout)
+    imported: dict[str, int] = {}
+    if any(s.name == "clip_score" for s in steps):  # a pool's own embeddings: no model, no image
+        from pipeline.clip_import import import_clip_parts
+
+        lacking = sorted(set(counts) - layout.done_shards("clip_score"))
+        imported = import_clip_parts(layout, config.clip, [s for s in lacking if counts[s]])
+        report.stages["clip_score"].shards_run += len(imported)
+        report.stages["clip_score"].samples += sum(imported.values())
+        report.clip_imported += sum(imported.values())
+    faces_imported: dict[str, int] = {}
+    if any(s.name == "faces" for s in steps):  # a pool's own face boxes: no detector, no image
+        from pipeline.face_import import import_face_parts
+
+        lacking = sorted(set(counts) - layout.done_shards("faces"))
+        faces_imported = import_face_parts(layout, config.faces, [s for s in lacking if counts[s]])
+        report.stages["faces"].shards_run += len(faces_imported)
+        report.stages["faces"].samples += sum(faces_imported.values())
     groups: dict[tuple[tuple[str, ...], tuple[str, ...]], list[str]] = defaultdict(list)
     done = {s.name: layout.done_shards(s.name) for s in {*steps, *context}}  # one listing per stage
     for shard in sorted(counts):
         missing = tuple(s.name for s in steps if shard not in done[s.name])
         for s in steps:
-            if s.name not in missing:
+            if s.name not in missing and not (s.name == "clip_score" and shard in imported) \
+                    and not (s.name == "faces" and shard in faces_imported):
                 report.stages[s.name].shards_already_done += 1
         if not missing:
             continue
@@ -479,6 +510,7 @@ def _consume(ds: Any, watchdog: ProgressWatchdog, run_steps: list[Step], layout:
     """Take the pipeline's batches as they come; a shard's parts are written once all its rows are in."""
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         watchdog.beat()
+        batch = _vectors_as_lists(batch)
         for shard in batch.column("shard").unique().to_pylist():
             rows = batch.filter(pc.equal(batch.column("shard"), shard))
             pending[shard].append(rows)

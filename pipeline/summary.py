@@ -71,10 +71,12 @@ def samples_summary(layout: RunLayout, report: SampleReport, stages: list[str]) 
             f"== per-sample stages: {report.samples} samples in {report.seconds:.1f} s ({rate:.2f} samples/s; "
             f"images {decoded})"
         )
-    elif report.waiting:
-        lines.append("== per-sample stages: no shard had the inputs of the steps asked for")
-    else:
-        lines.append("== per-sample stages: every shard already done (resumed run)")
+    if report.clip_imported:
+        lines.append(f"== clip_score: {report.clip_imported} samples scored from the pool's own embeddings "
+                     "(no model, no image decoded; catalog view `embeddings`)")
+    if not report.samples and not report.clip_imported:
+        lines.append("== per-sample stages: no shard had the inputs of the steps asked for" if report.waiting
+                     else "== per-sample stages: every shard already done (resumed run)")
     for name in stages:
         st = report.stages.get(name)
         if st is not None and st.shards_run:
@@ -146,7 +148,7 @@ def run_summary(result: "CurateResult") -> str:
     lines = [download_summary(layout, result.download, result.seconds, ran="download" in result.stages)]
     if len(result.stages) < len(STEPS):
         lines.append(f"== steps run (--stages): {', '.join(result.stages)}")
-    if "ocr" in layout.stages_present() or result.samples.samples or result.samples.waiting:
+    if "ocr" in layout.stages_present() or result.samples.samples or result.samples.waiting or result.samples.clip_imported:
         lines.append(samples_summary(layout, result.samples, [s.name for s in SAMPLE_STEPS]))
     if result.selections:
         lines.append("== policies (kept / downloaded samples)")

@@ -22,6 +22,7 @@ import pyarrow as pa
 from core.errors import ConfigError
 from core.net_guard import parse_network
 from core.settings import config_section, network_problems, require
+from sources.pool_embeddings import EMBEDDINGS_KEY, IMAGE_EMBEDDING, LAYOUTS, TEXT_EMBEDDING, load_pool_embeddings
 from sources.url_list import read_url_list
 from stages.download import DownloadConfig
 
@@ -34,8 +35,24 @@ class DatasetConfig:
     description: str = ""
     source: str = "url_list"  # "embedded" | "url_list"
     url_list: str = ""
-    url_column: str = "url"
-    caption_column: str = "caption"
+    # the list's URL and caption columns: a name, or names tried in order (the first the list has;
+    # a name in another case also matches), so LAION's published URL/TEXT read with no flags
+    url_column: str | tuple[str, ...] = ("url", "URL")
+    caption_column: str | tuple[str, ...] = ("caption", "TEXT", "text")
+    # The list's other columns are kept as source columns (sources/url_list.py), but these:
+    drop_columns: tuple[str, ...] = ()
+    # Source columns renamed on the way in (keys match in any case): names the pipeline writes too
+    # (DuckDB compares names without case) become source_<name>; LAION's WIDTH/HEIGHT and
+    # DataComp's original_width/original_height/sha256/face_bboxes are the pool's, not our download's.
+    rename_columns: dict[str, str] = field(default_factory=lambda: dict(SOURCE_RENAMES))
+    # Policies added to ``policies`` when the list has the named source column (and --policies
+    # was not given): LAION-400M's own filter where LAION's similarity is there.
+    policies_if_column: dict[str, str] = field(default_factory=dict)
+    # Embeddings the pool ships beside the list (sources/pool_embeddings.py): "" none, "npz"
+    # (DataComp: <list>.npz, keys <model>_img / <model>_txt), "clip-retrieval" (img_emb/, text_emb/
+    # .npy beside metadata/); imported by the CLIP step when [clip] embeddings_from = "pool".
+    embeddings: str = ""
+    embeddings_model: str = "l14"  # npz key prefix: DataComp ships b32 and l14
     samples: int = 320
     seed: int = 0
     port: int = 8710
@@ -50,6 +67,8 @@ class DatasetConfig:
         problems = require(
             (self.source in {"embedded", "url_list"}, f"datasets.{self.name}.source must be 'embedded' or 'url_list', not {self.source!r}"),
         )
+        problems += require((self.embeddings in LAYOUTS, f"datasets.{self.name}.embeddings must be one of "
+                             f"{', '.join(repr(x) for x in LAYOUTS)}, not {self.embeddings!r}"))
         problems += network_problems(self.allow_networks, f"datasets.{self.name}.allow_networks", parse_network)
         if self.source == "embedded":
             problems += require(
@@ -57,6 +76,15 @@ class DatasetConfig:
                 (0 <= self.port < 65536, f"datasets.{self.name}.port must be a TCP port"),
             )
         return problems
+
+SOURCE_RENAMES = {
+    "width": "source_width",
+    "height": "source_height",
+    "original_width": "source_original_width",
+    "original_height": "source_original_height",
+    "sha256": "source_sha256",
+    "face_bboxes": "source_face_bboxes",  # DataComp's; the faces step imports them as its face_bboxes
+}
 
 EMBEDDED_GENERATOR_VERSION = "2"
 
@@ -141,10 +169,29 @@ class DatasetSource:
             rows = unstarted.url_rows()
             return pa.table({"url": [r["url"] for r in rows], "caption": [r["caption"] for r in rows]})
         if self._table is None:
-            self._table = read_url_list(
-                self.url_list or self.config.url_list, self.config.url_column, self.config.caption_column
-            )
+            path = self.url_list or self.config.url_list
+            table = read_url_list(path, self.config.url_column, self.config.caption_column,
+                                  self.config.drop_columns, self.config.rename_columns)
+            pooled = load_pool_embeddings(path, self.config.embeddings, self.config.embeddings_model, table.num_rows)
+            if pooled is not None:  # row-aligned with the list: attached before any row is dropped
+                for name, column in pooled.columns().items():
+                    table = table.append_column(name, column)
+                table = table.replace_schema_metadata({EMBEDDINGS_KEY: pooled.origin})
+            self._table = table
         return self._table
+
+    def source_columns(self) -> tuple[str, ...]:
+        """The list's columns kept besides url and caption (none for the embedded dataset); not
+        the pool's embeddings, which go to the CLIP step."""
+        if self.is_embedded:
+            return ()
+        return tuple(c for c in self.load_urls().column_names[2:] if c not in (IMAGE_EMBEDDING, TEXT_EMBEDDING))
+
+    def policies_for(self, policies: tuple[str, ...]) -> tuple[str, ...]:
+        """``policies`` plus those the dataset adds when the list has their column (``policies_if_column``)."""
+        present = {c.lower() for c in self.source_columns()}
+        extra = [p for p, column in self.config.policies_if_column.items() if column.lower() in present and p not in policies]
+        return policies + tuple(extra)
 
     def release_urls(self) -> None:
         """Drop the URL rows read for the fingerprint or the plan: once planned, the driver needs

@@ -13,12 +13,17 @@ Row semantics (``clip_status`` is "ok" exactly when ``clip_score`` is present):
   null ``clip_score_masked`` / ``clip_n_masked`` and the reason in ``clip_error``: equating the
   masked score with the raw one would claim "no text" without evidence;
 - a quad that cannot be drawn (malformed geometry) likewise nulls only the masked score.
+
+With ``clip.keep_embeddings`` (the default) an ok row also keeps the two unit vectors its score is
+the cosine of: ``image_embedding`` (the plain image, not the masked one) and ``text_embedding``,
+as float16 in the same part as the scores, so the two can never disagree. Near-duplicate search,
+clustering or a new score then read them (the catalog's ``embeddings`` view) and decode no image.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -50,6 +55,11 @@ class ClipConfig:
     gpus_per_replica: float = 0.5
     precision: str = "fp32"  # "fp32" | "amp" (autocast fp16/bf16 on GPU)
     seed: int = 0  # seed of the random init, so offline scores are reproducible
+    keep_embeddings: bool = True  # keep each ok sample's image and caption embedding (float16) beside its scores
+    # "pool": where the URL list brought the pool's own embeddings (DataComp's .npz, clip-retrieval's
+    # .npy: [datasets.<name>] embeddings), import them, score by their cosine and decode no image
+    # (pipeline/clip_import.py); "model": always compute with the model above
+    embeddings_from: str = "pool"
 
     def problems(self) -> list[str]:
         """What types cannot say: ranges and choices, as readable messages (empty when fine)."""
@@ -62,6 +72,7 @@ class ClipConfig:
             (self.cpus_per_replica > 0, "clip.cpus_per_replica must be > 0"),
             (0 < self.gpus_per_replica <= 1, "clip.gpus_per_replica must be in (0, 1]"),
             (self.precision in {"fp32", "amp"}, "clip.precision must be fp32 or amp"),
+            (self.embeddings_from in {"pool", "model"}, f"clip.embeddings_from must be pool or model, not {self.embeddings_from!r}"),
         )
         return problems
 
@@ -72,6 +83,15 @@ logger = logging.getLogger(__name__)
 # forward, the image, and the text-masked image for the ~half with text; 0.046 in make bench's dag
 # stages alone): the weight ``cost_per_image`` gives the pool sizing, scaled by the model's size.
 VIT_S_32_CPU_S_PER_IMAGE = 0.05
+
+
+class Scored(NamedTuple):
+    """One row's forward: its scores and the unit embeddings the raw score is the cosine of."""
+
+    raw: float
+    masked: float | None  # None: no masked image (no text), or the masked forward was not run
+    image_embedding: np.ndarray  # float32, of the plain image
+    text_embedding: np.ndarray  # float32
 
 
 def _cuda_available() -> bool:
@@ -171,11 +191,14 @@ class ClipScoreStage(BatchStage):
                 out["clip_error"][i] = f"masked score unavailable: {type(err).__name__}: {err}"
 
         scores = self._score(ok_rows, masked, images, captions, out)
-        for i, (raw, hidden) in scores.items():
+        for i, row in scores.items():
             out["clip_status"][i] = "ok"
-            out["clip_score"][i] = raw
+            out["clip_score"][i] = row.raw
             if out["clip_n_masked"][i] is not None:
-                out["clip_score_masked"][i] = hidden if hidden is not None else raw
+                out["clip_score_masked"][i] = row.masked if row.masked is not None else row.raw
+            if self.config.keep_embeddings:
+                out["image_embedding"][i] = row.image_embedding.astype(np.float16)
+                out["text_embedding"][i] = row.text_embedding.astype(np.float16)
         return out
 
     def _score(
@@ -185,13 +208,13 @@ class ClipScoreStage(BatchStage):
         images: list[Any],
         captions: list[str],
         out: dict[str, list],
-    ) -> dict[int, tuple[float, float | None]]:
-        """(raw, masked-or-None) per row; whole batch first, then row by row if that raises."""
+    ) -> dict[int, Scored]:
+        """Each row's forward; whole batch first, then row by row if that raises."""
         try:
             return self._forward(rows, masked, images, captions)
         except Exception as err:  # noqa: BLE001 - find the bad row(s) below
             logger.warning("CLIP batch of %d failed (%s: %s); retrying row by row", len(rows), type(err).__name__, err)
-        result: dict[int, tuple[float, float | None]] = {}
+        result: dict[int, Scored] = {}
         for i in rows:
             try:
                 result.update(self._forward([i], masked, images, captions))
@@ -202,7 +225,7 @@ class ClipScoreStage(BatchStage):
 
     def _forward(
         self, rows: list[int], masked: dict[int, np.ndarray], images: list[Any], captions: list[str]
-    ) -> dict[int, tuple[float, float | None]]:
+    ) -> dict[int, Scored]:
         """One text forward per caption, one image forward per original and per masked image."""
         if not rows:
             return {}
@@ -214,11 +237,11 @@ class ClipScoreStage(BatchStage):
         raw = cosine_rows(pixels[: len(rows)], texts)
         position = {i: k for k, i in enumerate(rows)}
         hidden = cosine_rows(pixels[len(rows) :], texts[[position[i] for i in with_text]]) if with_text else []
-        result: dict[int, tuple[float, float | None]] = {i: (float(raw[k]), None) for k, i in enumerate(rows)}
+        result = {i: Scored(float(raw[k]), None, pixels[k], texts[k]) for k, i in enumerate(rows)}
         for i, value in zip(with_text, hidden):
-            result[i] = (result[i][0], float(value))
-        for value in result.values():
-            if not np.isfinite(value[0]) or (value[1] is not None and not np.isfinite(value[1])):
+            result[i] = result[i]._replace(masked=float(value))
+        for row in result.values():
+            if not np.isfinite(row.raw) or (row.masked is not None and not np.isfinite(row.masked)):
                 raise FloatingPointError("non-finite CLIP score")
         return result
 

@@ -46,11 +46,13 @@ class PolicyConfig:
     name: str
     description: str = ""
     rules: dict[str, str] = field(default_factory=dict)
-    params: dict[str, float] = field(default_factory=dict)
+    # numbers, or names of columns (a text value: ``score = "similarity"`` ranks by the pool's own score)
+    params: dict[str, float | str] = field(default_factory=dict)
 
     def rendered_rules(self) -> dict[str, str]:
-        """The rules with each ``{param}`` replaced by its number (a plain SQL literal)."""
-        values = {k: repr(float(v)) for k, v in self.params.items()}
+        """The rules with each ``{param}`` replaced by its number (a plain SQL literal) or, for a
+        text value, the column it names (a quoted identifier)."""
+        values = {k: _ident(v) if isinstance(v, str) else repr(float(v)) for k, v in self.params.items()}
         return {rule: _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), sql) for rule, sql in self.rules.items()}
 
     def problems(self) -> list[str]:

@@ -11,7 +11,10 @@ Why it looks the way it does:
   accumulates is dropped after each member, and only the members of the current sample are held;
   each sample is written out before the next one is read.
 - Bytes are copied unchanged (``.jpg`` and ``.txt`` and any other member img2dataset wrote); only
-  the ``.json`` is rewritten, to carry the new ``key``. Lineage (``source_shard``, ``source_key``)
+  the ``.json`` is rewritten, to carry the new ``key``. With ``blur_faces`` (off by default) the
+  ``.jpg`` of a sample with face boxes is decoded, every box blurred as DataComp's resharder does
+  (img2dataset's ``BoundingBoxBlurrer``) and re-encoded; its json records ``face_bboxes`` (as
+  DataComp's ``--inject-blur-metadata``) and ``faces_blurred``. Lineage (``source_shard``, ``source_key``)
   goes to the Parquet sibling and the curated manifest, not into the sample. Images are never
   decoded, so resharding costs about a copy.
 - Output is reproducible and depends only on the kept samples: they are written in uid order
@@ -24,8 +27,10 @@ Why it looks the way it does:
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import warnings
 import pickle
 import tarfile
 import tempfile
@@ -51,6 +56,9 @@ class ReshardConfig:
     """Materialising a policy's kept samples as new WebDataset shards."""
 
     samples_per_shard: int = 64  # DataComp uses 10000; small here so the embedded run has several
+    # Blur every face box (the faces step's face_bboxes) of each curated image, as DataComp's
+    # resharder does (img2dataset's BoundingBoxBlurrer), re-encoded as JPEG; needs [faces] enabled.
+    blur_faces: bool = False
 
     def problems(self) -> list[str]:
         """What types cannot say: ranges and choices, as readable messages (empty when fine)."""
@@ -58,6 +66,10 @@ class ReshardConfig:
             (self.samples_per_shard >= 1, "reshard.samples_per_shard must be >= 1"),
         )
         return problems
+
+# A blurred image is re-encoded as JPEG at img2dataset's (and our download's) default quality, so
+# the member stays ``.jpg`` for every reader (DataComp writes WebP at quality 100 instead).
+BLUR_JPEG_QUALITY = 95
 
 # Fixed tar header fields: the same samples give the same bytes on any machine, any day.
 TAR_MTIME = 0  # an int: a float mtime makes tarfile add a PAX header (1 KiB) to every member
@@ -146,6 +158,25 @@ def iter_kept_samples(fileobj: BinaryIO, keep: Collection[str], name: str = "tar
             yield key, members  # type: ignore[misc]
 
 
+def blur_face_boxes(jpg: bytes, boxes: Sequence[Sequence[float]]) -> bytes:
+    """``jpg`` with every box (``[x1, y1, x2, y2]`` fractions) blurred as DataComp's resharder does:
+    img2dataset's ``BoundingBoxBlurrer`` (each box grown by 10 % of its longer side, a Gaussian
+    blur of sigma 0.1 x the largest box's longer side, blended in through a blurred mask), then
+    JPEG at ``BLUR_JPEG_QUALITY``. Deterministic: the same bytes and boxes give the same bytes."""
+    import numpy as np
+    from img2dataset.blurrer import BoundingBoxBlurrer
+    from PIL import Image
+
+    with Image.open(io.BytesIO(jpg)) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    with warnings.catch_warnings():  # albumentations' notice about always_apply, once per image
+        warnings.simplefilter("ignore")
+        blurred = BoundingBoxBlurrer()(pixels, [list(map(float, b)) for b in boxes])
+    out = io.BytesIO()
+    Image.fromarray(blurred).save(out, format="JPEG", quality=BLUR_JPEG_QUALITY)
+    return out.getvalue()
+
+
 class ReshardStage(ShardStage):
     """Writes one output shard of a policy from an ordered list of (source tar, kept keys)."""
 
@@ -154,24 +185,31 @@ class ReshardStage(ShardStage):
     output_schema = CURATED
     status_column = None  # every row is a sample written; a shard that fails writes nothing
 
-    def __init__(self, policy: str, samples_per_shard: int) -> None:
+    def __init__(self, policy: str, samples_per_shard: int, blur_faces: bool = False) -> None:
         if samples_per_shard < 1:
             raise ValueError("samples_per_shard must be >= 1")
         self.policy = policy
         self.samples_per_shard = samples_per_shard
+        self.blur_faces = blur_faces
 
     def resources(self, gpus_available: bool) -> Resources:
         """One CPU per output shard: a task streams bytes from tar to tar, never decodes."""
         return Resources(cpus=1.0)
 
-    def process_shard(self, shard: str, inputs: Sequence[tuple[Path | str, SourceKeys]], work_dir: Path) -> ShardOutput:
+    def process_shard(self, shard: str, inputs: Sequence[tuple[Path | str, SourceKeys]], work_dir: Path,
+                      faces: Mapping[str, Sequence[Sequence[float]] | None] | None = None) -> ShardOutput:
         """Write ``work_dir/<shard>.tar`` and ``<shard>.parquet`` from ``inputs``; return its manifest.
+
+        ``faces`` (with ``blur_faces``): uid -> its face boxes, blurred in its image; a uid it lacks,
+        or maps to None (the faces step failed on it), is copied unblurred with ``face_bboxes: null``.
 
         Files by role: "tar", "parquet" (already renamed into place). Each source tar is streamed
         once, in its own member order, into a spool; the samples are then written in uid order, the
         ``i``-th getting key ``new_key(shard, i)``. Every listed key must be in its tar, else
         nothing is written.
         """
+        if self.blur_faces and faces is None:
+            raise ValueError(f"shard {shard}: blur_faces is on but no face boxes were given")
         tars = [_normalise(t) for t, _ in inputs]
         if len(set(tars)) != len(tars):
             raise ValueError(f"shard {shard}: a source tar is listed twice; give each tar's keys once")
@@ -199,7 +237,7 @@ class ReshardStage(ShardStage):
                             spool.seek(sample.offset)
                             members = pickle.load(spool)
                             key = new_key(shard, len(rows), self.samples_per_shard)
-                            written, row = self._rewrite(members, key, sample)
+                            written, row = self._rewrite(members, key, sample, faces if self.blur_faces else None)
                             writer.write(written)
                             rows.append(row)
                     out.flush()
@@ -253,13 +291,23 @@ class ReshardStage(ShardStage):
             raise ValueError(f"{source_tar}: {len(missing)} planned sample(s) not in the tar, e.g. {sorted(missing)[:3]}")
 
     @staticmethod
-    def _rewrite(members: dict[str, bytes], key: str, sample: SpooledSample) -> tuple[dict[str, bytes | str], dict]:
-        """The sample to write (bytes unchanged but the json's ``key``) and its row of the Parquet
-        sibling. The json names no source shard: where a sample was downloaded (its first list, an
-        appended one, a retry) is lineage, kept in the Parquet sibling and the curated manifest."""
+    def _rewrite(members: dict[str, bytes], key: str, sample: SpooledSample,
+                 faces: Mapping[str, Sequence[Sequence[float]] | None] | None = None) -> tuple[dict[str, bytes | str], dict]:
+        """The sample to write (bytes unchanged but the json's ``key``; with ``faces``, its faces
+        blurred) and its row of the Parquet sibling. The json names no source shard: where a
+        sample was downloaded (its first list, an appended one, a retry) is lineage, kept in the
+        Parquet sibling and the curated manifest."""
         meta = json.loads(members["json"])
         meta["key"] = key
         written: dict[str, bytes | str] = {"__key__": key, **members}
+        if faces is not None:
+            boxes = faces.get(sample.uid)
+            blurred = 0
+            if boxes and "jpg" in members:
+                written["jpg"] = blur_face_boxes(members["jpg"], boxes)
+                blurred = len(boxes)
+            meta["face_bboxes"] = None if boxes is None else [list(map(float, b)) for b in boxes]
+            meta["faces_blurred"] = blurred
         written["json"] = json.dumps(meta, indent=4).encode("utf-8")  # img2dataset's formatting
         caption = members["txt"].decode("utf-8", errors="replace") if "txt" in members else meta.get("caption")
         row = {

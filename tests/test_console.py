@@ -34,13 +34,13 @@ def test_a_clean_run_prints_bars_warnings_once_and_the_summary(tmp_path):
     assert random_init == ["warning: clip_score: CLIP scores from randomly initialised weights are not meaningful; "
                            "set clip.pretrained to a tag or checkpoint"]
     # the per-sample bar moves as images finish, not once per run: some count between 0 and all
-    bar = [line for line in lines if line.startswith("ocr+parrot+clip_score+dedup:")]
+    bar = [line for line in lines if line.startswith("ocr+parrot+caption+clip_score+dedup:")]
     counts = {line.split("|")[2].split()[0] for line in bar if line.count("|") >= 2}
     assert f"0/{SAMPLES}" in counts and f"{SAMPLES}/{SAMPLES}" in counts and len(counts) >= 3, counts
     for header in ("== download:", "== per-sample stages:", "== policies", "== report:"):
         assert any(line.startswith(header) for line in lines), header
     unexplained = [line for line in lines if not (
-        line.startswith(("curate embedded", "download:", "ocr+parrot+clip_score+dedup:", "reshard all:", "warning: "))
+        line.startswith(("curate embedded", "download:", "ocr+parrot+caption+clip_score+dedup:", "reshard all:", "warning: "))
         or line.startswith(("==", " "))
     )]
     assert not unexplained, unexplained[:10]

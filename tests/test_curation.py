@@ -103,7 +103,7 @@ def test_resharded_shards_hold_exactly_the_kept_uids(embedded_run):
         folder = layout.curated_dir(name)
         uids = []
         for tar in sorted(folder.glob("*.tar")):
-            for sample in wds.WebDataset(str(tar), shardshuffle=False, empty_check=False):
+            for sample in wds.WebDataset(str(tar), shardshuffle=False):
                 assert {"jpg", "txt", "json"} <= set(sample)
                 uids.append(json.loads(sample["json"])["uid"])
         assert sorted(uids) == sorted(kept), name

@@ -71,7 +71,7 @@ def test_shards_hold_the_ok_samples_with_lineage(embedded_run):
     samples = {f"/images/{s.sample_id}.jpg": s for s in generate(SMALL_SAMPLES, 0)}
     seen = set()
     for tar in sorted((root / "shards").glob("*.tar")):
-        for sample in wds.WebDataset(str(tar), shardshuffle=False, empty_check=False):
+        for sample in wds.WebDataset(str(tar), shardshuffle=False):
             meta = json.loads(sample["json"])
             row = rows[meta["uid"]]
             assert row["shard"] == tar.stem and row["key"] == sample["__key__"]
@@ -168,7 +168,7 @@ def test_killed_run_resumes_without_loss_or_duplicates(ray_local, tmp_path):
     assert len(ok) == 72
     in_tars = []
     for tar in (root / "shards").glob("*.tar"):
-        in_tars += [json.loads(s["json"])["uid"] for s in wds.WebDataset(str(tar), shardshuffle=False, empty_check=False)]
+        in_tars += [json.loads(s["json"])["uid"] for s in wds.WebDataset(str(tar), shardshuffle=False)]
     assert sorted(in_tars) == sorted(ok)
 
 

@@ -54,9 +54,14 @@ def _write_parts(layout: RunLayout, shard: int, scale: float = 1.0) -> None:
         "download": {"uid": uids, "status": ["failed" if i % 7 == 3 else "ok" for i in rows],
                      "caption": [f"caption {'x' * (_h(i, 1) % 9)}" for i in rows],
                      "original_width": [400 + _h(i, 2) % 600 for i in rows],
-                     "original_height": [300 + _h(i, 3) % 400 for i in rows]},
+                     "original_height": [300 + _h(i, 3) % 400 for i in rows],
+                     # a LAION list's own score (a source column; laion-sim reads it)
+                     "similarity": [None if i % 7 == 3 else (_h(i, 8) % 1000) / 2000 for i in rows]},
         "ocr": {"uid": uids, "text_area_ratio": [None if i % 6 == 1 else (_h(i, 4) % 100) / 2000 for i in rows]},
         "parrot": {"uid": uids, "is_parrot": [_h(i, 5) % 4 == 0 for i in rows]},
+        "caption": {"uid": uids, "caption_lang": [None if i % 9 == 4 else ("en", "de", "fr")[_h(i, 9) % 3] for i in rows],
+                    "caption_n_words": [1 + _h(i, 10) % 6 for i in rows],
+                    "caption_n_chars": [3 + _h(i, 11) % 30 for i in rows]},
         "clip_score": {"uid": uids, "clip_score": [None if i % 5 == 2 else scale * (_h(i, 6) % 1000) / 1000 for i in rows],
                        "clip_score_masked": [None if i % 5 == 2 else (_h(i, 7) % 1000) / 1000 for i in rows]},
     }

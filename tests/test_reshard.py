@@ -99,7 +99,7 @@ def write_selection(layout: RunLayout, uids: list[str], kept: set[str], repeat: 
 def read_back(folder: Path) -> list[dict]:
     """Every sample of the policy's shards, read with stock webdataset (no decoding)."""
     urls = [str(p) for p in sorted(folder.glob("*.tar"))]
-    return list(wds.WebDataset(urls, shardshuffle=False, empty_check=False)) if urls else []
+    return list(wds.WebDataset(urls, shardshuffle=False)) if urls else []
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,7 @@ def test_shards_hold_each_kept_uid_once(source, resharded):
 
 
 def read_back_one(tar: Path) -> list[dict]:
-    return list(wds.WebDataset(str(tar), shardshuffle=False, empty_check=False))
+    return list(wds.WebDataset(str(tar), shardshuffle=False))
 
 
 def test_bytes_preserved_json_rewritten_sibling_typed(source, resharded):

@@ -127,7 +127,7 @@ def test_pools_that_cannot_start_or_a_call_that_never_returns_end_with_a_message
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("stalled: ")]
     assert len(lines) == 1, err
-    waited = re.match(r"stalled: ocr\+parrot\+clip_score\+dedup: no image finished in (\d+) s \(", lines[0])
+    waited = re.match(r"stalled: ocr\+parrot\+caption\+clip_score\+dedup: no image finished in (\d+) s \(", lines[0])
     assert waited and STALL_S <= int(waited.group(1)) <= STALL_S + 10, lines[0]  # the seconds it waited (21 at load)
     assert f"(0 of {SAMPLES} done); shards in flight: 000000, 000001; asked per replica: ocr " in lines[0]
     assert "free now: 0 CPU, 0 GPU" in lines[0]

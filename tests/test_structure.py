@@ -26,7 +26,8 @@ ALLOWED = {
     "models": {"core", "manifests"},
     "stages": {"core", "manifests", "models"},
     "sources": {"core", "manifests", "stages"},  # a dataset states its download settings
-    "training": {"core", "manifests", "models", "sources", "pipeline"},  # the ablation drives a curate run
+    # the ablation drives a curate run; training from a selection reads download shards as resharding does
+    "training": {"core", "manifests", "models", "stages", "sources", "pipeline"},
     "pipeline": {"core", "manifests", "models", "stages", "sources", "training"},
 }
 
@@ -62,7 +63,7 @@ def test_every_stage_declares_the_contract():
         assert stage.status_column is None or stage.status_column in stage.output_schema.names
         assert isinstance(stage.reads, tuple)
     kinds = {s.name: s.kind for s in STEPS}
-    assert [n for n, k in kinds.items() if k == SAMPLE] == ["ocr", "parrot", "clip_score", "dedup"]
+    assert [n for n, k in kinds.items() if k == SAMPLE] == ["ocr", "parrot", "caption", "clip_score", "dedup", "faces"]
 
 
 def test_a_stage_that_drops_a_column_is_named():
@@ -84,7 +85,7 @@ def test_default_toml_states_the_same_defaults_as_the_classes():
         data = tomllib.load(f)
     shipped = load_config()
     plain = Config()
-    for section in ("download", "ocr", "parrot", "clip", "dedup", "reshard", "train", "ablation"):
+    for section in ("download", "ocr", "parrot", "caption", "clip", "dedup", "faces", "reshard", "train", "ablation"):
         cls = type(getattr(plain, section))
         assert set(data[section]) == {f for f in cls.__dataclass_fields__}, f"[{section}] must list every key once"
         assert getattr(shipped, section) == getattr(plain, section), f"[{section}] in default.toml differs from {cls.__name__}"
@@ -160,7 +161,11 @@ def test_a_stage_before_the_one_it_reads_from_is_refused():
 
 def test_every_shipped_step_reads_only_what_earlier_steps_write():
     config = load_config()
-    check_reads(config, tuple(config.policies))
+    # a policy a dataset adds only when its list has the column (laion-sim: LAION's similarity)
+    conditional = {c for d in config.datasets.values() for c in d.policies_if_column.values()}
+    check_reads(config, tuple(config.policies), source_columns=conditional)
+    with pytest.raises(ConfigError, match="'similarity', which no earlier step writes"):
+        check_reads(config, ("laion-sim",))
     available = set(INPUT_COLUMNS)
     for s in STEPS:
         if s.kind != POLICY:
@@ -207,8 +212,12 @@ def test_tar_key_is_webdatasets_rule(name):
 def test_policy_params_are_named_once_and_checked(tmp_path):
     config = load_config()
     top = config.policy("clip-score-top")
-    assert top.params == {"keep_fraction": 0.3} and "{keep_fraction}" in top.rules["top_fraction"]
-    assert "1 - 0.3" in top.rendered_rules()["top_fraction"]
+    assert top.params == {"keep_fraction": 0.3, "score": "clip_score"} and "{keep_fraction}" in top.rules["top_fraction"]
+    assert top.rendered_rules()["top_fraction"] == '"clip_score" >= quantile_cont("clip_score", 1 - 0.3) over ()'
+    path = tmp_path / "s.toml"  # a text param names a column: the pool's own score ranks
+    path.write_text('[policies.clip-score-top]\nparams = { score = "similarity" }\n')
+    ranked = load_config(path).policy("clip-score-top")
+    assert ranked.params == {"keep_fraction": 0.3, "score": "similarity"} and '"similarity" >=' in ranked.rendered_rules()["top_fraction"]
     path = tmp_path / "p.toml"
     path.write_text('[policies.clip-score-top]\nparams = { keep_fraction = 0.1 }\n')
     assert "1 - 0.1" in load_config(path).policy("clip-score-top").rendered_rules()["top_fraction"]
@@ -218,6 +227,6 @@ def test_policy_params_are_named_once_and_checked(tmp_path):
     path.write_text('[policies.x]\nrules = { a = "true" }\nparams = { unused = 1 }\n')
     with pytest.raises(ConfigError, match="policies.x.params.unused is not used by any rule"):
         load_config(path)
-    path.write_text('[policies.x]\nrules = { a = "clip_score > {floor}" }\nparams = { floor = "high" }\n')
-    with pytest.raises(ConfigError, match="policies.x.params.floor must be float"):
+    path.write_text('[policies.x]\nrules = { a = "clip_score > {floor}" }\nparams = { floor = true }\n')
+    with pytest.raises(ConfigError, match="policies.x.params.floor.float must be float"):
         load_config(path)

@@ -154,6 +154,7 @@ class Variant:
 
 def _curate(config: Config, ablation: AblationConfig, root: Path, policies: tuple[str, ...], progress: bool) -> None:
     from pipeline.curate import curate
+    from pipeline.dag import STEPS
     from pipeline.summary import run_summary
     from sources import open_source
 
@@ -164,7 +165,10 @@ def _curate(config: Config, ablation: AblationConfig, root: Path, policies: tupl
     settings = ablation.generator()
     if settings != DEFAULT_SETTINGS:  # _check_generator keeps an output from mixing samples drawn two ways
         source = dataclasses.replace(source, generator=settings)
-    result = curate(source, RunLayout(root), config, download, policies, progress=progress)
+    # training from the selections needs no curated copy: every step but reshard
+    stages = (tuple(s.name for s in STEPS if s.name != "reshard" and s.enabled(config))
+              if config.train.source == "selection" else None)
+    result = curate(source, RunLayout(root), config, download, policies, progress=progress, stages=stages)
     print(run_summary(result))
     if not result.ok:
         raise RuntimeError(f"curation of {root} did not finish every shard; rerun `make ablation` to resume")
@@ -255,10 +259,21 @@ def _train(config: Config, layout: RunLayout, variant: Variant, seed: int, progr
 
 
 def train_on_policy(config: Config, layout: RunLayout, policy: str, progress: bool, out_dir: Path | None = None) -> Any:
-    """Train on a policy's finished curated folder (its ``sizes.json`` lists the non-empty tars),
-    into ``out_dir`` (default: ``model_dir``)."""
+    """Train on a policy's finished curated folder (its ``sizes.json`` lists the non-empty tars), or
+    with ``[train] source = "selection"`` on its kept samples read from the download shards through
+    its selection (no resharded copy; a remote run is read in place), into ``out_dir`` (default:
+    ``model_dir``)."""
     from training.train import shard_urls, train
 
+    out_dir = out_dir or model_dir(layout, policy)
+    if config.train.source == "selection":
+        from training.selection_data import SelectedSamples, plan_selection
+
+        try:
+            source = SelectedSamples(plan_selection(layout, policy))
+        except (FileNotFoundError, ValueError) as err:  # no selection yet; kept nothing; from another run
+            raise ConfigError(f"cannot train on policy {policy!r} from its selection: {err}") from None
+        return train(source, out_dir, config.train, progress=progress)
     folder = layout.curated_dir(policy)
     if not (folder / SIZES_FILE).is_file():
         raise ConfigError(f"no finished curated shards in {folder}: run `make curate` (with policy {policy!r}) first")
@@ -268,7 +283,7 @@ def train_on_policy(config: Config, layout: RunLayout, policy: str, progress: bo
         shards = shard_urls(folder)
     except ValueError as err:  # e.g. the policy kept nothing
         raise ConfigError(f"cannot train on policy {policy!r}: {err}") from None
-    return train(shards, out_dir or model_dir(layout, policy), config.train, progress=progress)
+    return train(shards, out_dir, config.train, progress=progress)
 
 
 def _local_copy(remote: Any, local: Path) -> Path:

@@ -21,6 +21,9 @@ into a loop with checkpoints, a log and resume.
   all derive from ``seed`` (and the step a run starts at, so a resumed run draws fresh data).
 - **Precision**: ``amp`` autocasts on CUDA (bf16 where supported, else fp16 with a grad scaler); on
   CPU the same code runs in fp32 and the result records "fp32".
+- **Source**: a policy's curated shards, or (``source = "selection"``) its kept samples read from
+  the download shards through its selection (``training.selection_data``), with no resharded copy.
+  Either source only yields raw samples; one pipeline (:func:`_batches`) turns them into tensors.
 - **Masking** (``random`` as in FLIP, or ``pgs``): each step keeps a subset of the image patches
   (``models.patch_masking``), so a step costs less; the images are whole again after the step.
 """
@@ -33,6 +36,7 @@ import logging
 import math
 import os
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -70,6 +74,7 @@ class TrainConfig:
     workers: int = 1  # DataLoader worker processes decoding and transforming images
     shuffle_buffer: int = 500  # samples in the shuffle buffer of each worker
     threads: int = 2  # torch intra-op threads of the training process (the driver's; on CPU, its cores)
+    source: str = "curated"  # "curated" shards, or "selection": kept samples read from shards/ through the selection
 
     def problems(self) -> list[str]:
         """What types cannot say: ranges and choices, as readable messages (empty when fine)."""
@@ -89,11 +94,14 @@ class TrainConfig:
             (self.workers >= 0, "train.workers must be >= 0"),
             (self.shuffle_buffer >= 1, "train.shuffle_buffer must be >= 1"),
             (self.threads >= 1, "train.threads must be >= 1"),
+            (self.source in SOURCES, f"train.source must be curated or selection, not {self.source!r}"),
         )
         return problems
 
 
 logger = logging.getLogger(__name__)
+
+SOURCES = ("curated", "selection")  # where ``train`` reads a policy's samples (training.ablation.train_on_policy)
 
 TRAIN_DEVICE = "train.device"  # the config key named in device errors
 CHECKPOINTS = "checkpoints"  # step_<n>.pt and latest.pt, inside the output folder
@@ -123,6 +131,7 @@ class TrainResult:
     precision: str = ""  # what ran: "fp32" | "amp-bf16" | "amp-fp16"
     masking: str = "none"
     shards: int = 0
+    source: str = "curated"  # "curated" shards, or "selection" (download shards through a selection)
     skipped: bool = False  # the checkpoint was already at the requested steps
 
     def summary(self) -> str:
@@ -130,7 +139,8 @@ class TrainResult:
             return f"train: {self.out_dir} is already at step {self.step}: no training done (resumed run)"
         first = self.loss_curve[0][1] if self.loss_curve else float("nan")
         return (
-            f"train: steps {self.start_step + 1}..{self.step} on {self.shards} shard(s) in {self.seconds:.1f} s "
+            f"train: steps {self.start_step + 1}..{self.step} on {self.shards} {self.source} shard(s) "
+            f"in {self.seconds:.1f} s "
             f"({self.step_time_s:.2f} s/step, {self.samples_per_s:.1f} samples/s), loss {first:.3f} -> "
             f"{self.final_loss:.3f}, {self.device} {self.precision}, masking {self.masking} -> {self.checkpoint}"
         )
@@ -159,8 +169,39 @@ def shard_urls(shards: Shards) -> list[str]:
     return urls
 
 
-def train(shards: Shards, out_dir: Path, cfg: TrainConfig, progress: bool = True) -> TrainResult:
-    """Train ``cfg.model`` on ``shards`` up to ``cfg.steps`` steps, resuming from ``out_dir``.
+class SampleSource(ABC):
+    """Where training's raw samples come from: the first stages of the WebDataset pipeline, which
+    yield ``{"__key__", "jpg", "txt", ...}`` dicts of bytes, endlessly. Everything after (shuffle,
+    decode, transform, batch, tokenize) is one pipeline for every source (:func:`_batches`)."""
+
+    kind: str = ""  # named in the result: "curated", "selection"
+    shards: int = 0  # tars it reads
+
+    @abstractmethod
+    def stages(self, seed: int) -> list[Any]:
+        """The pipeline's source stages, drawing from ``seed`` (and the DataLoader worker)."""
+
+
+class CuratedShards(SampleSource):
+    """WebDataset shards (a policy's curated folder): tars drawn with replacement, read whole."""
+
+    kind = "curated"
+
+    def __init__(self, shards: Shards) -> None:
+        self.urls = shard_urls(shards)
+        self.shards = len(self.urls)
+
+    def stages(self, seed: int) -> list[Any]:
+        import webdataset as wds
+
+        # worker_seed=, not seed=: webdataset 0.2.86 (the version open_clip_train requires) has no seed
+        draws = wds.ResampledShards(self.urls, worker_seed=functools.partial(_worker_seed, seed), deterministic=True)
+        return [draws, wds.tarfile_to_samples()]
+
+
+def train(shards: Shards | SampleSource, out_dir: Path, cfg: TrainConfig, progress: bool = True) -> TrainResult:
+    """Train ``cfg.model`` on ``shards`` (tars, or any :class:`SampleSource`) up to ``cfg.steps``
+    steps, resuming from ``out_dir``.
 
     Writes ``out_dir/checkpoints/step_<n>.pt`` (every ``checkpoint_every`` steps and at the end) and
     ``latest.pt``, ``train_log.jsonl`` and ``result.json``. ``progress`` shows a tqdm bar; the one-line
@@ -174,7 +215,7 @@ def train(shards: Shards, out_dir: Path, cfg: TrainConfig, progress: bool = True
     cfg.validate()
     started = time.monotonic()
     out_dir = Path(out_dir)
-    urls = shard_urls(shards)
+    source = shards if isinstance(shards, SampleSource) else CuratedShards(shards)
     device = resolve_device(cfg.device, torch.cuda.is_available(), TRAIN_DEVICE)
     precision = _precision(cfg.precision, device)
     latest = out_dir / CHECKPOINTS / LATEST
@@ -185,7 +226,8 @@ def train(shards: Shards, out_dir: Path, cfg: TrainConfig, progress: bool = True
     if start >= cfg.steps:
         result = TrainResult(
             str(out_dir), start, start, 0, _last_logged_loss(out_dir / LOG), checkpoint=str(latest),
-            device=device, precision=precision, masking=cfg.masking, shards=len(urls), skipped=True,
+            device=device, precision=precision, masking=cfg.masking, shards=source.shards, source=source.kind,
+            skipped=True,
         )
         logger.info(result.summary())
         return result
@@ -201,7 +243,7 @@ def train(shards: Shards, out_dir: Path, cfg: TrainConfig, progress: bool = True
         if precision != "fp32"
         else nullcontext()
     )
-    batches = _batches(urls, preprocess, open_clip.get_tokenizer(cfg.model), cfg, data_seed, device)
+    batches = _batches(source, preprocess, open_clip.get_tokenizer(cfg.model), cfg, data_seed, device)
     log_path = out_dir / LOG
     out_dir.mkdir(parents=True, exist_ok=True)
     _truncate_log(log_path, start)
@@ -248,7 +290,8 @@ def train(shards: Shards, out_dir: Path, cfg: TrainConfig, progress: bool = True
     result = TrainResult(
         str(out_dir), cfg.steps, start, cfg.steps - start, curve[-1][1], curve,
         seconds=time.monotonic() - started, step_time_s=step_time, samples_per_s=cfg.batch_size / step_time,
-        checkpoint=str(saved), device=device, precision=precision, masking=cfg.masking, shards=len(urls),
+        checkpoint=str(saved), device=device, precision=precision, masking=cfg.masking, shards=source.shards,
+        source=source.kind,
     )
     write_json_atomic({**asdict(result), "config": asdict(cfg)}, out_dir / RESULT)
     logger.info(result.summary())
@@ -283,6 +326,13 @@ def _seed(*parts: int) -> int:
     import webdataset as wds
 
     return wds.utils.make_seed(*parts)
+
+
+def _worker_seed(seed: int) -> int:
+    """``seed`` told apart per DataLoader worker (and rank), so that workers draw different data."""
+    import webdataset as wds
+
+    return _seed(seed, wds.utils.pytorch_worker_seed())
 
 
 def _build(cfg: TrainConfig, device: str, precision: str, checkpoint: dict | None) -> tuple[Any, Any, Any, Any]:
@@ -327,15 +377,15 @@ def _adamw(model: Any, cfg: TrainConfig) -> Any:
     )
 
 
-def _batches(urls: list[str], preprocess: Any, tokenizer: Any, cfg: TrainConfig, seed: int, device: str) -> Any:
-    """An endless loader of (images, tokens) batches: shards drawn with replacement, samples shuffled
-    in a buffer, each DataLoader worker seeded apart from the others (workers share the shards)."""
+def _batches(source: SampleSource, preprocess: Any, tokenizer: Any, cfg: TrainConfig, seed: int, device: str) -> Any:
+    """An endless loader of (images, tokens) batches: the source's samples (shards drawn with
+    replacement), shuffled in a buffer, each DataLoader worker seeded apart from the others
+    (workers share the shards). The one place that turns samples into tensors, whatever the source."""
     import torch
     import webdataset as wds
 
     pipeline = wds.DataPipeline(
-        wds.ResampledShards(urls, seed=seed, deterministic=True),
-        wds.tarfile_to_samples(),
+        *source.stages(seed),
         functools.partial(_shuffle_per_worker, bufsize=cfg.shuffle_buffer, seed=seed),
         wds.decode("pilrgb"),
         wds.to_tuple(IMAGE_EXTS, "txt"),
@@ -353,10 +403,12 @@ def _batches(urls: list[str], preprocess: Any, tokenizer: Any, cfg: TrainConfig,
 
 
 def _shuffle_per_worker(samples: Iterator[dict], bufsize: int, seed: int) -> Iterator[dict]:
+    import random
+
     import webdataset as wds
 
-    worker_seed = _seed(seed, wds.utils.pytorch_worker_seed())
-    return wds.shuffle(bufsize, initial=min(bufsize, 100), seed=worker_seed)(samples)
+    rng = random.Random(_worker_seed(seed))  # rng=, not seed=: webdataset 0.2.86 has no seed (same draws)
+    return wds.shuffle(bufsize, initial=min(bufsize, 100), rng=rng)(samples)
 
 
 class _PatchMasking:
