@@ -16,28 +16,15 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from manifests.catalog import parquet_metadata
 from manifests.schemas import schema_for
-from manifests.store import RunLayout, read_table, write_table_atomic
-from pipeline.download_runner import plan_locations, read_input_lists
+from manifests.store import RunLayout, write_table_atomic
+from pipeline.plan_import import pool_rows
 from sources.pool_embeddings import EMBEDDINGS_KEY, IMAGE_EMBEDDING, TEXT_EMBEDDING
 from stages.clip_score import ClipConfig
 
 NO_MASKED_SCORE = "embeddings imported from the pool: no text-masked score (T-MARS needs the image)"
-
-
-def _plans_with_embeddings(layout: RunLayout) -> dict[str, str]:
-    """Plan file name -> where its embeddings came from, for every plan that has them (footers only)."""
-    found = {}
-    for entry in read_input_lists(layout):
-        if entry.file and not entry.is_retry:
-            origin = parquet_metadata(layout.input_dir / entry.file).get(EMBEDDINGS_KEY)
-            if origin:
-                found[entry.file] = origin
-    return found
 
 
 def import_clip_parts(layout: RunLayout, config: ClipConfig, shards: list[str]) -> dict[str, int]:
@@ -45,40 +32,15 @@ def import_clip_parts(layout: RunLayout, config: ClipConfig, shards: list[str]) 
     returns {shard: samples scored}. Shards it cannot serve are left to the model."""
     if config.embeddings_from != "pool":
         return {}
-    plans = _plans_with_embeddings(layout)
-    if not plans:
-        return {}
-    lists = read_input_lists(layout)
     done: dict[str, int] = {}
-    for shard in shards:
-        owner = next((e for e in lists if shard in e.shard_list()), None)
-        if owner is None:
-            continue
-        download = read_table(layout.part_path("download", shard), columns=["uid", "status", "key"])
-        ok = download.filter(pc.and_(pc.equal(download.column("status"), "ok"), pc.is_valid(download.column("key"))))
-        uids = ok.column("uid")
-        if owner.is_retry:  # retried rows: their embeddings are in the plan of the list they came from
-            vectors, origin = _by_uid(layout, plans, uids)
-        elif owner.file in plans:
-            (located,) = plan_locations(layout, owner, {shard})
-            rows = located.read_columns(layout, ["uid", "shard", IMAGE_EMBEDDING, TEXT_EMBEDDING])
-            vectors, origin = rows, plans[owner.file]
-        else:
-            continue
-        if vectors is None:
-            continue
-        write_table_atomic(_part(uids, vectors, origin, config), layout.part_path("clip_score", shard))
-        done[shard] = len(uids)
+    origins: dict[str, str] = {}
+    for found in pool_rows(layout, shards, [IMAGE_EMBEDDING, TEXT_EMBEDDING]):
+        if found.plan not in origins:
+            origins[found.plan] = parquet_metadata(layout.input_dir / found.plan).get(EMBEDDINGS_KEY, found.plan)
+        write_table_atomic(_part(found.uids, found.values, origins[found.plan], config),
+                           layout.part_path("clip_score", found.shard))
+        done[found.shard] = len(found.uids)
     return done
-
-
-def _by_uid(layout: RunLayout, plans: dict[str, str], uids: pa.ChunkedArray) -> tuple[pa.Table | None, str]:
-    for name, origin in plans.items():
-        table = pq.read_table(layout.input_dir / name, columns=["uid", IMAGE_EMBEDDING, TEXT_EMBEDDING],
-                              filters=[("uid", "in", uids.to_pylist())])
-        if table.num_rows:
-            return table, origin
-    return None, ""
 
 
 def _part(uids: pa.ChunkedArray, vectors: pa.Table, origin: str, config: ClipConfig) -> pa.Table:

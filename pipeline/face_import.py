@@ -15,28 +15,14 @@ from __future__ import annotations
 import json
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from manifests.catalog import parquet_metadata
-from manifests.schemas import SOURCE_COLUMNS_KEY, schema_for
-from manifests.store import RunLayout, read_table, write_table_atomic
-from pipeline.download_runner import plan_locations, read_input_lists
+from manifests.schemas import schema_for
+from manifests.store import RunLayout, write_table_atomic
+from pipeline.plan_import import pool_rows
 from stages.faces import POOL_SOURCE, FaceConfig
 
 POOL_BOXES = "source_face_bboxes"  # sources.SOURCE_RENAMES["face_bboxes"]
 NO_POOL_BOXES = "the pool lists no face_bboxes for this row"
-
-
-def _plans_with_boxes(layout: RunLayout) -> list[str]:
-    """Plan files whose rows carry the pool's face boxes (footers only)."""
-    found = []
-    for entry in read_input_lists(layout):
-        if entry.file and not entry.is_retry:
-            names = json.loads(parquet_metadata(layout.input_dir / entry.file).get(SOURCE_COLUMNS_KEY) or "[]")
-            if POOL_BOXES in names:
-                found.append(entry.file)
-    return found
 
 
 def import_face_parts(layout: RunLayout, config: FaceConfig, shards: list[str]) -> dict[str, int]:
@@ -44,39 +30,11 @@ def import_face_parts(layout: RunLayout, config: FaceConfig, shards: list[str]) 
     samples}. Shards it cannot serve are left to the detector."""
     if not config.enabled:
         return {}
-    plans = _plans_with_boxes(layout)
-    if not plans:
-        return {}
-    lists = read_input_lists(layout)
     done: dict[str, int] = {}
-    for shard in shards:
-        owner = next((e for e in lists if shard in e.shard_list()), None)
-        if owner is None:
-            continue
-        download = read_table(layout.part_path("download", shard), columns=["uid", "status", "key"])
-        ok = download.filter(pc.and_(pc.equal(download.column("status"), "ok"), pc.is_valid(download.column("key"))))
-        uids = ok.column("uid")
-        if owner.is_retry:  # retried rows: their boxes are in the plan of the list they came from
-            boxes = _by_uid(layout, plans, uids)
-        elif owner.file in plans:
-            (located,) = plan_locations(layout, owner, {shard})
-            boxes = located.read_columns(layout, ["uid", "shard", POOL_BOXES])
-        else:
-            continue
-        if boxes is None:
-            continue
-        write_table_atomic(_part(uids, boxes), layout.part_path("faces", shard))
-        done[shard] = len(uids)
+    for found in pool_rows(layout, shards, [POOL_BOXES]):
+        write_table_atomic(_part(found.uids, found.values), layout.part_path("faces", found.shard))
+        done[found.shard] = len(found.uids)
     return done
-
-
-def _by_uid(layout: RunLayout, plans: list[str], uids: pa.ChunkedArray) -> pa.Table | None:
-    for name in plans:
-        table = pq.read_table(layout.input_dir / name, columns=["uid", POOL_BOXES],
-                              filters=[("uid", "in", uids.to_pylist())])
-        if table.num_rows:
-            return table
-    return None
 
 
 def _boxes(value: object) -> list[list[float]]:

@@ -51,7 +51,9 @@ class CaptionConfig:
 
     lang_engine: str = "lingua"  # "lingua" (Apache-2.0, in the wheel) | "fasttext" (lid.176.ftz, CC-BY-SA-3.0: the fasttext-lid extra)
     replicas: int | str = "auto"  # actors, each loads the models once (~0.9 GB with lingua): a count, or "auto" (sized by cost_per_image)
-    cpus_per_replica: float = 1.0  # a busy replica runs one thread (lingua is called one caption at a time)
+    # a fraction, as parrot's: ~0.002 CPU-s a caption against OCR's ~0.4 an image, so it never holds a
+    # whole core the model stages need (one thread: lingua is called one caption at a time)
+    cpus_per_replica: float = 0.25
 
     def problems(self) -> list[str]:
         """What types cannot say, and the optional extra the fasttext engine needs."""

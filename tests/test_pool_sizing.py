@@ -45,7 +45,7 @@ def test_defaults_are_auto_and_ocr_costs_most() -> None:
 def test_two_cores_get_two_ocr_replicas_and_pools_grow_with_the_cluster() -> None:
     """On the 2-core box one OCR actor left a core idle (0.38 img/s, 36% idle): now both cores
     run OCR; on big nodes OCR takes nearly every core and CLIP grows when its share reaches one."""
-    assert _replicas({"CPU": 2}) == {"ocr": 2, "parrot": 1, "clip_score": 1, "dedup": 1}
+    assert _replicas({"CPU": 2}) == {"ocr": 2, "parrot": 1, "caption": 1, "clip_score": 1, "dedup": 1}
     assert _replicas({"CPU": 16})["ocr"] == 14
     big = _replicas({"CPU": 64})
     assert big["ocr"] >= 50 and big["clip_score"] >= 5
