@@ -93,26 +93,27 @@ def _stage_relation(layout: RunLayout, stage: str) -> str:
 SOURCE_VIEW = "source"  # the URL list's own columns (manifests.schemas: source columns), joined into samples
 
 
-def source_plans(layout: RunLayout) -> list[Path]:
-    """The plan files (``input/urls*.parquet``) of the lists that brought source columns, from
-    their footers alone; a retry's plan repeats earlier rows and has none."""
-    plans = []
+def source_plans(layout: RunLayout) -> dict[Path, list[str]]:
+    """The plan files (``input/urls*.parquet``) of the lists that brought source columns, each
+    with its columns, from their footers alone; a retry's plan repeats earlier rows and has none."""
+    plans = {}
     for name in sorted(list_names(layout.input_dir)):
         if not (name.startswith("urls") and name.endswith(".parquet")):
             continue
         path = layout.input_dir / name
-        if json.loads(parquet_metadata(path).get(SOURCE_COLUMNS_KEY) or "[]"):
-            plans.append(path)
+        columns = json.loads(parquet_metadata(path).get(SOURCE_COLUMNS_KEY) or "[]")
+        if columns:
+            plans[path] = columns
     return plans
 
 
-def source_relation(plans: Sequence[Path]) -> str | None:
+def source_relation(plans: dict[Path, list[str]]) -> str | None:
     """The source columns of every sample of ``plans`` (uid first) as one relation; None without plans.
     Lists appended with other columns: ``union_by_name``, so a column one list lacks is null there."""
     if not plans:
         return None
     files = "[" + ", ".join(sql_string(p) for p in plans) + "]"
-    names = dict.fromkeys(n for p in plans for n in json.loads(parquet_metadata(p)[SOURCE_COLUMNS_KEY]))
+    names = dict.fromkeys(n for columns in plans.values() for n in columns)
     select = ", ".join(_ident(n) for n in ["uid", *names])
     return f"(select {select} from read_parquet({files}, union_by_name=true))"
 
@@ -385,7 +386,7 @@ def materialise_policy_inputs(layout: RunLayout, columns: Sequence[str], order: 
         fingerprint = hashlib.sha256(json.dumps({
             "format": _INPUTS_FORMAT, "duckdb": duckdb.__version__, "columns": kept_columns,
             "parts": {s: _part_listing(layout, s) for s in ["download", *joined] if s != SOURCE_VIEW},
-            "source": [(p.name, parquet_metadata(p).get(SOURCE_COLUMNS_KEY)) for p in plans] if SOURCE_VIEW in joined else [],
+            "source": [(p.name, columns) for p, columns in plans.items()] if SOURCE_VIEW in joined else [],
         }).encode()).hexdigest()
         path, uids_path = policy_inputs_path(layout), policy_uids_path(layout)
         meta = parquet_metadata(path)

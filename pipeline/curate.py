@@ -13,15 +13,13 @@ derived, so a step that reads them brings them along.
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.errors import ConfigError
-from manifests.catalog import build_catalog, parquet_metadata, source_plans
-from manifests.schemas import SOURCE_COLUMNS_KEY
+from manifests.catalog import build_catalog, source_plans
 from manifests.store import RunLayout, check_writable
 from pipeline.config import Config
 from pipeline.dag import (
@@ -68,10 +66,7 @@ class CurateResult:
 
 def source_column_names(source: DatasetSource, layout: RunLayout) -> set[str]:
     """The source columns the run's samples have: this list's, and those of lists planned before."""
-    names = set(source.source_columns())
-    for plan in source_plans(layout):
-        names |= set(json.loads(parquet_metadata(plan).get(SOURCE_COLUMNS_KEY) or "[]"))
-    return names
+    return set(source.source_columns()).union(*source_plans(layout).values())
 
 
 def with_pool_steps(stages: tuple[str, ...], config: Config, policies: tuple[str, ...]) -> tuple[str, ...]:

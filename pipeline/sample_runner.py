@@ -57,7 +57,12 @@ class SampleReport:
     seconds: float = 0.0
     samples: int = 0
     images_decoded: int = 0  # rows that went through the decoder (0 when no stage that ran reads image)
-    clip_imported: int = 0  # samples whose CLIP score came from the pool's own embeddings (pipeline/clip_import.py)
+    imported: dict[str, int] = field(default_factory=dict)  # step -> samples its part took from the pool's own values
+
+    @property
+    def clip_imported(self) -> int:
+        """Samples whose CLIP score came from the pool's own embeddings (pipeline/clip_import.py)."""
+        return self.imported.get("clip_score", 0)
     incomplete_shards: dict[str, str] = field(default_factory=dict)
     waiting: dict[str, str] = field(default_factory=dict)  # shard -> why a step could not run on it yet
     refits: list[str] = field(default_factory=list)  # each time nodes left and the pools were sized again
@@ -310,30 +315,13 @@ def run_per_sample(
     steps = tuple(s for s in steps if s.enabled(config))
     report = SampleReport(stages={s.name: StageReport() for s in steps})
     counts = ok_counts(layout)
-    imported: dict[str, int] = {}
-    if any(s.name == "clip_score" for s in steps):  # a pool's own embeddings: no model, no image
-        from pipeline.clip_import import import_clip_parts
-
-        lacking = sorted(set(counts) - layout.done_shards("clip_score"))
-        imported = import_clip_parts(layout, config.clip, [s for s in lacking if counts[s]])
-        report.stages["clip_score"].shards_run += len(imported)
-        report.stages["clip_score"].samples += sum(imported.values())
-        report.clip_imported += sum(imported.values())
-    faces_imported: dict[str, int] = {}
-    if any(s.name == "faces" for s in steps):  # a pool's own face boxes: no detector, no image
-        from pipeline.face_import import import_face_parts
-
-        lacking = sorted(set(counts) - layout.done_shards("faces"))
-        faces_imported = import_face_parts(layout, config.faces, [s for s in lacking if counts[s]])
-        report.stages["faces"].shards_run += len(faces_imported)
-        report.stages["faces"].samples += sum(faces_imported.values())
+    imported = _import_pool_parts(layout, config, steps, counts, report)
     groups: dict[tuple[tuple[str, ...], tuple[str, ...]], list[str]] = defaultdict(list)
     done = {s.name: layout.done_shards(s.name) for s in {*steps, *context}}  # one listing per stage
     for shard in sorted(counts):
         missing = tuple(s.name for s in steps if shard not in done[s.name])
         for s in steps:
-            if s.name not in missing and not (s.name == "clip_score" and shard in imported) \
-                    and not (s.name == "faces" and shard in faces_imported):
+            if s.name not in missing and shard not in imported.get(s.name, ()):
                 report.stages[s.name].shards_already_done += 1
         if not missing:
             continue
@@ -380,6 +368,28 @@ def run_per_sample(
         logging.disable(logging.NOTSET)
     report.seconds = time.monotonic() - started
     return report
+
+
+def _import_pool_parts(layout: RunLayout, config: Config, steps: tuple[Step, ...], counts: dict[str, int],
+                       report: SampleReport) -> dict[str, set[str]]:
+    """Write, on the driver, the parts a pool's own values give (its embeddings for clip_score,
+    its face boxes for faces: ``pipeline/plan_import.py``), so those shards need no image and no
+    model; returns the shards written per step."""
+    from pipeline.clip_import import import_clip_parts
+    from pipeline.face_import import import_face_parts
+
+    importers = {"clip_score": lambda shards: import_clip_parts(layout, config.clip, shards),
+                 "faces": lambda shards: import_face_parts(layout, config.faces, shards)}
+    written: dict[str, set[str]] = {}
+    for s in steps:
+        if s.name in importers:
+            lacking = [x for x in sorted(set(counts) - layout.done_shards(s.name)) if counts[x]]
+            done = importers[s.name](lacking)
+            report.stages[s.name].shards_run += len(done)
+            report.stages[s.name].samples += sum(done.values())
+            report.imported[s.name] = report.imported.get(s.name, 0) + sum(done.values())
+            written[s.name] = set(done)
+    return written
 
 
 def _inputs_lacking(run_steps: list[Step], context: tuple[Step, ...], available: set[str]) -> str | None:

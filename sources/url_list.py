@@ -211,8 +211,6 @@ def _read_any(data: bytes, fmt: str, path: str, url_names: Sequence[str], captio
             raise
         if "straddl" in str(err):
             return _read_table(data, fmt, path, text_columns, block_size=_BIG_BLOCK_SIZE, url_names=url_names)
-        if fmt in ("csv", "tsv") and "conversion error" in str(err).lower():
-            return _read_csv_untyped(data, fmt, text_columns)
         raise
 
 
@@ -222,7 +220,8 @@ def _read_table(data: bytes, fmt: str, path: str, text_columns: Sequence[str], b
         return pq.read_table(io.BytesIO(data))
     if fmt in ("csv", "tsv"):
         read_options = pacsv.ReadOptions() if block_size is None else pacsv.ReadOptions(block_size=block_size)
-        # pyarrow types a number column with one word in it as text: typed by majority again
+        # pyarrow reads a number column with one word in it, anywhere in the file, as text (it infers
+        # over every block, never fails on it): such a column is typed by majority again
         return _type_by_majority(pacsv.read_csv(
             io.BytesIO(data),
             read_options=read_options,
@@ -235,19 +234,6 @@ def _read_table(data: bytes, fmt: str, path: str, text_columns: Sequence[str], b
 
 def _csv_parse(fmt: str) -> pacsv.ParseOptions:
     return pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",")
-
-
-def _read_csv_untyped(data: bytes, fmt: str, text_columns: Sequence[str]) -> pa.Table:
-    """A CSV whose column types changed past the first block (a number column with a word in row
-    900,000): every column read as text, then each typed by what most of its values are
-    (:func:`_type_by_majority`), so one bad value is a null, not a failed run."""
-    reader = pacsv.open_csv(io.BytesIO(data), read_options=pacsv.ReadOptions(block_size=_BIG_BLOCK_SIZE),
-                            parse_options=_csv_parse(fmt))
-    names = reader.schema.names
-    types = {n: (pa.binary() if n in text_columns else pa.string()) for n in names}
-    table = pacsv.read_csv(io.BytesIO(data), read_options=pacsv.ReadOptions(block_size=_BIG_BLOCK_SIZE),
-                           parse_options=_csv_parse(fmt), convert_options=pacsv.ConvertOptions(column_types=types))
-    return _type_by_majority(table, skip=text_columns)
 
 
 def _type_by_majority(table: pa.Table, skip: Sequence[str]) -> pa.Table:

@@ -21,11 +21,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Literal, TypeVar
 
 import pyarrow as pa
 
 IMAGE = "image"  # the decoded pixels (HxWx3 uint8), read from the downloaded shard
+T = TypeVar("T")
 LIGHT_COST_PER_IMAGE = 0.005  # CPU-s per sample of a stage without a model (see Stage.cost_per_image)
 
 
@@ -102,6 +104,26 @@ def optional_column(batch: dict[str, Any], name: str, n: int) -> list:
     e.g. in a test, without an optional earlier stage's columns)."""
     values = batch.get(name)
     return [None] * n if values is None else list(values)
+
+
+def batch_or_each(call: Callable[[list[Any]], Sequence[T]], items: list[Any]) -> list[T | Exception]:
+    """``call`` on the whole batch (one model call); if it raises, or answers for another number of
+    items, on each item alone, so a bad one fails by itself: its Exception in its place."""
+    try:
+        results = call(items)
+        if len(results) != len(items):
+            raise RuntimeError(f"the model returned {len(results)} results for {len(items)} inputs")
+        return list(results)
+    except Exception as err:  # noqa: BLE001 - retried per item below
+        if len(items) == 1:
+            return [err]
+    out: list[T | Exception] = []
+    for item in items:
+        try:
+            out.append(call([item])[0])
+        except Exception as err:  # noqa: BLE001 - recorded in the row
+            out.append(err)
+    return out
 
 
 class BatchStage(Stage):

@@ -26,7 +26,7 @@ import numpy as np
 from core.settings import config_section, require
 from manifests.schemas import FACES, schema_for
 from models.faces import MIN_FACE_PX, FaceBox, FaceDetector, detector_device, make_detector
-from stages.base import BatchStage, Resources
+from stages.base import BatchStage, Resources, batch_or_each
 
 FACE_COLUMNS: tuple[str, ...] = tuple(FACES.names)
 DETECTOR_SOURCE = "mtcnn"  # face_source of a detected row; "pool" when the list brought the boxes
@@ -112,21 +112,7 @@ class FaceStage(BatchStage):
         """One batched call; if it raises, each image alone so a bad one fails by itself."""
         detector = self.detector
         assert detector is not None
-        try:
-            results = detector.detect_batch(images)
-            if len(results) != len(images):
-                raise RuntimeError(f"detector returned {len(results)} results for {len(images)} images")
-            return list(results)
-        except Exception as err:  # noqa: BLE001 - retried per image below
-            if len(images) == 1:
-                return [err]
-        out: list[list[FaceBox] | Exception] = []
-        for image in images:
-            try:
-                out.append(detector.detect_batch([image])[0])
-            except Exception as err:  # noqa: BLE001 - recorded in the row
-                out.append(err)
-        return out
+        return batch_or_each(lambda batch: detector.detect_batch(batch), images)
 
     def process_batch(self, batch: dict[str, Any]) -> dict[str, list]:
         """uid/image/decode_error columns in -> ``schemas.FACES`` columns out, one row per input."""

@@ -18,7 +18,7 @@ import numpy as np
 from core.settings import config_section, require
 from manifests.schemas import OCR, schema_for
 from models.ocr import OcrEngine, Region, engine_device, make_engine
-from stages.base import BatchStage, Resources
+from stages.base import BatchStage, Resources, batch_or_each
 
 
 @config_section
@@ -174,21 +174,7 @@ class OcrStage(BatchStage):
         engine = self.engine
         assert engine is not None
         size = self.config.detector_size
-        try:
-            results = engine.detect_batch(images, size)
-            if len(results) != len(images):
-                raise RuntimeError(f"engine returned {len(results)} results for {len(images)} images")
-            return list(results)
-        except Exception as err:  # noqa: BLE001 - retried per image below
-            if len(images) == 1:
-                return [err]
-        out: list[list[Region] | Exception] = []
-        for image in images:
-            try:
-                out.append(engine.detect_batch([image], size)[0])
-            except Exception as err:  # noqa: BLE001 - recorded in the row
-                out.append(err)
-        return out
+        return batch_or_each(lambda batch: engine.detect_batch(batch, size), images)
 
     def process_batch(self, batch: dict[str, Any]) -> dict[str, list]:
         """uid/image/decode_error columns in -> ``schemas.OCR`` columns out, one row per input."""
