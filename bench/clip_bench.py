@@ -52,7 +52,6 @@ TARGET = 0.9
 def run(ctx: Context, threads: int = 1) -> BenchResult:
     import numpy as np
     import torch
-    from PIL import Image
 
     from models.clip import mask_text_regions
     from pipeline.config import load_config
@@ -85,7 +84,7 @@ def run(ctx: Context, threads: int = 1) -> BenchResult:
                  "n_regions": [len(q) for q in quads[lo:hi]]}
         # the tensors the stage builds for this batch, made once, outside any timing
         masked = [mask_text_regions(images[i], quads[i]) for i in range(lo, hi) if quads[i]]
-        pixels = torch.stack([clip.preprocess(Image.fromarray(im)) for im in images[lo:hi] + masked])
+        pixels = torch.cat(list(clip.pixel_batches(images[lo:hi] + masked)))
         tokens = clip.tokenizer(batch["caption"])
         batches.append((batch, pixels, tokens))
 

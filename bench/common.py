@@ -136,6 +136,17 @@ class Timer:
             self.laps.append(lap)
 
 
+def high_water_mib() -> float:
+    """This process's peak RSS (VmHWM). Not ``ru_maxrss``: Linux carries that across fork and exec,
+    so a child of a large process (this suite, after the DuckDB benchmark: ~5.7 GB) reported its
+    parent's size, which made planning look like it added 5.6 GB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def set_torch_threads(n: int) -> None:
     import torch
 

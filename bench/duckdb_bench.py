@@ -88,13 +88,23 @@ STAGE_SQL = {
                 - case when {_h('i', 3)} % 100 < 40 then ({_h('i', 8)} % 500) / 10000.0 else 0 end)::float
                    as clip_score_masked
         from range({{lo}}, {{hi}}) t(i)""",
-    # 2% of the rows are pairs of near-duplicates (row i with row i+1 for even i)
+    # 2% of the rows are pairs of near-duplicates (row i with row i+1 for even i); no byte copies, no embeddings
     "dup_group": f"""
         select md5(i::varchar) as uid,
                case when {_h('i // 2', 10)} % 100 < 2 then md5((i // 2 * 2)::varchar) else md5(i::varchar) end
                    as dup_group,
                (case when {_h('i // 2', 10)} % 100 < 2 then 2 else 1 end)::integer as dup_group_size,
-               ({_h('i // 2', 10)} % 100 >= 2 or i % 2 = 0) as dup_keeper
+               ({_h('i // 2', 10)} % 100 >= 2 or i % 2 = 0) as dup_keeper,
+               md5(i::varchar) as dup_exact_group, 1::integer as dup_exact_size, true as dup_exact_keeper,
+               null::varchar as dup_semantic_group, null::integer as dup_semantic_size,
+               null::boolean as dup_semantic_keeper
+        from range({{lo}}, {{hi}}) t(i)""",
+    # 0.1% of the rows copy an evaluation image
+    "decontaminate": f"""
+        select md5(i::varchar) as uid,
+               case when {_h('i', 11)} % 1000 = 0
+                    then {{{{'set': 'builtin', 'image': 'clean/0.png', 'tier': 'phash', 'distance': 2.0::double}}}}
+               end as eval_match
         from range({{lo}}, {{hi}}) t(i)""",
 }
 

@@ -35,7 +35,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import BenchResult, Context, Ratio, mib  # noqa: E402
+from bench.common import BenchResult, Context, Ratio, high_water_mib, mib  # noqa: E402
 
 NAME = "million"
 TITLE = "A million-row URL list: planning, download, driver memory, no-op rerun"
@@ -172,7 +172,7 @@ def drive(url_list: str, out: str, shard_size: int, plan_only: bool = False) -> 
         times["summary_s"] = time.perf_counter() - started
     out_info["times"] = times
     out_info["rss_start_mib"] = rss_start
-    out_info["maxrss_mib"] = _high_water_mib()
+    out_info["maxrss_mib"] = high_water_mib()
     return out_info
 
 
@@ -208,18 +208,7 @@ def naive_plan(url_list: str, out: str, shard_size: int) -> dict[str, Any]:
     Path(out).mkdir(parents=True, exist_ok=True)
     pq.write_table(plan, Path(out) / "urls.parquet", compression="zstd")
     return {"planned": plan.num_rows, "times": {"plan_s": time.perf_counter() - started}, "rss_start_mib": rss_start,
-            "maxrss_mib": _high_water_mib()}
-
-
-def _high_water_mib() -> float:
-    """This process's peak RSS (VmHWM). Not ``ru_maxrss``: Linux carries that across fork and exec,
-    so a child of a large process (this suite, after the DuckDB benchmark: ~5.7 GB) reported its
-    parent's size, which made planning look like it added 5.6 GB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+            "maxrss_mib": high_water_mib()}
 
 
 def _rss_mib() -> float:

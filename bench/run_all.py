@@ -15,6 +15,10 @@ Benchmarks (run in this order; --only picks some):
   masking  training step time with CLIP-PGS / FLIP patch dropout vs no masking
   duckdb   policy filter + count over a synthetic manifest (10M rows; --quick: 200k)
   reshard  ReshardStage MB/s vs a raw tar-to-tar copy of the same bytes
+  dedup-quality  precision and recall of the dedup tiers (exact bytes, pHash, CLIP embedding) per planted
+           transform on ~30 real photographs (not a ratio: a quality table; ~1.5 CPU-minutes)
+  dedup-scale  the dup_group step's pHash and semantic tiers on synthetic pools of 10^6 and 10^7 rows
+           (seconds, driver and worker peak RSS, growth vs linear; --quick: 2*10^4 and 2*10^5)
   dag      the fused Ray Data DAG (decode->ocr->parrot->clip_score) vs its slowest stage alone,
            and its scaling at 1x/2x/4x input (time linear, peak memory flat; plot)
   million  plan and download a 1,000,000-row URL list (shard 10,000) from 127.0.0.1: planning
@@ -66,6 +70,8 @@ BENCHMARKS: dict[str, str] = {
     "masking": "bench.train_bench",
     "duckdb": "bench.duckdb_bench",
     "reshard": "bench.reshard_bench",
+    "dedup-quality": "bench.dedup_quality",
+    "dedup-scale": "bench.dedup_bench",
     "dag": "bench.dag_bench",
     "million": "bench.million_bench",
     "sources": "bench.source_columns_bench",

@@ -28,7 +28,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import BenchResult, Context, Ratio  # noqa: E402
+from bench.common import BenchResult, Context, Ratio, high_water_mib  # noqa: E402
 
 NAME = "sources"
 TITLE = "A URL list's own columns kept: planning time, driver peak memory, catalog build"
@@ -85,7 +85,7 @@ def child(list_path: str, out: str) -> dict:
     source.fingerprint()
     freeze_input(source, layout, SHARD_SIZE)
     plan_s = time.perf_counter() - started
-    peak = _high_water_mib()
+    peak = high_water_mib()
     plan = pq.read_table(layout.input_path, columns=["uid", "url", "caption", "shard"])
     layout.stage_dir("download").mkdir(parents=True, exist_ok=True)
     for shard in sorted(set(plan.column("shard").to_pylist())):
@@ -103,14 +103,6 @@ def child(list_path: str, out: str) -> dict:
     inputs = materialise_policy_inputs(layout, ["status", column])
     return {"plan_s": plan_s, "peak_mib": peak, "catalog_s": catalog_s,
             "policy_inputs_s": time.perf_counter() - started, "rows": inputs.rows}
-
-
-def _high_water_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def _run_child(list_path: Path, out: Path) -> dict:

@@ -67,11 +67,12 @@ def loader_rate(urls: list[str], cfg: Any, batches: int) -> float:
     import open_clip
 
     from models.clip import register_model_configs
-    from training.train import _batches
+    from models.pixels import Pixels
+    from training.train import CuratedShards, _batches
 
     register_model_configs()
-    _, _, preprocess = open_clip.create_model_and_transforms(cfg.model)
-    loader = iter(_batches(urls, preprocess, open_clip.get_tokenizer(cfg.model), cfg, 0, "cpu"))
+    _, preprocess, _ = open_clip.create_model_and_transforms(cfg.model)  # the train transform, as train() uses
+    loader = iter(_batches(CuratedShards(urls), Pixels(preprocess), open_clip.get_tokenizer(cfg.model), cfg, 0, "cpu"))
     next(loader)
     started = time.perf_counter()
     for _ in range(batches):

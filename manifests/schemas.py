@@ -148,13 +148,38 @@ FACES = pa.schema(
 )
 
 # manifests/dup_group/part-pool.parquet: one row per downloaded-ok sample, computed over the whole pool
+# (stages/dedup.py). Three tiers, each with its group (the smallest uid of the group; the sample's own uid when
+# alone; null when the tier has nothing to compare: no bytes, no pHash, no embedding, or the tier is off), the
+# group's size, and whether the sample is the one of its group a dedup keeps ([dedup] keeper: the largest original
+# image by default, ties to the smaller uid).
 DUP_GROUP = pa.schema(
     [
         pa.field("uid", pa.string(), nullable=False),
-        pa.field("dup_group", pa.string()),  # smallest uid of the sample's near-duplicate group (its own uid when alone)
+        # perceptual tier: pHash within [dedup] radius bits (or the same bytes), chained
+        pa.field("dup_group", pa.string()),
         pa.field("dup_group_size", pa.int32()),
-        # the one sample of its group a dedup keeps: the largest original image (width x height), ties to the smaller uid
         pa.field("dup_keeper", pa.bool_()),
+        # exact tier: the same downloaded bytes (sha256)
+        pa.field("dup_exact_group", pa.string()),
+        pa.field("dup_exact_size", pa.int32()),
+        pa.field("dup_exact_keeper", pa.bool_()),
+        # semantic tier: image-embedding cosine >= 1 - [dedup] semantic_eps within a k-means cluster (SemDeDup)
+        pa.field("dup_semantic_group", pa.string()),
+        pa.field("dup_semantic_size", pa.int32()),
+        pa.field("dup_semantic_keeper", pa.bool_()),
+        pa.field("dup_centroid_cosine", pa.float32()),  # cosine to its k-means centroid (NeMo's hard / easy keepers)
+        pa.field("dup_embedding_model", pa.string()),  # the model whose embeddings the semantic tier compared
+    ]
+)
+
+# manifests/decontaminate/part-pool.parquet: one row per downloaded-ok sample (stages/decontaminate.py): its best
+# match among the evaluation images of [decontaminate] eval_sets, or null. tier "exact" (same bytes; distance 0),
+# "phash" (Hamming bits), "semantic" (1 - image-embedding cosine); exact before phash before semantic, then nearest.
+EVAL_MATCH = pa.struct([("set", pa.string()), ("image", pa.string()), ("tier", pa.string()), ("distance", pa.float64())])
+DECONTAMINATE = pa.schema(
+    [
+        pa.field("uid", pa.string(), nullable=False),
+        pa.field("eval_match", EVAL_MATCH),
     ]
 )
 
@@ -198,6 +223,7 @@ STAGE_SCHEMAS: dict[str, pa.Schema] = {
     "dedup": DEDUP,
     "faces": FACES,
     "dup_group": DUP_GROUP,
+    "decontaminate": DECONTAMINATE,
 }
 
 

@@ -17,6 +17,7 @@ No Ray and no run paths: the CLIP-score stage owns those. Three things are decid
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -30,6 +31,7 @@ import numpy as np
 
 from core.errors import ConfigError
 from core.images import as_rgb
+from models.pixels import Pixels
 
 logger = logging.getLogger(__name__)
 
@@ -91,19 +93,31 @@ class ClipModel:
             return torch.autocast("cuda", dtype=torch.float16)
         return nullcontext()
 
+    @functools.cached_property
+    def pixels(self) -> Pixels:
+        """``preprocess`` as per-image uint8 resizes and one normalisation per batch (models/pixels.py)."""
+        return Pixels(self.preprocess)
+
     def encode_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """L2-normalised image embeddings, float32, one row per image, in batches."""
         import torch
-        from PIL import Image
 
         chunks = []
-        for start in range(0, len(images), self.batch_size):
-            part = images[start : start + self.batch_size]
-            pixels = torch.stack([self.preprocess(Image.fromarray(as_rgb(im))) for im in part])
+        for pixels in self.pixel_batches(images):
             with torch.inference_mode(), self._autocast():
-                emb = self.model.encode_image(pixels.to(self.device))
+                emb = self.model.encode_image(pixels)
             chunks.append(_normalise(emb))
         return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+
+    def pixel_batches(self, images: Sequence[np.ndarray]) -> Iterator[Any]:
+        """The image tower's inputs for ``encode_images``, one tensor per batch, made as they are needed:
+        normalised in numpy on the CPU, or on the GPU (a quarter of the bytes to copy)."""
+        from PIL import Image
+
+        on_cpu = not self.device.startswith("cuda")
+        for start in range(0, len(images), self.batch_size):
+            items = [self.pixels.from_image(Image.fromarray(as_rgb(im))) for im in images[start : start + self.batch_size]]
+            yield self.pixels.to_model(self.pixels.collate(items, normalise=on_cpu), self.device)
 
     def encode_texts(self, captions: Sequence[str]) -> np.ndarray:
         """L2-normalised caption embeddings, float32 (captions past the context are truncated)."""
@@ -246,6 +260,17 @@ def _without_open_clip_random_notice() -> Iterator[None]:
         root.removeFilter(notice)
 
 
+def weights_description(model: str, pretrained: str, seed: int) -> tuple[str, bool]:
+    """``(description, meaningful)`` of the weights ``load_clip`` would load, without loading them:
+    what a model's outputs are labelled with (``clip_model``), so outputs of other weights are told apart."""
+    pretrained = pretrained or ""
+    if not pretrained:
+        return f"{model} random-init(seed={seed})", False
+    if os.path.isfile(pretrained):
+        return f"{model} {pretrained} sha256:{file_sha256(pretrained)[:8]}", True
+    return f"{model} {pretrained}", True
+
+
 def load_clip(
     model: str,
     pretrained: str,
@@ -288,15 +313,10 @@ def load_clip(
         )
     net.eval().requires_grad_(False)
 
-    if not pretrained:
-        description, meaningful = f"{model} random-init(seed={seed})", False
-        if not _warned_random:
-            _warned_random = True
-            warnings.warn(RANDOM_WEIGHTS_MESSAGE, RandomWeightsWarning, stacklevel=2)
-    elif is_file:
-        description, meaningful = f"{model} {pretrained} sha256:{file_sha256(pretrained)[:8]}", True
-    else:
-        description, meaningful = f"{model} {pretrained}", True
+    description, meaningful = weights_description(model, pretrained, seed)
+    if not meaningful and not _warned_random:
+        _warned_random = True
+        warnings.warn(RANDOM_WEIGHTS_MESSAGE, RandomWeightsWarning, stacklevel=2)
 
     if precision == "amp" and device.startswith("cuda"):
         actual = "amp-bf16" if torch.cuda.is_bf16_supported() else "amp-fp16"

@@ -14,11 +14,12 @@ Why ``EasyOcrEngine`` does not just call ``easyocr.Reader.readtext`` per image:
   canvas costs pixels: so on CPU only images with the same padded shape share a forward.
 - On CPU the detector is >90% of the time. CRAFT is all convolutions, so easyocr's dynamic int8
   quantisation does not touch it; the same graph exported to ONNX runs 1.3-1.5x faster on
-  onnxruntime than in PyTorch. We export it once at load time (in memory, no file), check it
-  against the torch output, and keep torch on GPU and as the fallback. With ``quantize`` (the
-  default) the export is then quantised statically to int8 (``quantize_craft``: calibrated on
-  rendered text, checked against fp32, fp32 kept if the check fails): 3.7x faster per forward
-  on one thread here (AVX-512 VNNI), about 2x the stage's images/s on real photographs.
+  onnxruntime than in PyTorch. We export it, check it against the torch output, and keep torch
+  on GPU and as the fallback. With ``quantize`` (the default) the export is then quantised
+  statically to int8 (``quantize_craft``: calibrated on rendered text, checked against fp32, fp32
+  kept if the check fails): 3.7x faster per forward on one thread here (AVX-512 VNNI), about 2x
+  the stage's images/s on real photographs. Both models are built once per machine and kept in
+  the project cache (``ocr/``, see ``_OrtCraft``); every load checks them again.
 - Images are scaled so that their longest side is ``detector_size``: the detector's cost grows
   with pixels, and this dataset's text stays detectable well below 512 px. Small images are
   enlarged at most ``MAX_UPSCALE`` (2x) times: beyond that CRAFT reads no more and costs more.
@@ -37,6 +38,7 @@ import io
 import logging
 import math
 import re
+import time
 import warnings
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -189,27 +191,117 @@ def group_by_canvas(shapes: Sequence[tuple[int, int]], tolerance: float) -> list
 
 
 class _OrtCraft:
-    """CRAFT exported to ONNX (in memory) and run by onnxruntime: the fast CPU detector; with
-    ``int8``, quantised statically (int8 weights and activations, see ``quantize_craft``)."""
+    """CRAFT exported to ONNX and run by onnxruntime: the fast CPU detector; with ``int8``,
+    quantised statically (int8 weights and activations, see ``quantize_craft``).
 
-    def __init__(self, net: Any, num_threads: int, int8: bool = False) -> None:
+    Built once and kept on disk (``craft_cache_paths``: the project cache's ``ocr/``, keyed by the
+    weights' sha256, torch's and onnxruntime's versions and the quantiser's settings), so an actor
+    starting where the models were built before reads a file instead of exporting and calibrating
+    (an OCR actor's load, imports included, measured on a busy 2-core machine: 33 CPU-s built, 6
+    CPU-s read). A cached model is never trusted unchecked, on every load: the fp32 graph must
+    match torch on its probe, the int8 one fp32 on its own. The int8 file
+    holds, beside the model, fp32's text pixels on that probe, recorded when it was built by an
+    fp32 model that had just passed its torch check: so an int8 load needs no fp32 model (its
+    forward would cost more than the int8 load itself); the fp32 model is loaded only when int8 is
+    off or fails. A cached model that fails (corrupt, truncated, another build) is rebuilt once,
+    and a rebuild that fails falls back as without a cache (fp32 detector, then torch).
+    ``timings`` says where the load's seconds went; ``from_cache`` which models were read.
+    """
+
+    def __init__(self, load_net: Any, num_threads: int, int8: bool = False, weights: Any = None) -> None:
+        """``load_net``: returns CRAFT's torch net, called only when the fp32 model is needed (to
+        export it or check it): a cached int8 model needs no torch CRAFT at all. ``weights``: the
+        .pth it loads (None: no disk cache)."""
         import onnxruntime as ort
 
-        model_bytes = _export_craft_onnx(net)
-        self._fp32 = self.session = self._session(model_bytes, num_threads)
+        self.timings: dict[str, float] = {}
+        self.from_cache: dict[str, bool] = {"fp32": False, "int8": False}
         self.runtime = f"onnxruntime {ort.__version__}"
-        self._check_against(net)
+        self._load_net, self._threads = load_net, num_threads
+        self._paths = self._cache_paths(weights)
+        self._fp32: Any = None
+        self._fp32_bytes = b""
         self.int8 = False
         if int8:
             try:
-                self.session = self._session(quantize_craft(model_bytes), num_threads)
-                self._check_int8()
+                self.session = self._int8_session()
                 self.int8 = True
             except Exception as err:  # noqa: BLE001 - a quantiser problem means: the fp32 detector
-                self.session = self._fp32
                 # said in every row's ocr_precision and the run's summary, not on the console from each actor
                 log.info("int8 CRAFT unavailable (%s); detecting in fp32", err)
-        self._fp32 = None  # the session kept is the one that runs
+        if not self.int8:
+            self.session = self._fp32_session()  # raises when the export fails: the engine then uses torch
+        self._fp32 = self._load_net = None  # the session kept is the one that runs
+        self._fp32_bytes = b""
+
+    @staticmethod
+    def _cache_paths(weights: Any) -> dict[str, Any]:
+        """Where this build's models are kept; empty (no disk cache) without weights or when the
+        key cannot be computed (a weights file that cannot be read: then nothing is cached)."""
+        if weights is None:
+            return {}
+        try:
+            return craft_cache_paths(weights)
+        except Exception as err:  # noqa: BLE001 - no cache is a slower start, never a failed one
+            log.info("CRAFT model cache unavailable (%s); building in memory", err)
+            return {}
+
+    def _fp32_session(self) -> Any:
+        """The fp32 model's session, checked against torch: read from the cache or exported (and
+        then kept there); once per engine."""
+        if self._fp32 is None:
+            started = time.perf_counter()
+            path = self._paths.get("fp32")
+            if path is not None and path.is_file():
+                try:
+                    data = path.read_bytes()
+                    self._fp32 = self._checked_fp32(data)
+                    self._fp32_bytes = data
+                    self.from_cache["fp32"] = True
+                    self.timings["fp32_cached_s"] = time.perf_counter() - started
+                    return self._fp32
+                except Exception as err:  # noqa: BLE001 - a bad cached model is rebuilt, once
+                    log.info("cached CRAFT fp32 model %s failed its check (%s); rebuilding it", path.name, err)
+            started = time.perf_counter()
+            data = _export_craft_onnx(self._load_net())
+            self.timings["fp32_build_s"] = time.perf_counter() - started
+            self._fp32 = self._checked_fp32(data)
+            self._fp32_bytes = data
+            self.timings["fp32_check_s"] = time.perf_counter() - started - self.timings["fp32_build_s"]
+            _keep(path, lambda f: f.write(data))
+        return self._fp32
+
+    def _checked_fp32(self, data: bytes) -> Any:
+        session = self._session(data, self._threads)
+        self._check_against(session)
+        return session
+
+    def _int8_session(self) -> Any:
+        """The int8 model's session, checked against fp32's text pixels on the probe: read from the
+        cache (model and fp32's recorded answer) or quantised from the fp32 model (and kept)."""
+        started = time.perf_counter()
+        path = self._paths.get("int8")
+        if path is not None and path.is_file():
+            try:
+                with np.load(path, allow_pickle=False) as saved:
+                    data, want = saved["model"].tobytes(), saved["fp32_text"]
+                session = self._session(data, self._threads)
+                self._check_int8(session, want)
+                self.from_cache["int8"] = True
+                self.timings["int8_cached_s"] = time.perf_counter() - started
+                return session
+            except Exception as err:  # noqa: BLE001 - a bad cached model is rebuilt, once
+                log.info("cached CRAFT int8 model %s failed its check (%s); rebuilding it", path.name, err)
+        fp32 = self._fp32_session()
+        started = time.perf_counter()
+        data = quantize_craft(self._fp32_bytes)
+        self.timings["int8_build_s"] = time.perf_counter() - started
+        want = fp32.run(["y"], {"image": _int8_probe()})[0][..., 0] >= TEXT_THRESHOLD
+        session = self._session(data, self._threads)
+        self._check_int8(session, want)
+        self.timings["int8_check_s"] = time.perf_counter() - started - self.timings["int8_build_s"]
+        _keep(path, lambda f: np.savez(f, model=np.frombuffer(data, dtype=np.uint8), fp32_text=want))
+        return session
 
     @staticmethod
     def _session(model_bytes: bytes, num_threads: int) -> Any:
@@ -227,28 +319,81 @@ class _OrtCraft:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(["y"], {"image": x})[0]
 
-    def _check_int8(self) -> None:
-        """Refuse the int8 model if its text scores stray from fp32's on a rendered probe (never
-        silently wrong): the pixels CRAFT calls text (score >= TEXT_THRESHOLD) must overlap."""
-        probe = _calibration_batches(seed=1, count=1)[0]
-        want = self._fp32.run(["y"], {"image": probe})[0][..., 0] >= TEXT_THRESHOLD
-        got = self(probe)[..., 0] >= TEXT_THRESHOLD
+    @staticmethod
+    def _check_int8(int8: Any, want: np.ndarray) -> None:
+        """Refuse an int8 session if its text scores stray from fp32's on a rendered probe (never
+        silently wrong): the pixels CRAFT calls text (score >= TEXT_THRESHOLD; fp32's: ``want``)
+        must overlap."""
+        probe = _int8_probe()
+        got = int8.run(["y"], {"image": probe})[0][..., 0] >= TEXT_THRESHOLD
+        if want.shape != got.shape or want.dtype != np.bool_:
+            raise RuntimeError(f"fp32's text pixels have shape {want.shape} ({want.dtype}), the probe's {got.shape}")
         iou = float((want & got).sum() / max(1, (want | got).sum()))
         if not iou >= INT8_MIN_TEXT_IOU:
             raise RuntimeError(f"int8 CRAFT disagrees with fp32 (text pixels IoU {iou:.3f} < {INT8_MIN_TEXT_IOU})")
 
-    def _check_against(self, net: Any) -> None:
-        """Refuse the export if it disagrees with torch on a probe image (never silently wrong)."""
+    def _check_against(self, session: Any) -> None:
+        """Refuse an fp32 session if it disagrees with torch on a probe image (never silently wrong)."""
         import torch
 
         rng = np.random.default_rng(0)
         probe = rng.standard_normal((1, 3, 96, 128)).astype(np.float32)
         with torch.inference_mode():
-            want = net(torch.from_numpy(probe))[0].numpy()
-        got = self(probe)
+            want = self._load_net()(torch.from_numpy(probe))[0].numpy()
+        got = session.run(["y"], {"image": probe})[0]
         diff = float(np.abs(want - got).max())
         if not diff < 1e-3:
             raise RuntimeError(f"ONNX CRAFT disagrees with torch (max abs diff {diff:.2e})")
+
+
+def _keep(path: Any, write: Any) -> None:
+    """Write a built model into the cache (atomically); a cache that cannot be written only means
+    the next actor builds it again."""
+    from core.cache import write_atomic
+
+    if path is None:
+        return
+    try:
+        write_atomic(path, write)
+    except OSError as err:
+        log.info("could not keep CRAFT model in %s (%s)", path.parent, err)
+
+
+def _int8_probe() -> np.ndarray:
+    """The rendered image int8 CRAFT is checked on (fp32's text pixels on it must match)."""
+    return _calibration_batches(seed=1, count=1)[0]
+
+
+# What the cached CRAFT models are built from beyond the key's other parts (the weights' sha256,
+# torch's and onnxruntime's versions, the quantiser's reduce_range): the export (opset, axes), the
+# calibration (``_calibration_batches``: shapes, seed, rendering), the int8 check's probe (``_int8_probe``, whose
+# fp32 answer the int8 file records) and quantize_static's options.
+# Bump it when any of those changes, so that no actor reads a model built the old way.
+CRAFT_CACHE_VERSION = 1
+OCR_CACHE = "ocr"  # the project cache's subfolder (core.cache.cache_dir)
+
+
+def craft_cache_paths(weights: Any) -> dict[str, Any]:
+    """The disk cache's fp32 and int8 CRAFT files for the weights at ``weights``: named by a key
+    of everything they are built from, so a change to any of it is a miss (a rebuild)."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    import onnxruntime as ort
+    import torch
+
+    from core.cache import cache_dir, file_sha256
+
+    base = {"version": CRAFT_CACHE_VERSION, "weights_sha256": file_sha256(Path(weights), OCR_CACHE),
+            "torch": torch.__version__, "onnxruntime": ort.__version__}
+    int8 = {**base, "reduce_range": not cpu_has_vnni()}  # quantize_craft's default, which the engine uses
+
+    def name(parts: dict[str, Any]) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+    folder = cache_dir(OCR_CACHE)
+    return {"fp32": folder / f"craft-{name(base)}.fp32.onnx", "int8": folder / f"craft-{name(int8)}.int8.npz"}
 
 
 # int8 CRAFT must call the same pixels text as fp32 on a rendered probe, else fp32 is used.
@@ -310,7 +455,8 @@ def quantize_craft(model_bytes: bytes, reduce_range: bool | None = None) -> byte
     where the CPU has it): 3.7x faster than fp32 per 384x512 forward on one thread here. CRAFT is
     all convolutions, so easyocr's dynamic quantisation (which touches only the recogniser's
     linear/LSTM layers) leaves it fp32; static calibration is what reaches convolutions.
-    Deterministic: the same calibration gives the same model in every actor. Seconds, at load.
+    Deterministic: the same calibration gives the same model in every actor. Seconds: once per
+    machine, then read from the cache (``_OrtCraft``).
     ``reduce_range``: 7-bit weights (default: where the CPU lacks VNNI, see ``cpu_has_vnni``)."""
     import tempfile
     from pathlib import Path
@@ -378,6 +524,25 @@ def _export_craft_onnx(net: Any) -> bytes:
     return buf.getvalue()
 
 
+def _craft_weights(reader: Any) -> Any:
+    """The .pth file easyocr loads CRAFT from (None when its layout is not the one known here)."""
+    import os
+
+    try:
+        return os.path.join(reader.model_storage_directory, reader.detection_models["craft"]["filename"])
+    except (AttributeError, KeyError, TypeError):
+        return None
+
+
+def _torch_craft(reader: Any) -> Any:
+    """easyocr's CRAFT net, loaded on first use (the Reader is built without it on the CPU path:
+    a cached int8 detector needs none, and loading it costs a second per actor)."""
+    if getattr(reader, "detector", None) is None:
+        with _quiet():
+            reader.setDetector("craft")
+    return reader.detector
+
+
 class EasyOcrEngine:
     """easyocr's CRAFT detector + english_g2 recogniser, loaded once, run on batches."""
 
@@ -423,15 +588,20 @@ class EasyOcrEngine:
         self._torch = torch
         self._on_gpu = device == "cuda"
         self._quantized = quantize and not self._on_gpu
+        want_ort = detector_backend == "onnxruntime" or (detector_backend == "auto" and not self._on_gpu)
+        started = time.perf_counter()
         with _quiet():
             self._reader = easyocr.Reader(
                 ["en"],
                 gpu=self._on_gpu,
+                detector=not want_ort,  # see _torch_craft
                 model_storage_directory=easyocr_en_models.model_dir(),
                 download_enabled=False,
                 verbose=False,
                 quantize=self._quantized,
             )
+        # where this load's seconds went (the start-up breakdown of bench/dag_bench.py)
+        self.load_timings: dict[str, float] = {"easyocr_reader_s": time.perf_counter() - started}
         self._model_height = imgH
         reader = self._reader
         self._ignore_char = "".join(set(reader.character) - set(reader.lang_char))
@@ -448,17 +618,20 @@ class EasyOcrEngine:
         self._link_threshold = float(link_threshold)
         self._max_upscale = float(max_upscale)
         self._ort: _OrtCraft | None = None
-        want_ort = detector_backend == "onnxruntime" or (detector_backend == "auto" and not self._on_gpu)
         if want_ort:
             if self._on_gpu:
                 raise ValueError("detector_backend 'onnxruntime' is the CPU path; use torch on cuda")
             try:
                 int8 = self._quantized if quantize_detector is None else quantize_detector
-                self._ort = _OrtCraft(reader.detector, self._threads, int8=int8)
+                self._ort = _OrtCraft(lambda: _torch_craft(reader), self._threads, int8=int8,
+                                      weights=_craft_weights(reader))
             except Exception as err:  # noqa: BLE001 - any export problem means: use torch
                 if detector_backend == "onnxruntime":
                     raise
                 log.warning("CRAFT ONNX export unavailable (%s); detecting with torch", err)
+                _torch_craft(reader)
+        if self._ort is not None:
+            self.load_timings.update(self._ort.timings)
         runtime = (f"{self._ort.runtime}{', int8' if self._ort.int8 else ''}" if self._ort is not None
                    else f"torch {torch.__version__}")
         self._engine = f"easyocr {version('easyocr')} craft+english_g2 (craft on {runtime})"

@@ -1,5 +1,9 @@
 """Command line: ``python -m pipeline {curate,query,stats,ocr-accuracy,train,evaluate,ablation,datasets,export} ...``.
 
+``train``, ``evaluate`` and ``ablation`` are training's (training/cli.py): training imports pipeline,
+never the reverse, so they come in through the ``clip_curation.commands`` entry point that
+pyproject.toml declares, and pipeline never names the package that adds them.
+
 Every problem the user can fix (bad config, bad URL list, busy port) is one line on stderr and
 exit code 2; a run that could not finish every shard exits 1 and says which shards to rerun; a
 step that made no progress for ``watchdog.stall_timeout_s`` exits 4 naming what it waited on.
@@ -13,10 +17,12 @@ import errno
 import signal
 import sys
 import threading
+from collections.abc import Callable
+from importlib.metadata import distributions
 from pathlib import Path
 
 from core.errors import Stalled, raise_terminated, sigterm_received
-from pipeline.config import Config, ConfigError, load_config
+from pipeline.config import ConfigError, load_config
 
 EPILOG = """examples:
   python -m pipeline curate                                  # embedded offline dataset -> output/embedded
@@ -26,8 +32,24 @@ EPILOG = """examples:
 """
 
 
-def _default_output(dataset: str) -> str:
+COMMANDS_GROUP = "clip_curation.commands"  # entry points: packages above pipeline add their subcommands
+Handler = Callable[[argparse.Namespace], int]
+
+
+def default_output(dataset: str) -> str:
     return str(Path("output") / dataset)
+
+
+def _add_registered_commands(sub: argparse._SubParsersAction) -> None:
+    """Subcommands of the packages above pipeline, found by entry point (pipeline imports none of
+    them): each entry is ``add(sub)``, which adds its parsers with ``set_defaults(handler=...)``.
+
+    Every distribution's metadata is read, not only the first of a name as ``entry_points()`` does:
+    a stale ``clip_curation.egg-info`` in the working directory (left by ``pip install .``) would
+    otherwise hide the installed one's commands."""
+    found = {(e.name, e.value): e for d in distributions() for e in d.entry_points.select(group=COMMANDS_GROUP)}
+    for entry in sorted(found.values(), key=lambda e: e.name):
+        entry.load()(sub)
 
 
 def _dag_table() -> str:
@@ -120,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and `samples` joining them on uid).",
     )
     query.add_argument("sql", help='the SQL, e.g. "select status, count(*) from download group by 1"')
-    query.add_argument("--output", default=_default_output("embedded"), help="the run's output folder")
+    query.add_argument("--output", default=default_output("embedded"), help="the run's output folder")
 
     stats = sub.add_parser(
         "stats",
@@ -128,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Parrot statistics of a run, computed with DuckDB over its manifests the way the "
         "Parrot Captions paper measured LAION-2B.",
     )
-    stats.add_argument("--output", default=_default_output("embedded"), help="the run's output folder")
+    stats.add_argument("--output", default=default_output("embedded"), help="the run's output folder")
 
     accuracy = sub.add_parser(
         "ocr-accuracy",
@@ -136,57 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Text-region precision/recall/F1 (polygon IoU >= 0.5), has-text accuracy and word "
         "recall of the OCR stage against <output>/ground_truth.parquet.",
     )
-    accuracy.add_argument("--output", default=_default_output("embedded"), help="the run's output folder")
+    accuracy.add_argument("--output", default=default_output("embedded"), help="the run's output folder")
 
-    train = sub.add_parser(
-        "train",
-        help="train an open_clip model on a policy's curated shards for a fixed number of steps (resumable)",
-        description="Train [train].model on <output>/curated/<policy>/*.tar for [train].steps steps into "
-        "<output>/models/<policy>/ (checkpoints in open_clip's format, train_log.jsonl, result.json). A rerun "
-        "continues from the last checkpoint; at the requested steps already it does nothing.",
-    )
-    train.add_argument("--policy", default="all", help="whose curated shards to train on (default: all)")
-    train.add_argument("--output", default=_default_output("embedded"), help="the run's output folder")
-    train.add_argument("--config", default=None, help="TOML file merged over pipeline/default.toml")
-    train.add_argument("--steps", type=int, default=None, help="total optimisation steps (default: [train].steps)")
-    train.add_argument("--masking", choices=("none", "random", "pgs"), default=None,
-                       help="patch masking while training: random (FLIP) or pgs (CLIP-PGS)")
-    train.add_argument("--source", choices=("curated", "selection"), default=None,
-                       help="curated: the policy's curated shards; selection: its kept samples read from "
-                       "<output>/shards/ through <output>/selections/<policy>.parquet, no reshard needed "
-                       "(default: [train].source)")
-    train.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-    evaluate = sub.add_parser(
-        "evaluate",
-        help="evaluate a CLIP checkpoint: zero-shot, typographic attack, spurious backgrounds, retrieval",
-        description="Evaluate an open_clip model (a checkpoint file, an open_clip pretrained tag, or '' for a "
-        "random init) on the held-out sets generated from the embedded dataset's classes.",
-    )
-    evaluate.add_argument("checkpoint", help="checkpoint file (e.g. output/embedded/models/all/checkpoints/latest.pt)")
-    evaluate.add_argument("--model", default=None, help="open_clip model name (default: [train].model)")
-    evaluate.add_argument("--config", default=None, help="TOML file merged over pipeline/default.toml")
-
-    ablation = sub.add_parser(
-        "ablation",
-        help="curate, train one model per policy at equal steps, evaluate all, write table and plots",
-        description="The whole ablation on the embedded dataset: curate [ablation].samples samples, train the "
-        "unfiltered model, re-score CLIP with it, train one model per policy for the same [train].steps, "
-        "evaluate every model, and write <output>/ablation/ (ablation.md, ablation.csv, per_class.csv, "
-        "PNG plots) and a section of <output>/report/index.html. Resumable at every step.",
-    )
-    ablation.add_argument("--output", default=_default_output("ablation"), help="output folder (default: output/ablation)")
-    ablation.add_argument("--config", default=None, help="TOML file merged over pipeline/default.toml")
-    ablation.add_argument("--samples", type=int, default=None, help="embedded samples to curate (default: [ablation].samples)")
-    ablation.add_argument("--steps", type=int, default=None, help="training steps per model (default: [train].steps)")
-    ablation.add_argument("--policies", default=None, help="comma-separated policies (default: [ablation].policies)")
-    ablation.add_argument("--no-progress", action="store_true", help="no progress bars")
-
+    _add_registered_commands(sub)  # train, evaluate, ablation: training/cli.py
     datasets = sub.add_parser("datasets", help="list the datasets the config knows")
     datasets.add_argument("--config", default=None, help="TOML file merged over pipeline/default.toml")
     from pipeline.export import add_export_parser
 
-    add_export_parser(sub, _default_output("embedded"))
+    add_export_parser(sub, default_output("embedded"))
     return parser
 
 
@@ -235,7 +214,7 @@ def cmd_curate(args: argparse.Namespace) -> int:
     if args.shard_size is not None:
         download = dataclasses.replace(download, shard_size=args.shard_size)
         download.validate()
-    layout = RunLayout(args.output or _default_output(dataset_name))
+    layout = RunLayout(args.output or default_output(dataset_name))
     source = open_source(dataset, url_list=args.url_list, slow_seconds=download.timeout_s + 2.0)
     source.fingerprint()  # reads and checks a URL list now, before Ray starts: bad input fails fast
     policies = (tuple(p.strip() for p in args.policies.split(",") if p.strip()) if args.policies
@@ -289,56 +268,6 @@ def cmd_ocr_accuracy(args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_train(config: Config, **changes: object) -> Config:
-    """The config with [train] keys replaced by the command line's (None = not given)."""
-    changes = {k: v for k, v in changes.items() if v is not None}
-    if not changes:
-        return config
-    train = dataclasses.replace(config.train, **changes)
-    train.validate()
-    return dataclasses.replace(config, train=train)
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from manifests.store import RunLayout
-    from training.ablation import train_on_policy
-
-    config = _with_train(load_config(args.config), steps=args.steps, masking=args.masking, source=args.source)
-    result = train_on_policy(config, RunLayout(args.output), args.policy, progress=not args.no_progress)
-    print(result.summary())
-    return 0
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from sources.eval_sets import build_eval_sets
-    from training.ablation import evaluate_checkpoint
-
-    config = load_config(args.config)
-    ablation = config.ablation
-    sets = build_eval_sets(seed=ablation.eval_seed, per_class=ablation.eval_per_class)
-    result = evaluate_checkpoint(config, args.checkpoint, sets, model=args.model)
-    print(f"== evaluate {result.model}")
-    for key, value in result.metrics.items():
-        print(f"   {key:22s} {value:.3f}")
-    return 0
-
-
-def cmd_ablation(args: argparse.Namespace) -> int:
-    from training.ablation import format_result, run_ablation
-
-    config = _with_train(load_config(args.config), steps=args.steps)
-    ablation = config.ablation
-    if args.samples is not None or args.policies:
-        policies = tuple(p.strip() for p in args.policies.split(",") if p.strip()) if args.policies else ablation.policies
-        ablation = dataclasses.replace(ablation, samples=args.samples or ablation.samples, policies=policies)
-        ablation.validate()
-    for name in ablation.policies:
-        config.policy(name)
-    result = run_ablation(config, ablation, Path(args.output), progress=not args.no_progress)
-    print(format_result(result))
-    return 0
-
-
 def cmd_datasets(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     for name, ds in sorted(config.datasets.items()):
@@ -381,13 +310,11 @@ def _run(argv: list[str] | None) -> int:
         "stats": cmd_stats,
         "ocr-accuracy": cmd_ocr_accuracy,
         "datasets": cmd_datasets,
-        "train": cmd_train,
-        "evaluate": cmd_evaluate,
-        "ablation": cmd_ablation,
         "export": cmd_export,
     }
+    handler: Handler = handlers.get(args.command) or args.handler  # a registered command set its own
     try:
-        return handlers[args.command](args)
+        return handler(args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,10 +1,11 @@
 """The run's configuration: TOML loaded into the sections the stages own.
 
 Each section is a frozen dataclass beside the code it configures (``DownloadConfig`` in
-``stages/download.py``, ``TrainConfig`` in ``training/train.py``, ...): its field defaults are the
-only place a default is stated. ``pipeline/default.toml`` documents every key with the same
-values (a test checks they agree) and holds what only TOML states: the shipped policies and
-datasets. A user's TOML (``--config``) is merged over it key by key.
+``stages/download.py``, ...; training's ``[train]`` and ``[ablation]`` in ``pipeline/training_config.py``,
+because training/ imports pipeline/, never the reverse): its field defaults are the only place a
+default is stated. ``pipeline/default.toml`` documents every key with the same values (a test checks
+they agree) and holds what only TOML states: the shipped policies and datasets. A user's TOML
+(``--config``) is merged over it key by key.
 
 Loading is pydantic in strict mode over the composed :class:`Config`: an unknown key or section,
 a wrong type (``"ten"`` for an int, ``3`` where a table belongs) is reported by its dotted key,
@@ -29,20 +30,20 @@ from sources import DatasetConfig
 from stages.caption import CaptionConfig
 from stages.clip_score import ClipConfig
 from stages.dedup import DedupConfig
+from stages.decontaminate import DecontaminateConfig
 from stages.download import DownloadConfig
 from stages.faces import FaceConfig
 from stages.filter import PolicyConfig
 from stages.ocr import OcrConfig
 from stages.parrot import ParrotConfig
 from stages.reshard import ReshardConfig
-from training.ablation import AblationConfig
-from training.train import TrainConfig
+from pipeline.training_config import AblationConfig, TrainConfig
 from pipeline.watchdog import WatchdogConfig
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default.toml")
 
 __all__ = [
-    "AblationConfig", "CaptionConfig", "ClipConfig", "Config", "ConfigError", "DatasetConfig", "DedupConfig", "DownloadConfig", "FaceConfig",
+    "AblationConfig", "CaptionConfig", "ClipConfig", "Config", "ConfigError", "DatasetConfig", "DecontaminateConfig", "DedupConfig", "DownloadConfig", "FaceConfig",
     "OcrConfig", "ParrotConfig", "PolicyConfig", "ReshardConfig", "TrainConfig", "WatchdogConfig", "load_config",
 ]
 
@@ -59,6 +60,7 @@ class Config:
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
+    decontaminate: DecontaminateConfig = field(default_factory=DecontaminateConfig)
     faces: FaceConfig = field(default_factory=FaceConfig)
     reshard: ReshardConfig = field(default_factory=ReshardConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
@@ -81,7 +83,7 @@ class Config:
     def problems(self) -> list[str]:
         """Every section's problems, then the references between sections."""
         problems: list[str] = []
-        for section in (self.download, self.ocr, self.parrot, self.caption, self.clip, self.dedup, self.faces, self.reshard, self.watchdog, self.train,
+        for section in (self.download, self.ocr, self.parrot, self.caption, self.clip, self.dedup, self.decontaminate, self.faces, self.reshard, self.watchdog, self.train,
                         self.ablation, *self.policies.values(), *self.datasets.values()):
             problems += section.problems()
         problems += require(

@@ -33,6 +33,7 @@ from pipeline.dag import (
     STEPS,
     Step,
     active_steps,
+    builtin_eval_sets,
     check_reads,
     depends_on,
     step,
@@ -42,6 +43,7 @@ from pipeline.policy_runner import POOL_PART, SelectionReport, run_pool_step, se
 from pipeline.ray_runtime import ray_session
 from pipeline.sample_runner import SampleReport, run_per_sample, shards_missing
 from sources import DatasetSource
+from stages.decontaminate import check_eval_sets
 from stages.download import DownloadConfig
 
 
@@ -96,6 +98,9 @@ def curate(
     started = time.monotonic()
     check_reads(config, policies, source_columns=source_column_names(source, layout))
     active_steps(stages, config)  # a switched-off step named in --stages: one line, before anything is written
+    if "decontaminate" in with_pool_steps(stages or tuple(s.name for s in STEPS), config, policies):
+        # an eval set that cannot be read (missing, no images, a URL that does not fetch): one line, before any work
+        check_eval_sets(config.decontaminate, builtin_eval_sets(config))
     try:
         check_writable(layout.root)
     except OSError as err:

@@ -8,7 +8,9 @@
     clip_score   sample   | pool per stage (parrot and caption read    manifests/clip_score/
     dedup        sample   | text only; faces only with [faces]         manifests/dedup/
     faces        sample  /  enabled = true)                            manifests/faces/
-    dup_group    pool    on the driver, over the whole pool            manifests/dup_group/
+    dup_group    pool    DuckDB + Ray tasks over the whole pool        manifests/dup_group/
+    decontaminate pool   on the driver, the pool streamed past the     manifests/decontaminate/
+                         evaluation images ([decontaminate] eval_sets)
     filter       policy  one DuckDB query per policy                   selections/<policy>.parquet
     reshard      policy  one Ray task per output shard                 curated/<policy>/
     report       run     HTML statistics and sample grids              report/index.html
@@ -33,6 +35,7 @@ from stages.base import IMAGE, Stage
 from stages.caption import CaptionStage
 from stages.clip_score import ClipScoreStage
 from stages.dedup import DedupStage, DupGroupStage
+from stages.decontaminate import Builtin, DecontaminateStage
 from stages.download import DownloadStage
 from stages.faces import FaceStage
 from stages.filter import FilterStage
@@ -87,13 +90,24 @@ STEPS: tuple[Step, ...] = (
          done="manifests/faces/part-<shard>.parquet exists for every downloaded shard (a step only with [faces] enabled)",
          enabled=lambda c: c.faces.enabled),
     Step("dup_group", POOL, DupGroupStage, lambda c, _: DupGroupStage(c.dedup),
-         done="recomputed from the manifests on every run; rewritten only when it changed"),
+         done="part-pool.parquet's footer records the digest of its inputs (every per-shard part, [dedup]); recomputed when it differs"),
+    Step("decontaminate", POOL, DecontaminateStage,
+         lambda c, _: DecontaminateStage(c.decontaminate, c.clip, builtin_eval_sets(c)),
+         done="part-pool.parquet's footer records the digest of its inputs (parts, config, eval sets' contents); recomputed when it differs",
+         enabled=lambda c: bool(c.decontaminate.eval_sets)),
     Step("filter", POLICY, FilterStage, lambda c, p: FilterStage(c.policy(p)),
          done="recomputed on every run (cheap SQL); selections/<policy>.parquet rewritten only when it changed"),
     Step("reshard", POLICY, ReshardStage, lambda c, p: ReshardStage(p, c.reshard.samples_per_shard, c.reshard.blur_faces),
          done="curated/<policy>/sizes.json exists and records the current selection's sha256"),
     Step("report", RUN, None, None, done="rewritten at the end of every run"),
 )
+
+def builtin_eval_sets(config: Any) -> Builtin:
+    """The decontaminate step's "builtin" sets: the ones the ablation evaluates on ([ablation] eval_seed, eval_per_class)."""
+    from sources.eval_sets import image_files
+
+    return Builtin(config.ablation.eval_seed, config.ablation.eval_per_class, image_files)
+
 
 SAMPLE_STEPS: tuple[Step, ...] = tuple(s for s in STEPS if s.kind == SAMPLE)
 STAGE_ORDER: tuple[str, ...] = tuple(s.name for s in STEPS if s.kind in (SHARD, SAMPLE, POOL))  # catalog joins

@@ -128,6 +128,39 @@ def _grid(layout: RunLayout, rows: list[dict[str, Any]]) -> str:
     return '<div class="grid">' + "".join(cells) + "</div>" if cells else "<p>(none)</p>"
 
 
+MATCH_LIMIT = 24  # matched pairs shown in the report
+
+
+def _decontamination(layout: RunLayout, con: duckdb.DuckDBPyConnection) -> str:
+    """Counts by tier and set, then each match (up to MATCH_LIMIT, nearest first) beside its evaluation image."""
+    from sources.eval_sets import image_files
+    from stages.decontaminate import eval_images
+
+    counts = con.execute("select eval_match.set, eval_match.tier, count(*) from decontaminate where eval_match is not null "
+                         "group by all order by 1, 2").fetchall()
+    if not counts:
+        return "<p>No sample matches an evaluation image.</p>"
+    rows = _rows(con, "select d.uid, d.eval_match.set as eval_set, d.eval_match.image as eval_image, d.eval_match.tier as tier, "
+                      "d.eval_match.distance as distance, s.shard, s.key, s.caption from decontaminate d join samples s using (uid) "
+                      f"where d.eval_match is not null order by distance, uid limit {MATCH_LIMIT}")
+    pool = _fetch_images(layout, [(r["shard"], r["key"]) for r in rows])
+    wanted: dict[str, set[str]] = defaultdict(set)
+    for r in rows:
+        wanted[r["eval_set"]].add(r["eval_image"])
+    evals = {(label, name): data for label, names in wanted.items() for name, data in eval_images(label, names, image_files).items()}
+    cells = []
+    for r in rows:
+        mine, theirs = pool.get((r["shard"], r["key"])), evals.get((r["eval_set"], r["eval_image"]))
+        pictures = "".join(f'<img alt="{alt}" src="{_thumbnail(data, None)}">' for alt, data in (("pool", mine), ("eval", theirs))
+                           if data is not None)
+        detail = html.escape(f"{r['tier']} {_fmt(r['distance'])} · {r['eval_set']} {r['eval_image']}")
+        cells.append(f'<figure class="pair">{pictures}<figcaption><b>{html.escape((r["caption"] or "")[:90])}</b>'
+                     f"<br><small>{detail}</small></figcaption></figure>")
+    return (_table(["evaluation set", "tier", "samples"], counts)
+            + "<p>Pool sample (left) and the evaluation image it matches (right), nearest first.</p>"
+            + '<div class="grid">' + "".join(cells) + "</div>")
+
+
 def _rows(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
     result = con.execute(sql, params or [])
     names = [d[0] for d in result.description]
@@ -140,6 +173,7 @@ table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;p
 th{background:#f0f3f7}pre{background:#f7f7f7;padding:1em;overflow-x:auto}
 .grid{display:flex;flex-wrap:wrap;gap:10px}figure{width:220px;margin:0;font-size:12px}
 figure img{max-width:200px;max-height:200px;display:block;border:1px solid #ddd}
+figure.pair{width:430px}figure.pair img{display:inline-block;margin-right:6px}
 .plot{max-width:100%}h2{border-bottom:2px solid #3b6ea5;padding-bottom:.2em}
 """
 
@@ -209,6 +243,8 @@ def write_report(layout: RunLayout, extra_sections: list[tuple[str, str]] | None
                     )
                     body += f"<h3>{html.escape(policy)}: {'kept' if kept else 'dropped'}</h3>" + _grid(layout, rows)
             sections.append(("Policies", body))
+        if "decontaminate" in layout.stages_present():
+            sections.append(("Decontamination: pool samples that copy an evaluation image", _decontamination(layout, con)))
         ablation = layout.root / "ablation" / "section.html"  # written by `python -m pipeline ablation`
         if ablation.exists():
             sections.append(("Ablation: CLIP trained on each policy's samples", ablation.read_text(encoding="utf-8")))

@@ -115,17 +115,62 @@ def samples_summary(layout: RunLayout, report: SampleReport, stages: list[str]) 
 
         lines.append(parrot_stats(layout).format())
     if "dup_group" in layout.stages_present():
-        _, rows = run_query(
-            layout,
-            "select count(*), count(distinct dup_group) filter (where dup_group_size > 1), "
-            "count(*) filter (where dup_group_size > 1) from dup_group",
-        )
-        n, groups, members = rows[0]
-        lines.append(
-            f"   dedup: {members}/{n} samples are near-duplicates, in {groups} group(s); "
-            f"the dedup policy keeps one per group ({members - groups} dropped)"
-        )
+        lines += dedup_lines(layout)
+    lines += decontaminate_lines(layout)
     return "\n".join(lines)
+
+
+DEDUP_TIERS = (("exact", "dup_exact_group", "dup_exact_size", "dup_exact_keeper", "same bytes"),
+               ("pHash", "dup_group", "dup_group_size", "dup_keeper", "pHash within dedup.radius"),
+               ("semantic", "dup_semantic_group", "dup_semantic_size", "dup_semantic_keeper", "embedding cosine >= 1 - eps"))
+
+
+def dedup_lines(layout: RunLayout) -> list[str]:
+    """Per tier: the samples it compared, those in a group of two or more, the groups, and what a
+    dedup keeping one per group drops; a tier that compared nothing says so."""
+    parts = []
+    for name, group, size, keeper, what in DEDUP_TIERS:
+        parts.append(f"count({group}), count(*) filter (where {size} > 1), "
+                     f"count(distinct {group}) filter (where {size} > 1), count(*) filter (where not {keeper})")
+    _, rows = run_query(layout, f"select count(*), {', '.join(parts)} from dup_group")
+    total, *values = rows[0]
+    lines = []
+    for index, (name, _, _, _, what) in enumerate(DEDUP_TIERS):
+        compared, members, groups, dropped = values[4 * index: 4 * index + 4]
+        if not compared:
+            why = (" (no embeddings of a trained model: pretrained CLIP weights, or a pool's own vectors)"
+                   if name == "semantic" else "")
+            lines.append(f"   dedup {name}: compared nothing{why}")
+            continue
+        lines.append(f"   dedup {name} ({what}): {members}/{compared} samples in {groups} group(s) of 2+; "
+                     f"one kept per group, {dropped} dropped")
+    return lines
+
+
+def decontaminate_lines(layout: RunLayout) -> list[str]:
+    """How many samples copy an evaluation image, by tier and set, and why a tier did not run."""
+    if "decontaminate" not in layout.stages_present():
+        return []
+    from manifests.catalog import connect
+    from stages.decontaminate import semantic_tier
+
+    con = connect(layout.catalog_path, layout)
+    try:
+        n, exact, phash, semantic = con.execute(
+            "select count(eval_match), count(*) filter (where eval_match.tier = 'exact'), "
+            "count(*) filter (where eval_match.tier = 'phash'), count(*) filter (where eval_match.tier = 'semantic') "
+            "from decontaminate").fetchone()
+        sets = [s for (s,) in con.execute("select distinct eval_match.set from decontaminate "
+                                          "where eval_match is not null order by 1").fetchall()]
+        note = semantic_tier(con, None)
+    finally:
+        con.close()
+    where = f" in set(s) {', '.join(sets)}" if sets else ""
+    lines = [f"   decontaminate: {n} sample(s) match an evaluation image (exact {exact}, phash {phash}, "
+             f"semantic {semantic}){where}; policy no-eval-dups drops them"]
+    if note:
+        lines.append(f"     note: {note}")
+    return lines
 
 
 def ocr_accuracy_lines(layout: RunLayout) -> str | None:

@@ -56,7 +56,7 @@ class DatasetConfig:
     samples: int = 320
     seed: int = 0
     port: int = 8710
-    policies: tuple[str, ...] = ("all", "no-text", "no-parrot", "clip-score-top", "tmars", "no-parrot-tmars", "dedup")
+    policies: tuple[str, ...] = ("all", "no-text", "no-parrot", "clip-score-top", "tmars", "no-parrot-tmars", "dedup", "no-eval-dups")
     # Networks this dataset's URLs may reach despite the download guard, added to
     # download.allow_networks for this dataset only: the embedded dataset is served on 127.0.0.1,
     # an intranet mirror might be on 10.1.0.0/16. Empty for an ordinary web URL list.

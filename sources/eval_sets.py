@@ -58,6 +58,7 @@ __all__ = [
     "EvalSets",
     "build_eval_sets",
     "contact_sheet",
+    "image_files",
     "write_eval_sets",
     "write_label",
 ]
@@ -185,6 +186,13 @@ def build_eval_sets(seed: int = 10_000, per_class: int = 40, n_retrieval: int = 
     text_only = [_text_only(seed, label, i, image_size) for label in range(len(CLASSES)) for i in range(per_class)]
     return EvalSets(seed=seed, classes=CLASSES, clean=tuple(clean), typographic=tuple(typographic),
                     spurious=tuple(spurious), retrieval=tuple(retrieval), text_only=tuple(text_only))
+
+
+def image_files(seed: int = 10_000, per_class: int = 40) -> list[tuple[str, bytes]]:
+    """Every image of the sets as ``("<set>/<index>", JPEG bytes)``: what decontamination keeps out
+    of the training pool (stages/decontaminate.py, the "builtin" eval set)."""
+    sets = build_eval_sets(seed=seed, per_class=per_class)
+    return [(f"{name}/{i:05d}", item.image) for name in SET_NAMES for i, item in enumerate(getattr(sets, name))]
 
 
 def contact_sheet(items: tuple[EvalItem, ...] | list[EvalItem], cols: int = 8, cell: int = 128) -> Image.Image:

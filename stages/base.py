@@ -21,7 +21,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, Literal, TypeVar
 
 import pyarrow as pa
@@ -154,10 +154,38 @@ class ShardStage(Stage):
         """``inputs`` is the shard's planned work (rows of a URL list, source samples, ...)."""
 
 
+def _run_here(fn: Callable[..., T], calls: Sequence[tuple]) -> list[T]:
+    return [fn(*call) for call in calls]
+
+
+@dataclass
+class PoolWork:
+    """What a pool stage may use beside the catalog, so that no pool-wide step needs the whole pool
+    in the driver's memory: a folder for its intermediate files (under the run, so workers on
+    other nodes see it, and a killed run finds what its finished tasks wrote), the run's manifest
+    parts of a stage (``parts("clip_score")``: a task reads one part, not the whole view), and
+    ``map(fn, calls)``, which runs ``fn(*call)`` for every call, on the cluster when Ray is up
+    (one CPU each) and here otherwise, and returns the results in order. Results should be small
+    (counts, paths): the data travels through ``dir``."""
+
+    dir: Path
+    parts: Callable[[str], list[Path]] = lambda stage: []
+    map: Callable[[Callable[..., T], Sequence[tuple]], list[T]] = _run_here
+    say: Callable[[str], None] = lambda message: None  # a progress line for the console
+    cpus: int = 1  # the CPUs ``map`` spreads over: how finely to split the work
+    scratch: Path | None = None  # a local folder for the driver's own temporary files (None: the system's)
+
+
 class PoolStage(Stage):
     """Over the whole pool: ``process_pool`` reads the run's catalog (DuckDB, views ``samples``
-    and one per stage) and returns one table of ``output_schema``."""
+    and one per stage) and returns the rows of ``output_schema``: one table, or record batches
+    (streamed to the part, so a pool of 10^8 rows never sits in memory)."""
+
+    def inputs_key(self) -> str:
+        """What the part depends on beyond the run's manifests and the stage's config (e.g. files
+        outside the run): part of the digest by which a rerun knows the part is current."""
+        return ""
 
     @abstractmethod
-    def process_pool(self, con: Any) -> pa.Table:
-        """``con`` is a read-only DuckDB connection to the run's catalog."""
+    def process_pool(self, con: Any, work: PoolWork) -> pa.Table | Iterable[pa.RecordBatch]:
+        """``con`` is a read-only DuckDB connection to the run's catalog; ``work`` see :class:`PoolWork`."""

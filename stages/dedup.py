@@ -1,39 +1,64 @@
-"""Near-duplicate detection: a perceptual hash per image, then groups over the whole pool.
+"""Duplicates in three tiers: the same bytes, a perceptual hash, and image embeddings (SemDeDup).
 
 Web-scale image-text pools repeat the same picture many times (re-uploads, thumbnails, crops,
 re-encodes); a CLIP model trained on them sees those pictures more often than the rest and
-memorises them. Exact byte hashes (``sha256`` from the download manifest) catch only identical
-files, so each image also gets a 64-bit DCT perceptual hash (pHash), which survives re-encoding,
-resizing and light cropping: two images whose pHashes differ in at most ``dedup.radius`` bits are
-taken to be the same picture.
+memorises them. Each tier has its own group columns in ``manifests/dup_group/part-pool.parquet``
+and the ``dedup`` policy names the tiers it uses:
+
+- **exact** (``dup_exact_*``): the same downloaded bytes (``sha256`` of the download manifest).
+- **phash** (``dup_group``, ``dup_group_size``, ``dup_keeper``): a 64-bit DCT perceptual hash per
+  image, which survives re-encoding, resizing and light cropping; hashes within ``dedup.radius``
+  bits are linked and the links chained into groups.
+- **semantic** (``dup_semantic_*``): SemDeDup (Abbas et al. 2023, as NeMo Curator ships it):
+  k-means over the unit image embeddings the clip_score step keeps (or a pool's own imported
+  vectors; no image is decoded), then within each cluster the pairs at cosine >= 1 - eps.
+  Embeddings of an untrained (random-init) model are not compared: they say nothing.
+
+One keeper rule for every tier (``[dedup] keeper``): the largest original image, or NeMo's
+hard / easy / random. With ``split_by_text`` a pHash or semantic group also needs the same OCR
+words, so a template with different overlaid text stays two samples.
 
 Two stages, because the two halves have different units of work:
 
 - :class:`DedupStage` (per sample, streaming) hashes each decoded image. Cheap: ~0.4 ms a
   512 px image (the stored size), so it runs beside the model stages on a quarter of a core.
-- :class:`DupGroupStage` (over the pool) links samples with equal bytes or close pHashes and
-  names each connected group by its smallest uid, so a filter policy can keep one sample per
-  group (the shipped ``dedup`` policy keeps the largest image of each) or drop big groups. Grouping is deterministic: the same pool gives
+- :class:`DupGroupStage` (over the pool) builds the groups without holding the pool on the
+  driver: DuckDB lists the distinct pHashes and assembles the part out of core; the pHash band
+  search (:func:`phash_pairs_task`) and the semantic clustering (:func:`semantic_split_task`,
+  :func:`semantic_group_task`) run as tasks on the cluster with bounded memory, their results
+  under a work folder where a killed run finds them. Grouping is deterministic: the same pool gives
   the same groups whatever the row order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import io
+import math
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from itertools import combinations
 from math import comb
 from typing import Any
 
 import cv2
+import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from core.images import as_rgb
 from core.settings import config_section, require
 from manifests.schemas import schema_for
-from stages.base import BatchStage, PoolStage, Resources
+from manifests.catalog import sql_string, write_file_atomic
+from manifests.store import list_names, read_bytes, read_table, write_bytes_atomic, write_table_atomic
+from stages.base import BatchStage, PoolStage, PoolWork, Resources
 
 HASH_BITS = 64
+TIERS = ("exact", "phash", "semantic")
+KEEPER_RULES = ("largest", "hard", "easy", "random")
 MAX_RADIUS = 16  # beyond this a pHash no longer separates different photos (see DedupConfig)
 _HASH_SIDE = 32  # the image is reduced to 32x32 before the DCT ...
 _LOW_SIDE = 8  # ... and the top-left 8x8 low frequencies make the 64 bits
@@ -110,15 +135,57 @@ class DedupConfig:
     within 10 bits with probability 2e-8, within 12 with 5e-7, within 14 with 7e-6, so a pool of
     10^6 would get ~10^4, ~2*10^5 and ~3*10^6 chance links, the last enough to chain unrelated
     pictures into one giant group (real pHashes cluster more than random ones, so worse).
+
+    ``tiers``: which of ``exact`` (the same downloaded bytes), ``phash`` and ``semantic`` (image
+    embeddings, SemDeDup) the dup_group step computes; each has its own group columns and the
+    ``dedup`` policy names the ones it uses. ``keeper``: which sample of a group a dedup keeps, one
+    rule for every tier (see ``_KEEPER_KEY``). ``semantic_eps``: two embeddings within one k-means
+    cluster are duplicates when their cosine is at least 1 - eps (SemDeDup's own threshold; what a
+    value removes depends on the model: see docs and bench/dedup_quality.py). ``semantic_cluster_size``: samples per fine
+    k-means cluster (the pairs inside a cluster are compared all with all: cost grows with it).
+    ``worker_memory_mb``: what one task may hold (the pHash search makes passes over the distinct
+    hashes, the semantic tier coarse clusters, to stay within it). ``split_by_text``: a pHash or
+    semantic group holds only samples whose OCR read the same words (as a set, lower case). "The
+    same template with different overlaid text" looks alike to both tiers (bench/dedup_quality.py:
+    pHash merges 5 of 6 such pairs on its test photos), but for CLIP data the text is the signal the
+    parrot and masking stages judge, so they are two samples; with the words, 1 of 6. Off by default
+    because OCR reads a re-encoded or resized word differently often enough to split real copies
+    of photos with text (re-encode recall 1.0 -> 0.67 on the same photos): equal word sets are too
+    strict a test, a pair-level overlap of the words would be the better one.
     """
 
     radius: int = 10
+    tiers: tuple[str, ...] = TIERS
+    keeper: str = "largest"
+    semantic_eps: float = 0.05
+    semantic_cluster_size: int = 1000
+    worker_memory_mb: int = 512
+    seed: int = 0
+    split_by_text: bool = False
 
     def problems(self) -> list[str]:
+        tiers = self.tiers if isinstance(self.tiers, (list, tuple)) else ()
         return require(
             (
                 isinstance(self.radius, int) and 0 <= self.radius <= MAX_RADIUS,
                 f"dedup.radius must be within 0..{MAX_RADIUS} (got {self.radius!r})",
+            ),
+            (
+                isinstance(self.tiers, (list, tuple)) and all(t in TIERS for t in tiers),
+                f"dedup.tiers must be a list of {', '.join(TIERS)} (got {self.tiers!r})",
+            ),
+            (self.keeper in KEEPER_RULES, f"dedup.keeper must be one of {', '.join(KEEPER_RULES)} (got {self.keeper!r})"),
+            (
+                isinstance(self.semantic_eps, (int, float)) and 0 <= self.semantic_eps < 1,
+                f"dedup.semantic_eps must be within 0..1 (got {self.semantic_eps!r})",
+            ),
+            (
+                isinstance(self.semantic_cluster_size, int) and self.semantic_cluster_size >= 2,
+                f"dedup.semantic_cluster_size must be an integer >= 2 (got {self.semantic_cluster_size!r})",
+            ),
+            (
+                isinstance(self.worker_memory_mb, int) and self.worker_memory_mb >= 16,
+                f"dedup.worker_memory_mb must be an integer >= 16 (got {self.worker_memory_mb!r})",
             ),
         )
 
@@ -373,33 +440,189 @@ def dup_groups(
     return groups, sizes
 
 
-# -- pool stage ----------------------------------------------------------------------------------
+# -- the pool stage: three tiers -------------------------------------------------------------------
 
-POOL_QUERY = ("select uid, phash, sha256, original_width, original_height from samples "
-              "where status = 'ok' order by uid")
+# Each rule as a sort key, best first: a group keeps the sample with the smallest key (``arg_min``).
+# Written once, for every tier. largest: the largest original image (ours). hard / easy: NeMo Curator's
+# SemDeDup choices, the sample farthest from (hard) or nearest to (easy) its k-means centroid; rows
+# without an embedding rank last. random: a hash of the uid and [dedup] seed. Ties, and rows the rule
+# cannot rank, go to the larger image, then the smaller uid, so the choice is deterministic.
+_LARGEST = "coalesce(-area, 9223372036854775807)"
+_KEEPER_KEY = {
+    "largest": f"{{'a': {_LARGEST}, 'u': uid}}",
+    "hard": f"{{'c': coalesce(centroid_cosine, 9.0), 'a': {_LARGEST}, 'u': uid}}",
+    "easy": f"{{'c': coalesce(-centroid_cosine, 9.0), 'a': {_LARGEST}, 'u': uid}}",
+    "random": "{'h': hash(uid || '{seed}'), 'u': uid}",
+}
 
 
-def group_keepers(groups: Sequence[str | None], areas: Sequence[int | None]) -> list[bool | None]:
-    """Per row, whether it is the one sample of its group a dedup keeps: the largest ``area``
-    (original width x height; a missing one ranks below any), ties to the earlier row (rows come in
-    uid order). None where the row has no group. A column, so that a dedup policy reads one boolean
-    instead of ranking every group in a window at filter time (10M rows: 0.2 s instead of 5 s)."""
-    n = len(groups)
-    if n == 0:
-        return []
-    codes = pa.array(groups, pa.string()).dictionary_encode().indices.fill_null(-1).to_numpy().astype(np.int64)
-    grouped = codes >= 0
-    area = np.array([-1 if a is None else a for a in areas], np.int64)
-    order = np.lexsort((np.arange(n), -area, codes))  # by group, then largest area, then row
-    sorted_codes = codes[order]
-    first = order[np.r_[True, sorted_codes[1:] != sorted_codes[:-1]]]
-    keeper = np.zeros(n, bool)
-    keeper[first] = True
-    return [bool(k) if g else None for k, g in zip(keeper, grouped)]
+def keeper_key(rule: str, seed: int = 0) -> str:
+    """``[dedup] keeper`` as a SQL sort key over columns uid, area, centroid_cosine: smallest is kept."""
+    return _KEEPER_KEY[rule].replace("{seed}", str(int(seed)))
+
+
+LOUD_ROWS = 100_000  # a pool at least this large: each tier says on the console what it is doing
+BUCKET_ROWS = 2_000_000  # samples per bucket when a tier's groups are joined back to their rows (DuckDB, in memory)
+POOL_QUERY = ("select uid, phash, sha256, original_width::bigint * original_height as area, {words} as words "
+              "from samples where status = 'ok'")
+# The words OCR read, as a set (lower case, 3+ letters or digits, sorted): what split_by_text compares.
+WORDS_SQL = ("array_to_string(list_sort(list_distinct(regexp_extract_all(lower(coalesce(ocr_text, '')), "
+             "'[a-z0-9]{3,}'))), ' ')")
+
+
+def _pairs_path(folder: Path, name: str) -> Path:
+    return folder / f"{name}.npy"
+
+
+def _save_npy(array: np.ndarray, path: Path) -> None:
+    """``np.save`` to a temporary name, then rename: a killed task leaves no half file to trust."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    write_bytes_atomic(buffer.getvalue(), path)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    return np.load(io.BytesIO(read_bytes(path)), allow_pickle=False)
+
+
+def phash_pairs_task(hashes_path: Path, combos: list[tuple[tuple[int, int], ...]], radius: int,
+                     passes: int, out_path: Path) -> int:
+    """One worker's share of the perceptual tier: the pairs of distinct pHashes (values, uint64) that
+    agree on the bands of one of ``combos`` and are at most ``radius`` bits apart, saved to ``out_path``.
+
+    Reads the pool's distinct hashes (one uint64 column) batch by batch. With ``passes`` > 1 each
+    combination is done in that many passes, each keeping only the hashes whose band key falls in
+    its slice of the key space (a pair shares its key, so never straddles two slices): memory is
+    ``16 bytes x distinct hashes / passes`` plus a batch, whatever the pool's size."""
+    if out_path.exists():  # done by an earlier, killed run over the same hashes
+        return int(_load_npy(out_path).shape[0])
+    found: list[np.ndarray] = []
+    for combo in combos:
+        for slice_ in range(passes):
+            chosen = []
+            for batch in pq.ParquetFile(hashes_path.open("rb")).iter_batches(batch_size=1 << 20, columns=["phash"]):
+                values = batch.column(0).to_numpy(zero_copy_only=False).view(np.uint64)
+                if passes > 1:
+                    key = np.zeros(values.size, np.uint64)
+                    for shift, bits in combo:
+                        key ^= (values >> np.uint64(shift)) & np.uint64((1 << bits) - 1)
+                    # a multiplicative hash of the key spreads any key distribution over the slices
+                    values = values[(key * np.uint64(0x9E3779B97F4A7C15) >> np.uint64(40)) % np.uint64(passes) == slice_]
+                chosen.append(values)
+            hashes = np.concatenate(chosen) if chosen else np.empty(0, np.uint64)
+            if hashes.size < 2:
+                continue
+            left, right = _close_in_buckets(hashes, combo, radius)
+            found.append(np.stack([hashes[left], hashes[right]], axis=1))
+    pairs = np.concatenate(found) if found else np.empty((0, 2), np.uint64)
+    _save_npy(pairs, out_path)
+    return int(pairs.shape[0])
+
+
+UNTRAINED_MARK = "random-init("  # in clip_model: models.clip names a seeded random init so
+UNTRAINED_SQL = f"coalesce(model, '') like '%{UNTRAINED_MARK}%'"
+
+
+def _embedding_rows(part: Path) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """A clip_score part's samples that kept an image embedding of a trained model: (uids, float16
+    vectors, model). An untrained model's vectors are left out: a random init maps every photo to
+    nearly the same direction (unrelated photos at cosine > 0.95), so they would all be "duplicates"."""
+    table = read_table(part, columns=["uid", "image_embedding", "clip_model"])
+    untrained = pc.match_substring(table.column("clip_model").fill_null(""), UNTRAINED_MARK)
+    table = table.filter(pc.and_(pc.is_valid(table.column("image_embedding")), pc.invert(untrained)))
+    if table.num_rows == 0:
+        return np.empty(0, object), np.empty((0, 0), np.float16), None
+    column = table.column("image_embedding").combine_chunks()
+    flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float16, copy=False)
+    vectors = flat.reshape(table.num_rows, -1)
+    models = pc.unique(table.column("clip_model")).to_pylist()
+    return np.asarray(table.column("uid").to_pylist(), object), vectors, "; ".join(sorted(str(m) for m in models))
+
+
+def semantic_split_task(part: Path, centroids_path: Path, out_prefix: Path) -> int:
+    """First half of the semantic tier, one clip_score part: each embedding goes to its nearest
+    coarse centroid, and the part's rows are written out per coarse cluster
+    (``<out_prefix>-<cluster>.npz``), so that the worker of one cluster reads only its rows."""
+    from stages.semantic_dedup import assign, unit
+
+    marker = Path(str(out_prefix) + ".done")
+    if marker.exists():
+        return 0
+    uids, vectors, model = _embedding_rows(part)
+    if uids.size:
+        centroids = _load_npy(centroids_path)
+        labels, _ = assign(unit(vectors), centroids)
+        for cluster in np.unique(labels):
+            rows = labels == cluster
+            buffer = io.BytesIO()
+            np.savez(buffer, uids=uids[rows].astype(str), vectors=vectors[rows], model=np.asarray(model or ""))
+            write_bytes_atomic(buffer.getvalue(), Path(f"{out_prefix}-{int(cluster)}.npz"))
+    write_bytes_atomic(b"", marker)
+    return int(uids.size)
+
+
+def semantic_group_task(inputs: list[Path], cluster_size: int, min_cosine: float, seed: int, out_path: Path) -> int:
+    """Second half of the semantic tier, one coarse cluster: fine k-means inside it, the pairs of
+    cosine >= ``min_cosine`` within each fine cluster (SemDeDup), and their connected groups, each
+    named by its smallest uid. Pairs never cross coarse clusters, so the groups are final here and
+    the driver never sees a pair. Writes ``uid, group, size, centroid_cosine, model`` (Parquet)."""
+    from stages.semantic_dedup import cluster_pairs
+
+    if out_path.exists():
+        return pq.read_metadata(out_path.open("rb")).num_rows
+    uids_list, vectors_list, models = [], [], set()
+    for path in inputs:
+        with np.load(io.BytesIO(read_bytes(path)), allow_pickle=False) as npz:
+            uids_list.append(npz["uids"])
+            vectors_list.append(npz["vectors"])
+            models.add(str(npz["model"]))
+    uids = np.concatenate(uids_list) if uids_list else np.empty(0, str)
+    n = uids.size
+    if n:
+        vectors = np.concatenate(vectors_list)
+        left, right, _, centroid_cosine = cluster_pairs(vectors, cluster_size, min_cosine, seed)
+        labels = components(n, left, right)
+        groups, sizes = name_groups(uids, labels)
+    else:
+        groups, sizes, centroid_cosine = np.empty(0, str), np.empty(0, np.int32), np.empty(0, np.float32)
+    table = pa.table({"uid": pa.array(uids.tolist(), pa.string()), "group": pa.array(groups.tolist(), pa.string()),
+                      "size": pa.array(sizes, pa.int32()), "centroid_cosine": pa.array(centroid_cosine, pa.float32()),
+                      "model": pa.array(["; ".join(sorted(m for m in models if m))] * n, pa.string())})
+    write_table_atomic(table, out_path)
+    return n
+
+
+def components(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Connected-component label of each of ``n`` nodes linked by the pairs ``(left[k], right[k])``."""
+    from scipy.sparse import coo_matrix  # here, not at import: the CLI imports every stage to describe the DAG
+    from scipy.sparse.csgraph import connected_components
+
+    graph = coo_matrix((np.ones(left.size, np.int8), (left, right)), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+def name_groups(uids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per node, its component's smallest uid (code-point order, as DuckDB's) and the component's size."""
+    n = uids.size
+    order = np.lexsort((uids, labels))
+    sorted_labels = labels[order]
+    starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
+    run_sizes = np.diff(np.r_[starts, n])
+    groups = np.empty(n, dtype=uids.dtype)
+    sizes = np.empty(n, np.int32)
+    groups[order] = np.repeat(uids[order[starts]], run_sizes)
+    sizes[order] = np.repeat(run_sizes, run_sizes)
+    return groups, sizes
 
 
 class DupGroupStage(PoolStage):
-    """Groups every downloaded sample with its near-duplicates (see :func:`dup_groups`)."""
+    """Groups every downloaded sample with its duplicates, in three tiers (see the module docstring).
+
+    Nothing pool-wide sits on the driver: DuckDB (out of core) lists the distinct pHashes and
+    assembles the part; the pHash band search and the semantic clustering run as tasks on the
+    cluster (``PoolWork.map``), each with bounded memory, writing their results under the work
+    folder, where a killed run finds them. The driver holds only the perceptual tier's close pairs
+    (one per near-duplicate link, not one per sample) to chain them into groups."""
 
     name = "dup_group"
     reads = ("phash", "sha256", "original_width", "original_height")
@@ -412,21 +635,198 @@ class DupGroupStage(PoolStage):
     def resources(self, gpus_available: bool) -> Resources:
         return Resources(cpus=1.0)
 
-    def process_pool(self, con: Any) -> pa.Table:
-        table = con.execute(POOL_QUERY).to_arrow_table()
-        uids = table.column("uid").to_pylist()
-        groups, sizes = dup_groups(
-            uids, table.column("phash").to_pylist(), table.column("sha256").to_pylist(), self.config.radius
+    def _budget(self) -> float:
+        """Bytes one task may hold."""
+        return self.config.worker_memory_mb * float(1 << 20)
+
+    # -- perceptual tier ------------------------------------------------------------------------
+
+    def _phash_components(self, con: Any, work: PoolWork) -> str:
+        """A relation ``(phash, comp)`` for the distinct pHashes that have a close other one."""
+        empty = "(select null::bigint as phash, null::bigint as comp where false)"
+        if "phash" not in self.config.tiers or self.config.radius == 0:
+            return empty
+        folder = work.dir / "phash"
+        folder.mkdir(parents=True, exist_ok=True)
+        hashes_path = folder / "distinct.parquet"
+        if not hashes_path.exists():
+            schema = pa.schema([pa.field("phash", pa.int64())])
+
+            def write(tmp: Path) -> None:
+                reader = con.execute("select distinct phash from samples where status = 'ok' and phash is not null"
+                                     ).to_arrow_reader(1 << 20)
+                with pq.ParquetWriter(tmp, schema) as writer:
+                    for batch in reader:
+                        writer.write_batch(pa.record_batch([batch.column(0).cast(pa.int64())], schema=schema))
+
+            write_file_atomic(write, hashes_path, Path(tempfile.gettempdir()))
+        count = pq.read_metadata(hashes_path.open("rb")).num_rows
+        if count < 2:
+            return empty
+        n_bands, agree = band_plan(count, self.config.radius)
+        combos = list(combinations(_bands(n_bands), agree))
+        passes = max(1, math.ceil(count * 16 / self._budget()))
+        n_tasks = min(len(combos), 4 * max(1, work.cpus))
+        calls = [(hashes_path, combos[t::n_tasks], self.config.radius, passes, _pairs_path(folder, f"pairs-{t}"))
+                 for t in range(n_tasks)]
+        self.last_passes = passes
+        if count >= LOUD_ROWS:
+            work.say(f"dup_group: pHash tier, {count:,} distinct hashes, {len(combos)} band combinations in "
+                 f"{n_tasks} task(s), {passes} pass(es) each")
+        work.map(phash_pairs_task, calls)
+        pairs = [_load_npy(call[-1]) for call in calls]
+        pairs = np.concatenate(pairs) if pairs else np.empty((0, 2), np.uint64)
+        if pairs.shape[0] == 0:
+            return empty
+        nodes, index = np.unique(pairs.ravel(), return_inverse=True)
+        index = index.reshape(-1, 2)
+        labels = components(nodes.size, index[:, 0], index[:, 1])
+        table = pa.table({"phash": pa.array(nodes.view(np.int64)), "comp": pa.array(labels.astype(np.int64))})
+        path = folder / "components.parquet"
+        write_table_atomic(table, path)
+        return f"read_parquet({sql_string(path)})"
+
+    # -- semantic tier --------------------------------------------------------------------------
+
+    def _semantic_groups(self, con: Any, work: PoolWork) -> str:
+        """A relation ``(uid, "group", size, centroid_cosine, model)`` over the samples with an image embedding."""
+        empty = ("(select null::varchar as uid, null::varchar as \"group\", null::integer as size, "
+                 "null::float as centroid_cosine, null::varchar as model where false)")
+        parts = work.parts("clip_score") if "semantic" in self.config.tiers else []
+        if not parts:
+            return empty
+        try:
+            count, dim = con.execute(
+                f"select count(*) filter (where not {UNTRAINED_SQL}), max(len(image_embedding)) from embeddings").fetchone()
+        except duckdb.Error:  # no embeddings view: clip_score kept none (keep_embeddings off, or not run)
+            return empty
+        # embeddings of an untrained model are left out (the summary says the tier compared nothing, and why)
+        if not count:
+            return empty
+        from stages.semantic_dedup import fit_centroids, separates, unit
+
+        folder = work.dir / "semantic"
+        folder.mkdir(parents=True, exist_ok=True)
+        bytes_per_row = int(dim) * 2 * 3  # the float16 rows, their float32 copy in blocks, slack
+        coarse = max(1, math.ceil(count * bytes_per_row / self._budget()))
+        centroids_path = _pairs_path(folder, "centroids")
+        if not centroids_path.exists():
+            sample = con.execute(f"select image_embedding from (select image_embedding from embeddings where not {UNTRAINED_SQL}) "
+                                 f"using sample reservoir({min(count, 50 * coarse + 10_000)} rows) "
+                                 f"repeatable ({self.config.seed})").fetchnumpy()["image_embedding"]
+            sample = np.asarray([np.asarray(v, np.float32) for v in sample], np.float32)
+            ok, share = separates(sample, 1.0 - self.config.semantic_eps)
+            if not ok:
+                work.say(f"dup_group: semantic tier skipped: {share:.0%} of random pairs of pool images are at cosine >= "
+                         f"{1 - self.config.semantic_eps:g} (an embedding space that does not tell images apart: "
+                         "an untrained or barely trained model)")
+                return empty
+            _save_npy(fit_centroids(unit(sample), coarse, self.config.seed), centroids_path)
+        split = folder / "split"
+        split.mkdir(exist_ok=True)
+        self.last_coarse = coarse
+        if count >= LOUD_ROWS:
+            work.say(f"dup_group: semantic tier, {count:,} embeddings ({dim} dims) in {coarse} coarse cluster(s), "
+                 f"k-means clusters of ~{self.config.semantic_cluster_size}")
+        work.map(semantic_split_task, [(part, centroids_path, split / part.stem) for part in parts])
+        by_cluster: dict[int, list[Path]] = {}
+        for name in list_names(split):
+            if name.endswith(".npz"):
+                by_cluster.setdefault(int(name[:-4].rsplit("-", 1)[1]), []).append(split / name)
+        calls = [(sorted(paths), self.config.semantic_cluster_size, 1.0 - self.config.semantic_eps, self.config.seed,
+                  folder / f"groups-{cluster}.parquet") for cluster, paths in sorted(by_cluster.items())]
+        if not calls:
+            return empty
+        work.map(semantic_group_task, calls)
+        return f"read_parquet({sql_string(folder / 'groups-*.parquet')})"
+
+    # -- assembly -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _tier_part(con: Any, linked: Path, scratch: Path, buckets: int, key: str, group: str, size: str,
+                   keeper: str) -> None:
+        """``<scratch>/<key>.parquet``: every row of ``linked`` in uid order with its group's name
+        (smallest uid), size and whether it is the keeper (smallest ``order_key``) in one tier."""
+        source = f"read_parquet({sql_string(linked)})"
+        folder = scratch / f"{key}-buckets"
+        con.execute(f"copy (select uid, {key} as key, order_key, hash({key}) % {buckets} as bucket from {source} "
+                    f"where {key} is not null) to {sql_string(folder)} (format parquet, partition_by (bucket))")
+        done = []
+        for bucket in range(buckets):
+            files = folder / f"bucket={bucket}"
+            if not files.is_dir():
+                continue
+            out = scratch / f"{key}-{bucket}.parquet"
+            con.execute(f"""copy (
+                with l as (select uid, key, order_key from read_parquet({sql_string(files / '*.parquet')})),
+                g as (select key, min(uid) as g_name, count(*)::integer as g_size, arg_min(uid, order_key) as g_keeper
+                      from l group by key)
+                select l.uid, g.g_name as {group}, g.g_size as {size}, l.uid = g.g_keeper as {keeper}
+                from l join g using (key)
+            ) to {sql_string(out)} (format parquet)""")
+            done.append(out)
+        grouped = (f"select * from read_parquet([{', '.join(sql_string(p) for p in done)}]) union all " if done else "")
+        con.execute(f"""copy (
+            {grouped}select uid, null::varchar as {group}, null::integer as {size}, null::boolean as {keeper}
+            from {source} where {key} is null order by uid
+        ) to {sql_string(scratch / (key + '.parquet'))} (format parquet)""")
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def process_pool(self, con: Any, work: PoolWork) -> Iterable[pa.RecordBatch]:
+        """Every downloaded sample with its group, size and keeper flag in each tier, in uid order.
+
+        One DuckDB query, written so that every pool-wide operation is a hash aggregate or a hash
+        join (which spill to disk past DuckDB's memory limit) and no window function over the
+        pool: a group's name, size and keeper are ``min(uid)``, ``count(*)`` and
+        ``arg_min(uid, keeper key)`` of a ``group by``, joined back to its members."""
+        exact = "exact" in self.config.tiers
+        phash_comp = self._phash_components(con, work)
+        semantic = self._semantic_groups(con, work)
+        columns = {row[0] for row in con.execute("describe samples").fetchall()}
+        words = WORDS_SQL if self.config.split_by_text and "ocr_text" in columns else "''"
+        tiers = (("exact_key", "dup_exact_group", "dup_exact_size", "dup_exact_keeper"),
+                 ("phash_key", "dup_group", "dup_group_size", "dup_keeper"),
+                 ("semantic_key", "dup_semantic_group", "dup_semantic_size", "dup_semantic_keeper"))
+        linked_sql = f"""
+        with pool as ({POOL_QUERY.format(words=words)}),
+        sha_phash as (select sha256, max(phash) as phash from pool where sha256 is not null and phash is not null
+                      group by sha256),
+        keyed as (
+            select p.uid, p.area, {'p.sha256' if exact else 'null::varchar'} as exact_key,
+                   coalesce(p.phash, sp.phash) as effective_phash,  -- undecodable but the same bytes: that pHash
+                   s."group" || '|' || p.words as semantic_key, s.centroid_cosine, s.model, p.words
+            from pool p left join sha_phash sp on p.sha256 = sp.sha256 left join {semantic} s on p.uid = s.uid
         )
-        widths, heights = table.column("original_width").to_pylist(), table.column("original_height").to_pylist()
-        areas = [None if w is None or h is None else w * h for w, h in zip(widths, heights)]
-        schema = self.output_schema
-        return pa.Table.from_arrays(
-            [
-                pa.array(uids, type=schema.field("uid").type),
-                pa.array(groups, type=schema.field("dup_group").type),
-                pa.array(sizes, type=schema.field("dup_group_size").type),
-                pa.array(group_keepers(groups, areas), type=schema.field("dup_keeper").type),
-            ],
-            schema=schema,
-        )
+        select k.uid, k.exact_key, k.semantic_key, k.centroid_cosine, k.model,
+               case when k.effective_phash is not null
+                    then coalesce('c' || c.comp::varchar, 'p' || k.effective_phash::varchar) || '|' || k.words
+               end as phash_key,
+               {keeper_key(self.config.keeper, self.config.seed)} as order_key
+        from keyed k left join {phash_comp} c on k.effective_phash = c.phash
+        order by k.uid
+        """
+        scratch = Path(tempfile.mkdtemp(prefix="dup_group-", dir=work.scratch))
+        try:
+            # Per tier, the groups in buckets of at most BUCKET_ROWS samples (a bucket by the hash of
+            # the group key: a group never straddles two), each bucket's aggregate joined back to its
+            # rows in memory; then every row in uid order. A pool-wide join of 10^7 rows on text keys
+            # does not spill within DuckDB's limit, these steps do (sorts and partitioned writes).
+            linked = scratch / "linked.parquet"
+            con.execute(f"copy ({linked_sql}) to {sql_string(linked)} (format parquet)")
+            rows = con.execute(f"select count(*) from read_parquet({sql_string(linked)})").fetchone()[0]
+            buckets = max(1, math.ceil(rows / BUCKET_ROWS))
+            for key, group, size, keeper in tiers:
+                self._tier_part(con, linked, scratch, buckets, key, group, size, keeper)
+            sql = (f"select l.uid, e.* exclude (uid), p.* exclude (uid), s.* exclude (uid), l.centroid_cosine::float as dup_centroid_cosine, "
+                   f"case when l.semantic_key is not null then l.model end as dup_embedding_model "
+                   f"from (select uid, semantic_key, centroid_cosine, model from read_parquet({sql_string(linked)})) l "
+                   f"positional join read_parquet({sql_string(scratch / 'exact_key.parquet')}) e "
+                   f"positional join read_parquet({sql_string(scratch / 'phash_key.parquet')}) p "
+                   f"positional join read_parquet({sql_string(scratch / 'semantic_key.parquet')}) s")
+            reader = con.execute(sql).to_arrow_reader(1 << 17)
+            schema = self.output_schema
+            for batch in reader:
+                yield pa.RecordBatch.from_arrays([batch.column(name).cast(field.type) for name, field in
+                                                  zip(schema.names, schema)], schema=schema)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)

@@ -46,13 +46,21 @@ class PolicyConfig:
     name: str
     description: str = ""
     rules: dict[str, str] = field(default_factory=dict)
-    # numbers, or names of columns (a text value: ``score = "similarity"`` ranks by the pool's own score)
-    params: dict[str, float | str] = field(default_factory=dict)
+    # numbers, or names of columns (a text value: ``score = "similarity"`` ranks by the pool's own score;
+    # a list of names: ``keepers = ["dup_keeper", "dup_exact_keeper"]`` renders as a comma-separated list)
+    params: dict[str, float | str | list[str]] = field(default_factory=dict)
 
     def rendered_rules(self) -> dict[str, str]:
         """The rules with each ``{param}`` replaced by its number (a plain SQL literal) or, for a
-        text value, the column it names (a quoted identifier)."""
-        values = {k: _ident(v) if isinstance(v, str) else repr(float(v)) for k, v in self.params.items()}
+        text value, the column it names (a quoted identifier), for a list, those columns."""
+        def render(value: float | str | list[str]) -> str:
+            if isinstance(value, str):
+                return _ident(value)
+            if isinstance(value, (list, tuple)):
+                return ", ".join(_ident(str(v)) for v in value)
+            return repr(float(value))
+
+        values = {k: render(v) for k, v in self.params.items()}
         return {rule: _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), sql) for rule, sql in self.rules.items()}
 
     def problems(self) -> list[str]:

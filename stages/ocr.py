@@ -33,7 +33,7 @@ class OcrConfig:
     gpus_per_replica: float = 0.25  # used only on GPU; fractional packs replicas on one GPU
     detector_size: int = 512  # longest image side fed to the text detector, pixels (small images enlarged <= 2x)
     min_confidence: float = 0.0  # regions recognised below this confidence are dropped
-    quantize: bool = True  # easyocr on CPU: CRAFT in static int8 (onnxruntime, calibrated at load), the recogniser in dynamic int8; false: fp32 (recorded as ocr_precision)
+    quantize: bool = True  # easyocr on CPU: CRAFT in static int8 (onnxruntime, calibrated once per machine, kept in the cache), the recogniser in dynamic int8; false: fp32 (recorded as ocr_precision)
 
     def problems(self) -> list[str]:
         """What types cannot say: ranges and choices, as readable messages (empty when fine)."""

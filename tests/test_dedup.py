@@ -24,7 +24,7 @@ from scipy.fftpack import dct
 
 import stages.dedup as dedup
 from manifests.schemas import schema_for
-from stages.base import Resources, StageContractError
+from stages.base import PoolWork, Resources, StageContractError
 from stages.dedup import DedupConfig, DedupStage, DupGroupStage, close_pairs, dup_groups, hamming, phash
 
 SCENETEXT = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "scenetext"
@@ -357,7 +357,11 @@ def test_dup_groups_refuses_bad_input():
 # -- the pool stage ---------------------------------------------------------------------------------
 
 
-def test_pool_stage_groups_downloaded_samples_from_the_catalog():
+def _pool(stage: DupGroupStage, con, folder) -> pa.Table:
+    return pa.Table.from_batches(list(stage.process_pool(con, PoolWork(folder))), schema=schema_for("dup_group"))
+
+
+def test_pool_stage_groups_downloaded_samples_from_the_catalog(tmp_path):
     near = 0x00FF00FF00FF00FF
     other = 0x0F0F0F0F0F0F0F0F  # 32 bits from near and from ~near
     con = duckdb.connect()
@@ -375,20 +379,25 @@ def test_pool_stage_groups_downloaded_samples_from_the_catalog():
             ("g", "ok", ~near, "s4", None, None),  # all bits differ from d
         ],
     )
-    table = DupGroupStage(DedupConfig()).process_pool(con)
-    assert table.schema.equals(schema_for("dup_group"), check_metadata=True)
-    assert table.to_pydict() == {
+    table = _pool(DupGroupStage(DedupConfig()), con, tmp_path)
+    got = table.to_pydict()
+    assert {k: got[k] for k in ("uid", "dup_group", "dup_group_size", "dup_keeper")} == {
         "uid": ["a", "b", "d", "e", "f", "g"],
         "dup_group": ["a", "b", "b", "a", None, "g"],
         "dup_group_size": [2, 2, 2, 2, None, 1],
         "dup_keeper": [True, False, True, False, None, True],
     }
+    # the exact tier: only a and e share their bytes (s3); d, b and g are alone; f has no bytes
+    assert got["dup_exact_group"] == ["a", "b", "d", "a", None, "g"]
+    assert got["dup_exact_size"] == [2, 1, 1, 2, None, 1]
+    assert got["dup_exact_keeper"] == [True, True, True, False, None, True]
+    assert got["dup_semantic_group"] == [None] * 6  # no embeddings in this pool
     DupGroupStage.check_output(table.column_names)
 
 
-def test_pool_stage_on_an_empty_pool():
+def test_pool_stage_on_an_empty_pool(tmp_path):
     con = duckdb.connect()
     con.execute("create table samples (uid varchar, status varchar, phash bigint, sha256 varchar, "
                 "original_width integer, original_height integer)")
-    table = DupGroupStage(DedupConfig()).process_pool(con)
-    assert table.num_rows == 0 and table.schema.equals(schema_for("dup_group"), check_metadata=True)
+    table = _pool(DupGroupStage(DedupConfig()), con, tmp_path)
+    assert table.num_rows == 0

@@ -65,6 +65,8 @@ batch_size = 4
 replicas = 1
 [reshard]
 samples_per_shard = 8
+[decontaminate]
+eval_sets = []   # the decontaminate step off: these chains count the catalog rebuilds of dup_group and filter
 """
 SAMPLES, SHARD_SIZE = "24", "8"  # 24 good + 8 broken URLs: 4 download shards, one of them all failures
 
@@ -383,6 +385,8 @@ def differs_from_reference(root: Path, reference: Path) -> list[str]:
         if why:
             problems.append(f"selections/{selection.name}: {why}")
     for tar in sorted(root.glob("curated/*/*.tar")):
+        if tar.parent.name.startswith(TMP):  # a policy's reshard in progress (pathlib's * matches dot names): not final
+            continue
         want = reference / "curated" / tar.parent.name / tar.name
         if not want.exists() or sha256(tar) != sha256(want):
             problems.append(f"curated/{tar.parent.name}/{tar.name}: not the reference's bytes")

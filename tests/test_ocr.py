@@ -271,11 +271,14 @@ def test_rapidocr_finds_text(samples: list, images: list[np.ndarray]) -> None:
 
 
 def test_int8_detector_falls_back_to_fp32_and_says_so(monkeypatch: pytest.MonkeyPatch,
-                                                        caplog: pytest.LogCaptureFixture) -> None:
+                                                        caplog: pytest.LogCaptureFixture, tmp_path) -> None:
     """The int8 detector is built at load; if the quantiser fails (or disagrees with fp32), the
     engine detects in fp32 and records that as its precision (each row's ocr_precision, the run's
     summary) and in its log: never a failed actor, nor a line on the console from every actor."""
     import models.ocr as ocr
+    from core.cache import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))  # an empty cache: the int8 model must be built here
 
     def broken(model_bytes: bytes) -> bytes:
         raise RuntimeError("no quantiser here")

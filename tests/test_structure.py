@@ -28,18 +28,25 @@ ALLOWED = {
     "sources": {"core", "manifests", "stages"},  # a dataset states its download settings
     # the ablation drives a curate run; training from a selection reads download shards as resharding does
     "training": {"core", "manifests", "models", "stages", "sources", "pipeline"},
-    "pipeline": {"core", "manifests", "models", "stages", "sources", "training"},
+    # never training, not even inside a function: its sections are pipeline/training_config.py's and its
+    # subcommands come in by entry point (training/cli.py)
+    "pipeline": {"core", "manifests", "models", "stages", "sources"},
 }
 
 
 def _imports(path: Path) -> set[str]:
-    """Top-level package names of ours that a module imports, lazy and TYPE_CHECKING imports included."""
+    """Top-level package names of ours that a module imports, lazy and TYPE_CHECKING imports included,
+    and modules named as strings to ``importlib.import_module`` / ``__import__``."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module.split(".")[0])
         elif isinstance(node, ast.Import):
             found.update(a.name.split(".")[0] for a in node.names)
+        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str)
+              and getattr(node.func, "attr", getattr(node.func, "id", None)) in ("import_module", "__import__")):
+            found.add(node.args[0].value.split(".")[0])
     return found & set(PACKAGES)
 
 
@@ -51,7 +58,46 @@ def test_imports_point_down():
                 arrows[package].add(target)
                 assert target in ALLOWED[package], f"{path.relative_to(ROOT)} imports {target}: {package} must not"
     assert not arrows["models"] & {"stages", "pipeline"} and not arrows["stages"] & {"pipeline", "training"}
+    assert "training" not in arrows["pipeline"] and "pipeline" in arrows["training"]  # one way between the two
     assert arrows["pipeline"] >= {"stages", "manifests"}  # the check sees real imports
+
+
+def test_a_lazy_or_dynamic_pipeline_to_training_import_is_caught(tmp_path):
+    """The scan sees imports inside functions, under TYPE_CHECKING and by name, not only at the top."""
+    module = tmp_path / "m.py"
+    for body in ("def f():\n    from training.ablation import run_ablation\n",
+                 "if TYPE_CHECKING:\n    import training.train\n",
+                 "import importlib\nimportlib.import_module('training.cli')\n",
+                 "__import__('training')\n"):
+        module.write_text(body)
+        assert _imports(module) == {"training"}, body
+
+
+def test_importing_all_of_pipeline_loads_no_training_module():
+    """At run time too: every pipeline module imported, and its config built, with training nowhere in
+    sys.modules (transitive imports included)."""
+    import subprocess
+    import sys
+
+    modules = sorted(f"pipeline.{p.stem}" for p in (ROOT / "pipeline").glob("*.py") if p.stem != "__main__")
+    code = (f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
+            "from pipeline.config import load_config\nload_config()\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'training'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
+def test_training_commands_are_registered_by_entry_point(capsys):
+    """`python -m pipeline train|evaluate|ablation` still work: training/cli.py adds them through the
+    clip_curation.commands entry point (pyproject.toml), which pipeline/cli.py loads without naming."""
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        group = tomllib.load(f)["project"]["entry-points"]["clip_curation.commands"]
+    assert group == {"training": "training.cli:add_commands"}
+    for command in ("train", "evaluate", "ablation"):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0 and f"usage: python -m pipeline {command}" in capsys.readouterr().out
 
 
 def test_every_stage_declares_the_contract():

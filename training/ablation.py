@@ -33,57 +33,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.errors import ConfigError
-from core.settings import config_section, require
 from manifests.store import SIZES_FILE, RunLayout
+from pipeline.training_config import AblationConfig  # the [ablation] section, declared below pipeline/config.py
 from sources.embedded import DEFAULT_SETTINGS
 from training.train import LATEST  # the link to the newest checkpoint: one name across reruns
 
 if TYPE_CHECKING:  # pragma: no cover - the run's whole config, composed by pipeline/config.py
     from pipeline.config import Config
-
-
-@config_section
-class AblationConfig:
-    """`make ablation`: one model per policy and seed, trained on the embedded dataset at equal steps."""
-
-    samples: int = 640  # embedded samples to curate (OCR sets the pace on a CPU: ~1 image/s)
-    policies: tuple[str, ...] = ("all", "no-text", "no-parrot", "clip-score-top", "tmars", "no-parrot-tmars")
-    seeds: tuple[int, ...] = (0,)  # training seeds (init, data order, masks): every model once per seed
-    masking: tuple[str, ...] = ()  # also train the unfiltered policy with patches masked: "random" (FLIP), "pgs"
-    eval_seed: int = 10_000  # held-out sets: a seed stream apart from the training data's
-    eval_per_class: int = 40  # images per class in each labelled eval set
-    # The embedded dataset's proportions (sources.embedded.GeneratorSettings; these defaults are its own)
-    text_fraction: float = 0.55  # images with text (LAION-2B: 54.6%)
-    class_word_fraction: float = 0.5  # of text images, those where one region names another class
-    class_word_cap: tuple[float, float] = (0.08, 0.13)  # class-word cap height / shorter side
-    parrot_fraction: float = 0.4  # of text images: caption spells the text
-    mixed_fraction: float = 0.3  # of text images: caption describes and spells some text
-    mixed_quotes_class_word: bool = False  # a mixed caption quotes the class word (else a random region)
-
-    def problems(self) -> list[str]:
-        """What types cannot say: ranges and choices, as readable messages (empty when fine)."""
-        problems = require(
-            (self.samples >= 16, "ablation.samples must be >= 16"),
-            (bool(self.policies), "ablation.policies must name at least one policy"),
-            (bool(self.seeds), "ablation.seeds must name at least one seed"),
-            (len(set(self.seeds)) == len(self.seeds), "ablation.seeds must not repeat a seed"),
-            (set(self.masking) <= {"random", "pgs"}, f"ablation.masking may hold random and pgs, not {list(self.masking)}"),
-            (self.eval_per_class >= 1, "ablation.eval_per_class must be >= 1"),
-            (len(self.class_word_cap) == 2, "ablation.class_word_cap must be [low, high]"),
-        )
-        if len(self.class_word_cap) == 2:
-            problems += [f"ablation.{p}" for p in self.generator().problems()]
-        return problems
-
-    def generator(self) -> Any:
-        """The embedded dataset's ``GeneratorSettings`` from these fields."""
-        from sources.embedded import GeneratorSettings
-
-        low, high = self.class_word_cap
-        return GeneratorSettings(text_fraction=self.text_fraction, class_word_fraction=self.class_word_fraction,
-                                 class_word_cap=(low, high), parrot_fraction=self.parrot_fraction,
-                                 mixed_fraction=self.mixed_fraction,
-                                 mixed_quotes_class_word=self.mixed_quotes_class_word)
 
 SCORER_POLICY = "all"  # its model (first seed, no masking) re-scores CLIP for the score-based policies
 MASKED_POLICY = "all"  # the policy trained again with masked patches (CLIP-PGS vs FLIP)
@@ -321,6 +277,16 @@ def variants(ablation: AblationConfig, policies: tuple[str, ...]) -> list[Varian
     return [Variant(p) for p in policies] + [Variant(MASKED_POLICY, m) for m in ablation.masking]
 
 
+def decontaminated(config: Config) -> Config:
+    """The config with every policy also dropping copies of evaluation images (``eval_match``, the
+    decontaminate step's), so no model of the ablation trains on what it is evaluated on."""
+    from stages.decontaminate import EVAL_RULE
+
+    name, sql = EVAL_RULE
+    policies = {p: dataclasses.replace(policy, rules={**policy.rules, name: sql}) for p, policy in config.policies.items()}
+    return dataclasses.replace(config, policies=policies)
+
+
 def run_ablation(config: Config, ablation: AblationConfig, root: Path, progress: bool = True) -> AblationResult:
     """Curate, train one model per policy and seed at equal steps, evaluate all; write tables and plots."""
     import pyarrow.parquet as pq
@@ -329,6 +295,7 @@ def run_ablation(config: Config, ablation: AblationConfig, root: Path, progress:
     from sources.eval_sets import build_eval_sets
 
     started = time.monotonic()
+    config = decontaminated(config)  # its builtin eval sets are the ones evaluate_checkpoint uses below
     policies = ablation.policies
     if SCORER_POLICY not in policies:
         policies = (SCORER_POLICY, *policies)

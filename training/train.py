@@ -45,63 +45,11 @@ from typing import Any
 
 from core.devices import resolve_device
 from core.errors import ConfigError
-from core.settings import config_section, require
 from manifests.store import SIZES_FILE, tmp_sibling, write_json_atomic
-
-
-@config_section
-class TrainConfig:
-    """Training a CLIP model on one policy's curated shards (training/train.py, in the driver process).
-
-    The budget is a fixed number of optimisation steps at a fixed batch size, not epochs, so the
-    models of every curation policy get the same compute however many samples a policy kept.
-    """
-
-    model: str = "curation-tiny"  # open_clip model name (models/model_configs/ adds curation-tiny)
-    pretrained: str = ""  # "" = seeded random init; an open_clip tag; or a checkpoint file to start from
-    steps: int = 300  # optimisation steps in total (a resumed run continues up to this)
-    batch_size: int = 64
-    lr: float = 1e-3  # peak learning rate of the warmup + cosine schedule
-    weight_decay: float = 0.1  # AdamW; gains, biases and logit_scale get none
-    warmup_steps: int = 20
-    seed: int = 0  # model init, data order and masks
-    precision: str = "amp"  # "amp" (autocast bf16/fp16 on CUDA; fp32 on CPU, recorded so) | "fp32"
-    device: str = "auto"  # "auto" | "cpu" | "cuda"
-    masking: str = "none"  # image patches dropped per step: "none" | "random" (FLIP) | "pgs"
-    mask_ratio: float = 0.5  # fraction of patches dropped when masking
-    checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
-    log_every: int = 1  # steps between train_log.jsonl lines
-    workers: int = 1  # DataLoader worker processes decoding and transforming images
-    shuffle_buffer: int = 500  # samples in the shuffle buffer of each worker
-    threads: int = 2  # torch intra-op threads of the training process (the driver's; on CPU, its cores)
-    source: str = "curated"  # "curated" shards, or "selection": kept samples read from shards/ through the selection
-
-    def problems(self) -> list[str]:
-        """What types cannot say: ranges and choices, as readable messages (empty when fine)."""
-        problems = require(
-            (bool(self.model), "train.model must name an open_clip model"),
-            (self.steps >= 1, "train.steps must be >= 1"),
-            (self.batch_size >= 2, "train.batch_size must be >= 2 (a contrastive loss needs negatives)"),
-            (self.lr > 0, "train.lr must be > 0"),
-            (self.weight_decay >= 0, "train.weight_decay must be >= 0"),
-            (self.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
-            (self.precision in {"fp32", "amp"}, f"train.precision must be fp32 or amp, not {self.precision!r}"),
-            (self.device in {"auto", "cpu", "cuda"}, f"train.device must be auto, cpu or cuda, not {self.device!r}"),
-            (self.masking in {"none", "random", "pgs"}, f"train.masking must be none, random or pgs, not {self.masking!r}"),
-            (0 < self.mask_ratio < 1, "train.mask_ratio must be within (0, 1)"),
-            (self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0"),
-            (self.log_every >= 1, "train.log_every must be >= 1"),
-            (self.workers >= 0, "train.workers must be >= 0"),
-            (self.shuffle_buffer >= 1, "train.shuffle_buffer must be >= 1"),
-            (self.threads >= 1, "train.threads must be >= 1"),
-            (self.source in SOURCES, f"train.source must be curated or selection, not {self.source!r}"),
-        )
-        return problems
-
+from models.pixels import Pixels
+from pipeline.training_config import TrainConfig  # the [train] section, declared below pipeline/config.py
 
 logger = logging.getLogger(__name__)
-
-SOURCES = ("curated", "selection")  # where ``train`` reads a policy's samples (training.ablation.train_on_policy)
 
 TRAIN_DEVICE = "train.device"  # the config key named in device errors
 CHECKPOINTS = "checkpoints"  # step_<n>.pt and latest.pt, inside the output folder
@@ -243,7 +191,8 @@ def train(shards: Shards | SampleSource, out_dir: Path, cfg: TrainConfig, progre
         if precision != "fp32"
         else nullcontext()
     )
-    batches = _batches(source, preprocess, open_clip.get_tokenizer(cfg.model), cfg, data_seed, device)
+    pixels = Pixels(preprocess)
+    batches = _batches(source, pixels, open_clip.get_tokenizer(cfg.model), cfg, data_seed, device)
     log_path = out_dir / LOG
     out_dir.mkdir(parents=True, exist_ok=True)
     _truncate_log(log_path, start)
@@ -261,7 +210,7 @@ def train(shards: Shards | SampleSource, out_dir: Path, cfg: TrainConfig, progre
         torch.manual_seed(data_seed)  # what draws in this process (crops when workers = 0) draws from the seed
         for step, (images, texts) in zip(range(start + 1, cfg.steps + 1), batches):
             lr = schedule(step - 1)
-            images, texts = images.to(device, non_blocking=True), texts.to(device, non_blocking=True)
+            images, texts = pixels.to_model(images, device), texts.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             with masking.step(images) if masking else nullcontext():
                 with autocast:
@@ -377,21 +326,23 @@ def _adamw(model: Any, cfg: TrainConfig) -> Any:
     )
 
 
-def _batches(source: SampleSource, preprocess: Any, tokenizer: Any, cfg: TrainConfig, seed: int, device: str) -> Any:
+def _batches(source: SampleSource, pixels: Pixels, tokenizer: Any, cfg: TrainConfig, seed: int, device: str) -> Any:
     """An endless loader of (images, tokens) batches: the source's samples (shards drawn with
     replacement), shuffled in a buffer, each DataLoader worker seeded apart from the others
-    (workers share the shards). The one place that turns samples into tensors, whatever the source."""
+    (workers share the shards). The one place that turns samples into tensors, whatever the source.
+
+    On 2 cores the worker takes its CPU from the training threads, so it does as little per sample
+    as gives the same pixels (models/pixels.py): a JPEG decoded at the scale its crop needs, crop
+    and resize in one PIL call, the batch normalised at once (on a GPU: there, sent as uint8)."""
     import torch
     import webdataset as wds
 
     pipeline = wds.DataPipeline(
         *source.stages(seed),
         functools.partial(_shuffle_per_worker, bufsize=cfg.shuffle_buffer, seed=seed),
-        wds.decode("pilrgb"),
-        wds.to_tuple(IMAGE_EXTS, "txt"),
-        wds.map_tuple(preprocess, None),
-        wds.batched(cfg.batch_size, partial=False),
-        wds.map_tuple(None, tokenizer),  # a list of captions -> (B, context_length) tokens
+        functools.partial(_decoded, pixels=pixels),
+        wds.batched(cfg.batch_size, partial=False,
+                    collation_fn=functools.partial(_collate, pixels=pixels, tokenizer=tokenizer, on_gpu=device == "cuda")),
     )
     return wds.WebLoader(
         pipeline,
@@ -400,6 +351,23 @@ def _batches(source: SampleSource, preprocess: Any, tokenizer: Any, cfg: TrainCo
         pin_memory=device == "cuda",
         generator=torch.Generator().manual_seed(seed),  # the workers' torch seeds: the random crops
     )
+
+
+def _decoded(samples: Iterator[dict], pixels: Pixels) -> Iterator[tuple[Any, str]]:
+    """Each sample's image (``IMAGE_EXTS``, the first present) as the batch holds it, and its caption;
+    a sample without either stops the loader, as webdataset's ``to_tuple`` does."""
+    exts = IMAGE_EXTS.split(";")
+    for sample in samples:
+        ext = next((e for e in exts if e in sample), None)
+        if ext is None or "txt" not in sample:
+            raise ValueError(f"sample {sample.get('__key__')!r} lacks an image ({IMAGE_EXTS}) or a caption (txt)")
+        yield pixels.from_encoded(sample[ext]), sample["txt"].decode("utf-8")
+
+
+def _collate(items: list[tuple[Any, str]], pixels: Pixels, tokenizer: Any, on_gpu: bool) -> tuple[Any, Any]:
+    """A batch: the images stacked (for a GPU as uint8, normalised there; for the CPU normalised
+    here, in the worker, off the training threads) and the captions tokenized."""
+    return pixels.collate([image for image, _ in items], normalise=not on_gpu), tokenizer([c for _, c in items])
 
 
 def _shuffle_per_worker(samples: Iterator[dict], bufsize: int, seed: int) -> Iterator[dict]:
