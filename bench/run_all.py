@@ -17,7 +17,7 @@ Benchmarks (run in this order; --only picks some):
   reshard  ReshardStage MB/s vs a raw tar-to-tar copy of the same bytes
   dedup-quality  precision and recall of the dedup tiers (exact bytes, pHash, CLIP embedding) per planted
            transform on ~30 real photographs (not a ratio: a quality table; ~1.5 CPU-minutes)
-  dedup-scale  the dup_group step's pHash and semantic tiers on synthetic pools of 10^6 and 10^7 rows
+  dedup-scale  the dup_group step's semantic tier and pHash (radius 4; radius 10 up to 10^6) on synthetic pools of 10^6 and 10^7 rows
            (seconds, driver and worker peak RSS, growth vs linear; --quick: 2*10^4 and 2*10^5)
   dag      the fused Ray Data DAG (decode->ocr->parrot->clip_score) vs its slowest stage alone,
            and its scaling at 1x/2x/4x input (time linear, peak memory flat; plot)
