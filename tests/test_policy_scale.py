@@ -75,7 +75,9 @@ def _write_dup_groups(layout: RunLayout) -> None:
     groups = [uids[i - i % 3] if i % 10 < 3 else None for i in range(len(uids))]  # a few groups of three
     keepers = [None if g is None else groups.index(g) == i for i, g in enumerate(groups)]  # one per group
     layout.stage_dir("dup_group").mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"uid": uids, "dup_group": groups, "dup_keeper": keepers}),
+    nothing = pa.nulls(len(uids), pa.bool_())  # no byte copies, no embeddings: the other tiers compared nothing
+    pq.write_table(pa.table({"uid": uids, "dup_group": groups, "dup_keeper": keepers,
+                             "dup_exact_keeper": nothing, "dup_semantic_keeper": nothing}),
                    layout.stage_dir("dup_group") / "part-pool.parquet")
 
 
