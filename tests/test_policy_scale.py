@@ -79,6 +79,11 @@ def _write_dup_groups(layout: RunLayout) -> None:
     pq.write_table(pa.table({"uid": uids, "dup_group": groups, "dup_keeper": keepers,
                              "dup_exact_keeper": nothing, "dup_semantic_keeper": nothing}),
                    layout.stage_dir("dup_group") / "part-pool.parquet")
+    from manifests.schemas import schema_for  # no evaluation image in this pool: eval_match null throughout
+    match = schema_for("decontaminate").field("eval_match").type
+    layout.stage_dir("decontaminate").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"uid": uids, "eval_match": pa.nulls(len(uids), match)}),
+                   layout.stage_dir("decontaminate") / "part-pool.parquet")
 
 
 def _python_selection(con: duckdb.DuckDBPyConnection, policy: PolicyConfig) -> pa.Table:
