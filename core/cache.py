@@ -58,11 +58,8 @@ def file_sha256(path: Path, subfolder: str) -> str:
             return record["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         pass  # absent, stale or unreadable: hash the file again
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    sha = digest.hexdigest()
+        sha = hashlib.file_digest(f, "sha256").hexdigest()
     record = {"path": resolved, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha}
     try:
         write_atomic(record_path, lambda f: f.write(json.dumps(record).encode()))

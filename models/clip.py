@@ -18,19 +18,20 @@ No Ray and no run paths: the CLIP-score stage owns those. Three things are decid
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from core.errors import ConfigError
 from core.images import as_rgb
+from manifests.store import sha256_of
 from models.pixels import Pixels
 
 logger = logging.getLogger(__name__)
@@ -62,12 +63,9 @@ class RandomWeightsWarning(UserWarning):
     """CLIP weights are a seeded random init: scores are reproducible but carry no meaning."""
 
 
-def file_sha256(path: str, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+def file_sha256(path: str) -> str:
+    """A checkpoint's sha256 (its description names the weights by it)."""
+    return sha256_of(Path(path))
 
 
 @dataclass

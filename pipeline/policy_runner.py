@@ -11,10 +11,8 @@ time and hash with its own completion marker) redoes only the policies whose dec
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -28,7 +26,7 @@ from manifests.catalog import (
     PolicyInputs, bound_memory, connect, materialise_policy_inputs, parquet_metadata, sql_string,
     write_file_atomic,
 )
-from manifests.store import RunLayout, is_remote, list_names, move_into_place, tmp_sibling
+from manifests.store import RunLayout, list_names, move_into_place, remove_tree, tmp_sibling
 from manifests.uids import UID_BATCH
 from pipeline.config import Config
 from pipeline.dag import STAGE_ORDER
@@ -119,9 +117,7 @@ def run_pool_step(layout: RunLayout, stage: PoolStage) -> bool:
     work = pool_work(layout, stage, digest)
     con = connect(layout.catalog_path, layout)
     bound_memory(con, layout)
-    scratch = layout.local_dir / SCRATCH_DIR
-    scratch.mkdir(parents=True, exist_ok=True)
-    new = tmp_sibling(scratch / path.name)
+    new = tmp_sibling(work.scratch / path.name)
     try:
         rows = stage.process_pool(con, work)
         batches = rows.to_batches() if isinstance(rows, pa.Table) else rows
@@ -136,7 +132,7 @@ def run_pool_step(layout: RunLayout, stage: PoolStage) -> bool:
     finally:
         con.close()
         new.unlink(missing_ok=True)
-    _remove_tree(layout.stage_dir(stage.name) / "work")  # done: its intermediate files are not needed again
+    remove_tree(layout.stage_dir(stage.name) / "work")  # done: its intermediate files are not needed again
     return changed
 
 
@@ -147,14 +143,6 @@ def _same_rows(new: Path, old) -> bool:
         if a.metadata.num_rows != b.metadata.num_rows or not a.schema_arrow.equals(b.schema_arrow):
             return False
         return all(x.equals(y) for x, y in zip(a.iter_batches(batch_size=1 << 16), b.iter_batches(batch_size=1 << 16)))
-
-
-def _remove_tree(folder) -> None:
-    if is_remote(folder):
-        with contextlib.suppress(FileNotFoundError):
-            folder.fs.rm(folder.path, recursive=True)
-    else:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def selection_digest(inputs: PolicyInputs, policy: str, decisions: Decisions) -> str:

@@ -56,13 +56,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from core.cache import CACHE_ENV, write_atomic  # noqa: F401 - CACHE_ENV: named here for callers and tests
+from core.cache import write_atomic
 from core.cache import cache_dir as project_cache_dir
 from core.errors import ConfigError
 from core.settings import config_section, require
 from manifests.schemas import schema_for
 from stages.base import PoolStage, PoolWork, Resources
 from stages.dedup import MAX_RADIUS, phash
+from stages.semantic_dedup import assign, separates
 
 BUILTIN = "builtin"
 TIERS = ("exact", "phash", "semantic")  # best first
@@ -375,21 +376,6 @@ def nearest_hashes(pool: np.ndarray, eval_hashes: np.ndarray) -> tuple[np.ndarra
     return best, dist
 
 
-def nearest_vectors(pool: np.ndarray, eval_vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per pool unit vector, the index of the most similar eval vector and the cosine, one matrix
-    product per block of rows."""
-    best = np.zeros(len(pool), np.int64)
-    cosine = np.full(len(pool), -np.inf, np.float32)
-    if len(eval_vectors) == 0 or len(pool) == 0:
-        return best, cosine
-    rows = max(1, _BLOCK_CELLS // len(eval_vectors))
-    for start in range(0, len(pool), rows):
-        sims = pool[start : start + rows] @ eval_vectors.T
-        best[start : start + rows] = sims.argmax(axis=1)
-        cosine[start : start + rows] = sims.max(axis=1)
-    return best, cosine
-
-
 def _description(clip_config: Any) -> tuple[str, bool]:
     from models.clip import weights_description
 
@@ -424,8 +410,6 @@ def semantic_tier(con: Any, description: str | None) -> str | None:
 def separation_note(vectors: np.ndarray, min_cosine: float) -> str | None:
     """None when the evaluation images' embeddings tell images apart at ``min_cosine``; else why
     the semantic tier is off (a barely trained model puts every pair above it: all would match)."""
-    from stages.semantic_dedup import separates
-
     ok, share = separates(vectors, min_cosine)
     if ok:
         return None
@@ -449,19 +433,26 @@ class DecontaminateStage(PoolStage):
         self.clip_config = clip_config  # the run's [clip]: the semantic tier embeds with it
         self.builtin = builtin  # the builtin sets: [ablation] eval_seed, eval_per_class
         self.note: str | None = None  # why the semantic tier did not run, after process_pool
+        self._loaded: list[EvalSet] | None = None
 
     def resources(self, gpus_available: bool) -> Resources:
         return Resources(cpus=1.0)
 
+    def _sets(self) -> list[EvalSet]:
+        """The sets, read (or taken from the cache) once per stage: the digest and the matching share them."""
+        if self._loaded is None:
+            self._loaded = check_eval_sets(self.config, self.builtin)
+        return self._loaded
+
     def inputs_key(self) -> str:
         """Beyond the manifests and config: the sets' contents and the CLIP that embeds them."""
-        keys = [s.key for s in check_eval_sets(self.config, self.builtin)]
+        keys = [s.key for s in self._sets()]
         description = _description(self.clip_config)[0] if self.clip_config is not None else None
         return json.dumps([keys, description, self.builtin.seed, self.builtin.per_class])
 
     def process_pool(self, con: Any, work: PoolWork | None = None) -> Iterator[pa.RecordBatch]:
         """The pool's rows with their ``eval_match``, batch by batch, in uid order."""
-        sets = check_eval_sets(self.config, self.builtin)
+        sets = self._sets()
         description = _description(self.clip_config)[0] if self.clip_config is not None else None
         self.note = (semantic_tier(con, description) if description is not None
                      else "no [clip] config given: exact and pHash tiers only")
@@ -517,7 +508,7 @@ class DecontaminateStage(PoolStage):
                     picked = column.take(pa.array(rows))
                     pool = np.asarray(pc.list_flatten(picked).to_numpy(zero_copy_only=False), np.float32)
                     pool = pool.reshape(rows.size, -1)
-                    best, cosine = nearest_vectors(pool, vectors)
+                    best, cosine = assign(pool, vectors)  # the nearest eval image: as a centroid, by cosine
                     close = cosine >= self.config.min_cosine
                     tier[rows[close]], which[rows[close]] = 2, best[close]
                     distance[rows[close]] = np.maximum(0.0, 1.0 - cosine[close].astype(np.float64))

@@ -36,7 +36,7 @@ import io
 import math
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from itertools import combinations
 from math import comb
@@ -387,7 +387,6 @@ def dup_groups(
     if n == 0:
         return [], []
     uid_arr = np.asarray([str(u) for u in uids], dtype=object)
-    _, uid_rank = np.unique(uid_arr, return_inverse=True)  # code-point order, as DuckDB's
 
     # Node ids: rows 0..n-1, then one node per distinct sha256, then one per distinct pHash.
     rows_src: list[np.ndarray] = []
@@ -417,22 +416,7 @@ def dup_groups(
     n_nodes = n + n_sha + n_hash
     src = np.concatenate(rows_src) if rows_src else np.empty(0, dtype=np.int64)
     dst = np.concatenate(rows_dst) if rows_dst else np.empty(0, dtype=np.int64)
-    from scipy.sparse import coo_matrix  # here, not at import: the CLI imports every stage to describe the DAG
-    from scipy.sparse.csgraph import connected_components
-
-    graph = coo_matrix((np.ones(src.size, dtype=np.int32), (src, dst)), shape=(n_nodes, n_nodes))
-    _, labels = connected_components(graph, directed=False)
-    row_labels = labels[:n]
-
-    # Name each component by its smallest uid: sort rows by (component, uid), take each run's first.
-    order = np.lexsort((uid_rank, row_labels))
-    sorted_labels = row_labels[order]
-    run_starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
-    run_sizes = np.diff(np.r_[run_starts, n])
-    group_of = np.empty(n, dtype=object)
-    size_of = np.empty(n, dtype=np.int64)
-    group_of[order] = np.repeat(uid_arr[order[run_starts]], run_sizes)
-    size_of[order] = np.repeat(run_sizes, run_sizes)
+    group_of, size_of = name_groups(uid_arr, components(n_nodes, src, dst)[:n])
 
     known = has_sha | has_hash
     groups = [str(g) if k else None for g, k in zip(group_of, known)]
@@ -470,7 +454,7 @@ WORDS_SQL = ("array_to_string(list_sort(list_distinct(regexp_extract_all(lower(c
              "'[a-z0-9]{3,}'))), ' ')")
 
 
-def _pairs_path(folder: Path, name: str) -> Path:
+def _npy_path(folder: Path, name: str) -> Path:
     return folder / f"{name}.npy"
 
 
@@ -496,20 +480,24 @@ def phash_pairs_task(hashes_path: Path, combos: list[tuple[tuple[int, int], ...]
     ``16 bytes x distinct hashes / passes`` plus a batch, whatever the pool's size."""
     if out_path.exists():  # done by an earlier, killed run over the same hashes
         return int(_load_npy(out_path).shape[0])
+    def read() -> Iterator[np.ndarray]:
+        for batch in pq.ParquetFile(hashes_path.open("rb")).iter_batches(batch_size=1 << 20, columns=["phash"]):
+            yield batch.column(0).to_numpy(zero_copy_only=False).view(np.uint64)
+
+    everything = np.concatenate(list(read())) if passes == 1 else None  # fits the budget: read once, not per combination
     found: list[np.ndarray] = []
     for combo in combos:
         for slice_ in range(passes):
-            chosen = []
-            for batch in pq.ParquetFile(hashes_path.open("rb")).iter_batches(batch_size=1 << 20, columns=["phash"]):
-                values = batch.column(0).to_numpy(zero_copy_only=False).view(np.uint64)
-                if passes > 1:
+            if everything is not None:
+                hashes = everything
+            else:  # this slice of the key space only (a multiplicative hash of the key spreads any key distribution)
+                chosen = []
+                for values in read():
                     key = np.zeros(values.size, np.uint64)
                     for shift, bits in combo:
                         key ^= (values >> np.uint64(shift)) & np.uint64((1 << bits) - 1)
-                    # a multiplicative hash of the key spreads any key distribution over the slices
-                    values = values[(key * np.uint64(0x9E3779B97F4A7C15) >> np.uint64(40)) % np.uint64(passes) == slice_]
-                chosen.append(values)
-            hashes = np.concatenate(chosen) if chosen else np.empty(0, np.uint64)
+                    chosen.append(values[(key * np.uint64(0x9E3779B97F4A7C15) >> np.uint64(40)) % np.uint64(passes) == slice_])
+                hashes = np.concatenate(chosen) if chosen else np.empty(0, np.uint64)
             if hashes.size < 2:
                 continue
             left, right = _close_in_buckets(hashes, combo, radius)
@@ -597,7 +585,7 @@ def components(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
     from scipy.sparse import coo_matrix  # here, not at import: the CLI imports every stage to describe the DAG
     from scipy.sparse.csgraph import connected_components
 
-    graph = coo_matrix((np.ones(left.size, np.int8), (left, right)), shape=(n, n))
+    graph = coo_matrix((np.ones(left.size, np.int32), (left, right)), shape=(n, n))
     return connected_components(graph, directed=False)[1]
 
 
@@ -659,7 +647,7 @@ class DupGroupStage(PoolStage):
                     for batch in reader:
                         writer.write_batch(pa.record_batch([batch.column(0).cast(pa.int64())], schema=schema))
 
-            write_file_atomic(write, hashes_path, Path(tempfile.gettempdir()))
+            write_file_atomic(write, hashes_path, Path(work.scratch or tempfile.gettempdir()))
         count = pq.read_metadata(hashes_path.open("rb")).num_rows
         if count < 2:
             return empty
@@ -667,7 +655,7 @@ class DupGroupStage(PoolStage):
         combos = list(combinations(_bands(n_bands), agree))
         passes = max(1, math.ceil(count * 16 / self._budget()))
         n_tasks = min(len(combos), 4 * max(1, work.cpus))
-        calls = [(hashes_path, combos[t::n_tasks], self.config.radius, passes, _pairs_path(folder, f"pairs-{t}"))
+        calls = [(hashes_path, combos[t::n_tasks], self.config.radius, passes, _npy_path(folder, f"pairs-{t}"))
                  for t in range(n_tasks)]
         self.last_passes = passes
         if count >= LOUD_ROWS:
@@ -678,6 +666,7 @@ class DupGroupStage(PoolStage):
         pairs = np.concatenate(pairs) if pairs else np.empty((0, 2), np.uint64)
         if pairs.shape[0] == 0:
             return empty
+        pairs = np.unique(np.sort(pairs, axis=1), axis=0)  # a close pair agrees on several combinations: once
         nodes, index = np.unique(pairs.ravel(), return_inverse=True)
         index = index.reshape(-1, 2)
         labels = components(nodes.size, index[:, 0], index[:, 1])
@@ -709,7 +698,7 @@ class DupGroupStage(PoolStage):
         folder.mkdir(parents=True, exist_ok=True)
         bytes_per_row = int(dim) * 2 * 3  # the float16 rows, their float32 copy in blocks, slack
         coarse = max(1, math.ceil(count * bytes_per_row / self._budget()))
-        centroids_path = _pairs_path(folder, "centroids")
+        centroids_path = _npy_path(folder, "centroids")
         if not centroids_path.exists():
             sample = con.execute(f"select image_embedding from (select image_embedding from embeddings where not {UNTRAINED_SQL}) "
                                  f"using sample reservoir({min(count, 50 * coarse + 10_000)} rows) "
@@ -775,10 +764,11 @@ class DupGroupStage(PoolStage):
     def process_pool(self, con: Any, work: PoolWork) -> Iterable[pa.RecordBatch]:
         """Every downloaded sample with its group, size and keeper flag in each tier, in uid order.
 
-        One DuckDB query, written so that every pool-wide operation is a hash aggregate or a hash
-        join (which spill to disk past DuckDB's memory limit) and no window function over the
-        pool: a group's name, size and keeper are ``min(uid)``, ``count(*)`` and
-        ``arg_min(uid, keeper key)`` of a ``group by``, joined back to its members."""
+        DuckDB writes the pool's rows with each tier's group key and the keeper key (``linked``);
+        then, per tier, a group's name, size and keeper are ``min(uid)``, ``count(*)`` and
+        ``arg_min(uid, keeper key)`` of a ``group by`` in buckets of at most ``BUCKET_ROWS``
+        samples, joined back to their rows (:meth:`_tier_part`); the three tiers' files, each in uid
+        order, are read side by side. Only sorts, aggregates and joins of a bucket: all spill."""
         exact = "exact" in self.config.tiers
         phash_comp = self._phash_components(con, work)
         semantic = self._semantic_groups(con, work)

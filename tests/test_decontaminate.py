@@ -27,9 +27,8 @@ from core.errors import ConfigError
 from manifests.catalog import run_query
 from manifests.store import RunLayout
 from pipeline.cli import main
-from stages.decontaminate import (
-    CACHE_ENV, DecontaminateConfig, DecontaminateStage, cache_dir, eval_embeddings, load_eval_set,
-)
+from core.cache import CACHE_ENV
+from stages.decontaminate import DecontaminateConfig, DecontaminateStage, cache_dir, eval_embeddings, load_eval_set
 from stages.dedup import phash
 
 SCENETEXT = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "scenetext"
