@@ -18,6 +18,8 @@ No Ray and no run paths: the CLIP-score stage owns those. Three things are decid
 from __future__ import annotations
 
 import functools
+import importlib.util
+import json
 import logging
 import os
 import warnings
@@ -227,16 +229,29 @@ def relative_image_cost(model: str) -> float:
     hub names) count as ViT-B-32 (4x). Sizing actor pools needs only this rough ratio between
     stages (stages/clip_score.py ``cost_per_image``), not a benchmark per model.
     """
-    import open_clip
-
-    register_model_configs()
-    vision = (open_clip.get_model_config(model) or {}).get("vision_cfg", {}) if ":" not in model else {}
+    vision = (_model_config(model) or {}).get("vision_cfg", {}) if ":" not in model else {}
     layers, width, patch, size = (vision.get(k) for k in ("layers", "width", "patch_size", "image_size"))
     if not all(isinstance(v, int) for v in (layers, width, patch)) or not isinstance(size, (int, list, tuple)):
         return 4.0
     side = size if isinstance(size, int) else max(size)
     tokens = (side // patch) ** 2 + 1
     return layers * tokens * width**2 / (12 * 50 * 384**2)
+
+
+def _model_config(model: str) -> dict | None:
+    """The model's config as ``open_clip.get_model_config`` gives it (a JSON file named after the
+    model, in this project's configs or open_clip's), read without importing open_clip: the
+    driver sizes the actor pools with it, and importing open_clip (torch, torchvision) there cost
+    3 s before the first actor started."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None:
+        raise ImportError("open_clip is not installed (pip install open_clip_torch)")
+    folders = [Path(MODEL_CONFIG_DIR)] + [Path(p) / "model_configs" for p in (spec.submodule_search_locations or [])]
+    for folder in folders:
+        path = folder / f"{model}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
 
 
 class _DropRandomInitNotice(logging.Filter):

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from importlib.metadata import distributions
 from pathlib import Path
 
+from core import timeline
 from core.errors import Stalled, raise_terminated, sigterm_received
 from pipeline.config import ConfigError, load_config
 
@@ -291,6 +292,7 @@ def _is_write_error(err: BaseException) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; SIGTERM (``kill``, a batch scheduler) stops it like Ctrl-C: one line, the
     finished work kept, exit 143 (130 for Ctrl-C)."""
+    timeline.mark("command_start")  # the interpreter is up and pipeline.cli imported
     in_main_thread = threading.current_thread() is threading.main_thread()
     before = signal.signal(signal.SIGTERM, raise_terminated) if in_main_thread else None
     try:

@@ -71,6 +71,11 @@ def samples_summary(layout: RunLayout, report: SampleReport, stages: list[str]) 
             f"== per-sample stages: {report.samples} samples in {report.seconds:.1f} s ({rate:.2f} samples/s; "
             f"images {decoded})"
         )
+        steady = report.steady_images_per_s
+        if report.first_image_s is not None:
+            lines.append(f"   the first {report.first_rows} came out after {report.first_image_s:.1f} s (start-up: "
+                         "Ray Data, actor processes, model loads, the first batches)"
+                         + (f", then {steady:.2f} samples/s" if steady is not None else ""))
     if report.clip_imported:
         lines.append(f"== clip_score: {report.clip_imported} samples scored from the pool's own embeddings "
                      "(no model, no image decoded; catalog view `embeddings`)")

@@ -73,8 +73,9 @@ class CaptionConfig:
 
 
 # Rows per process_batch call: ~2 ms a caption with lingua, so a batch is ~60 ms and the stream
-# keeps moving (see stages/parrot.py PARROT_BATCH_SIZE for why small batches).
-CAPTION_BATCH_SIZE = 32
+# keeps moving (see stages/parrot.py PARROT_BATCH_SIZE for why small batches; 8, as parrot's: a
+# larger batch here held the run's first images back until that many were OCR'd, issue 27).
+CAPTION_BATCH_SIZE = 8
 # CPU-seconds per caption of one replica, measured through process_batch on the 10,000 real LAION
 # captions of shared/realdata (lingua 573/s, fastText 43,000/s on a 2-core AMD EPYC): what
 # replicas = "auto" sizes the pool by.

@@ -330,8 +330,9 @@ def eval_embeddings(eval_set: EvalSet, clip_config: Any, description: str) -> np
     cfg = clip_config
     import torch
 
-    clip = load_clip(cfg.model, cfg.pretrained, device=resolve_device(cfg.device, torch.cuda.is_available(), "clip.device"),
-                     precision=cfg.precision, seed=cfg.seed, batch_size=cfg.batch_size)
+    device = resolve_device(cfg.device, torch.cuda.is_available(), "clip.device")
+    clip = load_clip(cfg.model, cfg.pretrained, device=device,
+                     precision=cfg.precision, seed=cfg.seed, batch_size=cfg.batch_for(device))
     vectors = clip.encode_images([_decode_rgb(d) for d in encoded]).astype(np.float32)
     write_atomic(path, lambda f: np.save(f, vectors))
     return vectors

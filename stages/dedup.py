@@ -206,8 +206,8 @@ class DedupStage(BatchStage):
 
     def resources(self, gpus_available: bool) -> Resources:
         # ~1 ms a row at most: a quarter of a core keeps up with the model stages and never
-        # takes a core from them; small batches keep the stream moving (as parrot).
-        return Resources(cpus=0.25, gpus=0.0, batch_size=32, replicas=1)
+        # takes a core from them; small batches keep the stream moving (8, as parrot: issue 27).
+        return Resources(cpus=0.25, gpus=0.0, batch_size=8, replicas=1)
 
     def process_batch(self, batch: dict[str, list]) -> dict[str, list]:
         uids = [str(u) for u in batch["uid"]]

@@ -118,9 +118,10 @@ WORD_END = "</w>"
 # The batch is small on purpose: in the streaming DAG this stage sits between OCR and CLIP, and a
 # batch is handed on only once it is full (or the input ends). At 256, with 64-sample shards, CLIP
 # waited for four shards of OCR at a time and OCR and CLIP barely overlapped; a row costs ~0.1 ms
-# here (real LAION captions), so 32 rows per call cost nothing and keep the stream moving (see
-# BENCHMARKS.md, dag).
-PARROT_BATCH_SIZE = 32
+# here (real LAION captions), so small calls cost nothing and keep the stream moving (see
+# BENCHMARKS.md, dag). 8, an OCR batch: at 32 the run's first images waited for four OCR batches
+# before CLIP saw any (issue 27).
+PARROT_BATCH_SIZE = 8
 PARROT_CPUS = 0.25  # a fraction, so it never starves the model stages of a whole core
 
 

@@ -115,6 +115,43 @@ def test_resources_follow_device() -> None:
         ClipScoreStage(dataclasses.replace(cfg, device="cuda")).resources(gpus_available=False)
 
 
+def test_auto_batch_is_small_on_cpu_and_today_s_on_a_gpu() -> None:
+    """"auto" (the default): a CPU batch of 8, so the first scores wait for 8 OCR'd images, not 32
+    (issue 27); a GPU keeps 32. A count is used as given, on both."""
+    from stages.clip_score import CPU_BATCH, GPU_BATCH
+
+    auto = ClipConfig()
+    assert auto.batch_size == "auto" and (CPU_BATCH, GPU_BATCH) == (8, 32)
+    assert ClipScoreStage(auto).resources(gpus_available=False).batch_size == 8
+    assert ClipScoreStage(auto).resources(gpus_available=True).batch_size == 32
+    assert ClipScoreStage(dataclasses.replace(auto, device="cpu")).resources(gpus_available=True).batch_size == 8
+    assert ClipConfig(batch_size=5).batch_for("cpu") == ClipConfig(batch_size=5).batch_for("cuda") == 5
+    for bad in ("big", 0):
+        with pytest.raises(ConfigError, match="clip.batch_size must be a count >= 1 or \"auto\""):
+            ClipConfig(batch_size=bad).validate()
+
+
+def test_pool_sizing_reads_model_configs_as_open_clip_does_without_importing_it() -> None:
+    """The driver sizes pools from the model's config; it reads the JSON open_clip reads (every
+    model open_clip lists, ours included), and importing open_clip (3 s of torch and torchvision
+    on the driver before the first actor started) is not needed for it."""
+    import subprocess
+    import sys
+
+    import open_clip
+
+    clip_mod.register_model_configs()
+    names = open_clip.list_models()
+    assert "ViT-S-32" in names and "curation-tiny" in names
+    for name in names:
+        assert clip_mod._model_config(name) == open_clip.get_model_config(name), name
+    probe = ("import sys; from models.clip import relative_image_cost; "
+             "print(relative_image_cost('ViT-B-32'), 'open_clip' in sys.modules, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1])).stdout.split()
+    assert out == ["4.0", "False", "False"]
+
+
 def test_scores_are_finite_cosines_and_deterministic(tiny, tiny_name, samples) -> None:
     rows = samples["text"][:3] + samples["plain"][:2]
     images, captions = [r["image"] for r in rows], [r["caption"] for r in rows]

@@ -4,11 +4,14 @@ the summary; no traceback, abort or Ray-internal line."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 from conftest import free_port
+from core.timeline import TIMELINE_ENV
+from core.timeline import read as read_timeline
 
 REPO = Path(__file__).resolve().parents[1]
 NOISE = ("Traceback", "SIGABRT", "Fatal Python error", "core_worker", "WARNING:root", "Progress bars disabled",
@@ -19,10 +22,11 @@ SAMPLES, SHARD_SIZE = 16, 4
 def test_a_clean_run_prints_bars_warnings_once_and_the_summary(tmp_path):
     config = tmp_path / "fast.toml"
     config.write_text('[ocr]\nengine = "rapidocr"\nbatch_size = 4\n[clip]\nbatch_size = 4\n')
+    timeline_file = tmp_path / "timeline.jsonl"
     done = subprocess.run(
         [sys.executable, "-m", "pipeline", "curate", "--samples", str(SAMPLES), "--shard-size", str(SHARD_SIZE),
          "--port", str(free_port()), "--config", str(config), "--output", str(tmp_path / "run"), "--policies", "all"],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
+        cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, TIMELINE_ENV: str(timeline_file)},
     )
     console = done.stdout + done.stderr
     assert done.returncode == 0, console[-4000:]
@@ -39,11 +43,41 @@ def test_a_clean_run_prints_bars_warnings_once_and_the_summary(tmp_path):
     assert f"0/{SAMPLES}" in counts and f"{SAMPLES}/{SAMPLES}" in counts and len(counts) >= 3, counts
     for header in ("== download:", "== per-sample stages:", "== policies", "== report:"):
         assert any(line.startswith(header) for line in lines), header
+    # start-up apart from the steady rate: in the summary, and in the timeline the driver and every
+    # actor wrote (what make bench's DAG section breaks down), in the order a run goes through it
+    assert any(line.startswith("   the first ") and " came out after " in line for line in lines)
+    events = read_timeline(str(timeline_file))
+    driver = [e["event"] for e in events if "stage" not in e]
+    order = ["command_start", "ray_start", "ray_ready", "pipeline_start", "execution_start", "first_images_out",
+             "pipeline_done"]
+    assert [e for e in driver if e in order][:len(order)] == order, driver
+    at = {e["event"]: e["t"] for e in reversed(events) if "stage" not in e}
+    for stage in ("ocr", "parrot", "caption", "clip_score", "dedup"):
+        mine = {e["event"]: e["t"] for e in reversed(events) if e.get("stage") == stage}
+        assert at["execution_start"] <= mine["actor_start"] <= mine["model_loaded"] <= mine["first_batch_done"], stage
+        assert mine["first_batch_done"] <= at["pipeline_done"], stage
+    assert {e["pid"] for e in events if e.get("stage") == "ocr"} != {e["pid"] for e in events if "stage" not in e}
     unexplained = [line for line in lines if not (
         line.startswith(("curate embedded", "download:", "ocr+parrot+caption+clip_score+dedup:", "reshard all:", "warning: "))
         or line.startswith(("==", " "))
     )]
     assert not unexplained, unexplained[:10]
+
+
+def test_the_timeline_is_written_only_when_asked_for(tmp_path, monkeypatch):
+    from core import timeline
+
+    path = tmp_path / "t.jsonl"
+    monkeypatch.delenv(TIMELINE_ENV, raising=False)
+    timeline.mark("nothing")
+    assert not path.exists()
+    monkeypatch.setenv(TIMELINE_ENV, str(path))
+    timeline.mark("ray_start")
+    timeline.mark("model_loaded", stage="ocr")
+    events = read_timeline(str(path))
+    assert [(e["event"], e.get("stage"), e["pid"]) for e in events] == [("ray_start", None, os.getpid()),
+                                                                       ("model_loaded", "ocr", os.getpid())]
+    assert events[0]["t"] <= events[1]["t"]
 
 
 PROBE = """

@@ -170,7 +170,7 @@ def test_batch_without_decode_error_column_still_says_why():
 def test_stage_declarations_and_resources():
     assert (DedupStage.name, DedupStage.reads, DedupStage.status_column) == ("dedup", ("image",), "dedup_status")
     assert DedupStage.output_schema.equals(schema_for("dedup"), check_metadata=True)
-    assert DedupStage(DedupConfig()).resources(True) == Resources(cpus=0.25, gpus=0.0, batch_size=32, replicas=1)
+    assert DedupStage(DedupConfig()).resources(True) == Resources(cpus=0.25, gpus=0.0, batch_size=8, replicas=1)
     assert (DupGroupStage.name, DupGroupStage.reads, DupGroupStage.status_column) == (
         "dup_group", ("phash", "sha256", "original_width", "original_height"), None)
     assert DupGroupStage.output_schema.equals(schema_for("dup_group"), check_metadata=True)
