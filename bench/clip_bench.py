@@ -73,7 +73,7 @@ def run(ctx: Context, threads: int = 1) -> BenchResult:
     assert clip is not None
     no_embeddings = ClipScoreStage(dataclasses.replace(config, keep_embeddings=False))
     no_embeddings.clip = clip  # the same model object
-    size = config.batch_size
+    size = config.batch_for("cpu")
 
     batches = []
     for lo in range(0, n_images, size):

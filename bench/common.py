@@ -107,8 +107,8 @@ class Context:
         # with loops in this process at nice 0, and on a shared machine the niced side would lose
         # to every other process. Same priority on both sides; a user's setting wins.
         os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(num_cpus=self.cores, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
-                 runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}})
+        # no runtime_env, as pipeline/ray_runtime.py: the workers inherit this environment
+        ray.init(num_cpus=self.cores, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
         self.ray_started_here = True
 
 
@@ -381,6 +381,7 @@ class Pool:
     ok_per_shard: dict[str, int]
     samples: int  # generated samples (the plan also holds 8 broken URLs on purpose)
     seconds: float
+    port: int = 0  # of the embedded dataset it was made from (its plan's fingerprint holds it)
 
     @property
     def ok(self) -> int:
@@ -397,6 +398,11 @@ class Pool:
         for shard in shards:
             _link(self.tar(shard), Path(layout.shards_dir) / f"{shard}.tar")
             _link(Path(self.layout.part_path("download", shard)), Path(layout.part_path("download", shard)))
+        plan = Path(self.layout.input_dir)
+        if plan.is_dir():  # the run's plan, as a rerun of `curate` into a downloaded output finds it
+            for path in plan.iterdir():
+                if path.is_file():
+                    _link(path, Path(layout.input_dir) / path.name)
         return layout
 
     def decoded(self, shards: list[str] | None = None) -> list[dict[str, Any]]:
@@ -452,7 +458,7 @@ def make_pool(ctx: Context, samples: int, seed: int = 0) -> Pool:
             f"select error_kind, count(*), any_value(error) from read_parquet('{layout.stage_dir('download')}/*.parquet') "
             "where status <> 'ok' group by all").fetchall()
         raise RuntimeError(f"only {sum(counts.values())} of {samples} pool samples downloaded: {errors}")
-    pool = Pool(layout, sorted(counts), counts, samples, time.perf_counter() - started)
+    pool = Pool(layout, sorted(counts), counts, samples, time.perf_counter() - started, port=dataset.port)
     ctx.log(f"  pool: {pool.ok} of {samples} embedded samples downloaded into {len(pool.shards)} shard(s) "
             f"in {pool.seconds:.1f} s")
     return pool
@@ -500,7 +506,7 @@ def synthetic_pool(ctx: Context, samples: int, seed: int = 0) -> Pool:
                              "download_engine": "synthetic (bench, no download)", "downloaded_at": now})
         write_table_atomic(pa.Table.from_pylist(rows, schema=schema_for("download")), layout.part_path("download", shard))
         counts[shard] = len(rows)
-    pool = Pool(layout, sorted(counts), counts, samples, time.perf_counter() - started)
+    pool = Pool(layout, sorted(counts), counts, samples, time.perf_counter() - started, port=dataset.port)
     ctx.log(f"  synthetic pool: {samples} embedded samples written into {len(counts)} shard(s) "
             f"in {pool.seconds:.1f} s (no download)")
     return pool

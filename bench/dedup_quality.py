@@ -282,7 +282,7 @@ def semantic_cosines(items: Sequence[Item], clip_config: Any) -> tuple[np.ndarra
     stage.setup()
     assert stage.clip is not None
     vectors = []
-    size = clip_config.batch_size
+    size = clip_config.batch_for("cpu")
     for start in range(0, len(items), size):
         part = items[start : start + size]
         out = stage.process_batch({"uid": [f"{start + k}" for k in range(len(part))],

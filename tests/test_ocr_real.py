@@ -36,19 +36,21 @@ falling back to stock detection fails here.
 
 from __future__ import annotations
 
-import functools
-import io
-import json
 import os
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-import pipeline  # noqa: F401  (environment for easyocr's and img2dataset's imports)
+from bench.realdata import (
+    TEXT_FREE,
+    SCENETEXT,
+    WordCrop,
+    dtrb_crops,
+    mmocr_crops,
+    receipts,
+    text_free_photos,
+)
 from models.ocr import EasyOcrEngine, RapidOcrEngine, make_engine
 from pipeline.ocr_accuracy import (
     joined_runs,
@@ -57,14 +59,10 @@ from pipeline.ocr_accuracy import (
     text_area_coverage,
     union_area,
 )
-from stages.download import DownloadConfig
 from stages.ocr import OcrConfig, OcrStage
 
-SCENETEXT = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "scenetext"
 THREADS = os.cpu_count() or 1
 BATCH = 8
-_DTRB_BY_EYE = {"demo_9.jpg": "ballys"}  # the image reads BALLYS; the model's "bally" drops the S
-_TEXT_FREE = ("chelsea.png", "coffee.png", "motorcycle_left.png", "brick.png", "retina.jpg")
 
 needs_data = pytest.mark.skipif(
     not SCENETEXT.is_dir(), reason=f"real scene-text data not found at {SCENETEXT} (see shared/realdata/README.md)"
@@ -77,92 +75,6 @@ FLOORS: dict[str, dict[str, float]] = {
     "easyocr-fp32-detector": {"mmocr": 2, "dtrb": 5, "coverage": 0.83, "regions": 30, "words": 14},  # 3, 6, 0.876, 34, 17
     "rapidocr": {"mmocr": 1, "dtrb": 4, "coverage": 0.83, "regions": 36, "words": 33},  # 1, 5, 0.879, 40, 37
 }
-
-
-# -- the data, as the pipeline sees it --------------------------------------------------------
-
-
-def _rgb(data: bytes | Path) -> np.ndarray:
-    source = io.BytesIO(data) if isinstance(data, bytes) else data
-    return np.asarray(Image.open(source).convert("RGB"))
-
-
-def as_downloaded(raw: bytes) -> bytes:
-    """The bytes the download stage would store: img2dataset's resizer with the stage's settings."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # img2dataset imports imghdr (py3.13)
-        from img2dataset.resizer import Resizer
-
-    cfg = DownloadConfig()
-    resizer = Resizer(image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=True,
-                      encode_quality=cfg.encode_quality, encode_format="jpg")
-    image, _, _, _, _, error = resizer(io.BytesIO(raw))
-    assert error is None, error
-    return image
-
-
-@dataclass(frozen=True)
-class WordCrop:
-    name: str
-    image: np.ndarray
-    word: str
-
-
-@dataclass(frozen=True)
-class Receipt:
-    """One annotated photo at the pipeline's input size; quads scaled to that size."""
-
-    name: str
-    image: np.ndarray
-    quads: list[list[list[float]]]
-    words: list[str]
-
-
-@functools.cache
-def mmocr_crops() -> list[WordCrop]:
-    folder = SCENETEXT / "mmocr_rec_toy"
-    rows = [line.split(maxsplit=1) for line in (folder / "labels.txt").read_text().splitlines() if line.strip()]
-    return [WordCrop(name, _rgb(folder / name), word) for name, word in rows]
-
-
-@functools.cache
-def dtrb_crops() -> list[WordCrop]:
-    folder = SCENETEXT / "dtrb_demo"
-    lines = (folder / "readme_predictions.tsv").read_text().splitlines()[1:]  # header: image, uncased, cased
-    rows = [line.split("\t") for line in lines if line.strip()]
-    return [WordCrop(name, _rgb(folder / name), _DTRB_BY_EYE.get(name, uncased)) for name, uncased, _ in rows]
-
-
-@functools.cache
-def receipts() -> list[Receipt]:
-    folder = SCENETEXT / "mmocr_wildreceipt"
-    out = []
-    for line in (folder / "data.txt").read_text().splitlines():
-        if not line.strip():
-            continue
-        record = json.loads(line)
-        name = Path(record["file_name"]).name
-        image = _rgb(as_downloaded((folder / name).read_bytes()))
-        sx, sy = image.shape[1] / record["width"], image.shape[0] / record["height"]
-        annotations = [a for a in record["annotations"] if a["text"]]  # empty text: unreadable box
-        quads = [[[a["box"][k] * sx, a["box"][k + 1] * sy] for k in range(0, 8, 2)] for a in annotations]
-        out.append(Receipt(name, image, quads, [a["text"] for a in annotations]))
-    return out
-
-
-@functools.cache
-def text_free_photos() -> list[np.ndarray]:
-    import skimage.data
-
-    folder = Path(skimage.data.__file__).parent
-    paths = [folder / name for name in _TEXT_FREE if (folder / name).is_file()]
-    return [_rgb(as_downloaded(_png_bytes(p))) for p in paths]
-
-
-def _png_bytes(path: Path) -> bytes:
-    buf = io.BytesIO()
-    Image.open(path).convert("RGB").save(buf, "PNG")
-    return buf.getvalue()
 
 
 # -- pure logic of the real-photo measures ----------------------------------------------------
@@ -276,5 +188,5 @@ def test_finds_and_reads_text_on_real_receipts(engine_run: EngineRun) -> None:
 @needs_data
 def test_finds_no_text_on_real_text_free_photos(engine_run: EngineRun) -> None:
     """The other side of the floors: looser boxes (models.ocr.LOW_TEXT) must not invent text."""
-    assert len(engine_run.text_free_regions) == len(_TEXT_FREE)
+    assert len(engine_run.text_free_regions) == len(TEXT_FREE)
     assert sum(engine_run.text_free_regions) == 0, engine_run.text_free_regions
