@@ -506,7 +506,7 @@ def synthetic_pool(ctx: Context, samples: int, seed: int = 0) -> Pool:
                              "download_engine": "synthetic (bench, no download)", "downloaded_at": now})
         write_table_atomic(pa.Table.from_pylist(rows, schema=schema_for("download")), layout.part_path("download", shard))
         counts[shard] = len(rows)
-    pool = Pool(layout, sorted(counts), counts, samples, time.perf_counter() - started, port=dataset.port)
+    pool = Pool(layout, sorted(counts), counts, samples, time.perf_counter() - started)
     ctx.log(f"  synthetic pool: {samples} embedded samples written into {len(counts)} shard(s) "
             f"in {pool.seconds:.1f} s (no download)")
     return pool

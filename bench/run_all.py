@@ -34,7 +34,7 @@ Benchmarks (run in this order; --only picks some):
 
 Writes BENCHMARKS.md (the machine, the load average at start and end, the table, one section per
 benchmark, the projected cost of curating 100M samples) and bench/results/ (plots, raw JSON).
-A full run takes 15-25 minutes on 2 cores plus about an hour for `million` (leave it out with
+A full run takes about an hour on 2 cores (the dag section ~38 min) plus about an hour for `million` (leave it out with
 --only); --quick runs every benchmark small, in a few minutes.
 Exit status: 0 when every benchmark ran (targets met or not: that is what the report says),
 1 when one raised, 2 on bad arguments.
