@@ -200,7 +200,11 @@ class StageActor:
         }
         for column, values in produced.items():
             if column != "uid":
-                out[column] = values
+                # vectors (CLIP's embeddings) as plain lists: Ray makes a block whose vectors are all
+                # present a tensor column and one with a None (a failed row) an object column, and
+                # a later operator cannot concatenate the two (ArrowConversionError, found when
+                # batches of 8 put a failed row in a block of its own)
+                out[column] = _plain(values) if any(isinstance(v, np.ndarray) for v in values) else values
         return out
 
 

@@ -191,7 +191,10 @@ def test_appended_run_equals_one_run_over_both_lists(ray_local, image_server, tm
         assert len(got) == len(want) == len({r["uid"] for r in got}), stage
         for g, w in zip(got, want):
             for column, value in w.items():
-                same = value == g[column] or (isinstance(value, float) and abs(value - g[column]) < 1e-4)
+                same = value == g[column] or (isinstance(value, float) and abs(value - g[column]) < 1e-4) or (
+                    # an embedding: a batch's other images change the forward's last float16 bits
+                    isinstance(value, list) and value and isinstance(value[0], float)
+                    and len(value) == len(g[column]) and max(abs(a - b) for a, b in zip(value, g[column])) < 1e-3)
                 assert same, (stage, w["uid"], column, g[column], value)
     key = ("policy", "uid", "kept", "reason")
     selections = [sorted(tuple(r[k] for k in key) for r in read_table(RunLayout(root).selections_dir).to_pylist())

@@ -44,3 +44,24 @@ def test_a_block_without_decode_errors_merges_with_one_that_has_them(ray_local):
     reasons = {r["uid"]: r.get("dedup_error") for r in rows}
     assert reasons["u7"] and "decode failed" in reasons["u7"]
     assert all(reasons[f"u{i}"] is None for i in range(7)), reasons
+
+
+def test_a_block_of_embeddings_merges_with_one_holding_a_failed_row(ray_local):
+    """CLIP's embeddings are vectors, or None for a failed row: a block whose rows all scored and
+    one with a failed row must concatenate downstream (dedup takes both in one bundle)."""
+    import dataclasses
+
+    clip = next(s for s in SAMPLE_STEPS if s.name == "clip_score")
+    config = load_config()
+    config = dataclasses.replace(config, clip=dataclasses.replace(config.clip, model="curation-tiny", device="cpu"))
+    items = [{"uid": f"u{i}", "jpg": _jpeg(i), "caption": f"photo {i}", "ocr_status": "ok"} for i in range(7)]
+    items += [{"uid": "u7", "jpg": b"not a jpeg", "caption": "broken", "ocr_status": "failed"}]
+    ds = ray_local.data.from_items(items, override_num_blocks=2)
+    ds = ds.map_batches(decode_batch, batch_size=4)
+    ds = ds.map_batches(StageActor, fn_constructor_args=(clip, config, False), batch_size=4,
+                        compute=ray_local.data.ActorPoolStrategy(size=1))
+    ds = ds.map_batches(lambda batch: batch, batch_size=8, batch_format="pyarrow")
+    rows = sorted(ds.take_all(), key=lambda r: r["uid"])
+    assert [r["clip_status"] for r in rows] == ["ok"] * 7 + ["failed"]
+    assert rows[7]["image_embedding"] is None
+    assert all(len(r["image_embedding"]) == len(rows[0]["text_embedding"]) > 0 for r in rows[:7])
