@@ -42,14 +42,16 @@ LONG_WORD = 5  # letters from which one edit still counts as read
 
 def settings() -> dict[str, Any]:
     """name -> a loaded engine, one per setting measured (the shipped one first)."""
-    from models.ocr import EasyOcrEngine, make_engine
+    from models.ocr import EasyOcrEngine, RapidOcrEngine, make_engine
     from stages.ocr import OcrConfig
 
     return {
-        "easyocr (shipped: CRAFT int8, recogniser int8)": make_engine(OcrConfig(engine="easyocr", device="cpu"),
-                                                                     cuda_available=False),
+        "ppocr-v6 (shipped)": make_engine(OcrConfig(device="cpu"), cuda_available=False),
+        "ppocr-v6 without the small-image rules": RapidOcrEngine(num_threads=1, models="v6", small_images=False),
+        "easyocr (CRAFT int8, recogniser int8)": make_engine(OcrConfig(engine="easyocr", device="cpu"),
+                                                             cuda_available=False),
         "easyocr, CRAFT fp32": EasyOcrEngine(device="cpu", num_threads=1, quantize_detector=False),
-        "rapidocr (PP-OCR)": make_engine(OcrConfig(engine="rapidocr", device="cpu"), cuda_available=False),
+        "rapidocr (PP-OCRv4)": make_engine(OcrConfig(engine="rapidocr", device="cpu"), cuda_available=False),
     }
 
 

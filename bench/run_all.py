@@ -79,6 +79,7 @@ BENCHMARKS: dict[str, str] = {
     "dedup-scale": "bench.dedup_bench",
     "dag": "bench.dag_bench",
     "ocr-real": "bench.ocr_real_bench",
+    "parrot-real": "bench.parrot_real_bench",
     "million": "bench.million_bench",
     "sources": "bench.source_columns_bench",
 }

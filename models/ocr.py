@@ -34,6 +34,7 @@ Quads are returned in the pixel coordinates of the image that was passed in.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -53,7 +54,7 @@ from core.images import as_rgb
 class EngineSettings(Protocol):
     """What building an engine needs (``stages.ocr.OcrConfig`` has it): models never import stages."""
 
-    engine: str  # "easyocr" | "rapidocr"
+    engine: str  # "ppocr-v6" | "easyocr" | "rapidocr"
     device: str  # "auto" | "cpu" | "cuda"
     cpus_per_replica: float  # the replica's thread budget
     quantize: bool  # easyocr on CPU: CRAFT in static int8 (onnxruntime), the recogniser in dynamic int8
@@ -768,33 +769,117 @@ class EasyOcrEngine:
             return self._recognise(rgb, polys)
 
 
-class RapidOcrEngine:
-    """PP-OCRv4 (det + angle cls + rec) on onnxruntime via rapidocr; per image, CPU only.
+# PP-OCRv6 small: a DB text detector and a multilingual (Latin, Chinese, ...) SVTR recogniser
+# from PaddleOCR (Baidu), Apache-2.0; the ONNX files come inside RapidOCR 3.10's wheel (the
+# ``rapidocr`` package, Apache-2.0, its MODEL_LICENSES.md names their provenance). Only the files
+# are used, run by rapidocr-onnxruntime's pipeline like the v4 ones: nothing of rapidocr 3.x is
+# imported (it would fetch other models over the network on demand). Name -> (file, SHA-256 as
+# rapidocr 3.10's default_models.yaml lists it).
+PPOCR_V6_FILES = {
+    "det": ("PP-OCRv6_det_small.onnx", "090f04abcd9d9a7498bc4ebf677e4cb9bdce1fe4197ddb7e529f1ef44e1ff94f"),
+    "rec": ("PP-OCRv6_rec_small.onnx", "6f327246b50388f3c176ae304bd95767ea6dc0c9ae92153ef8cbe210b3c14884"),
+}
+# Small images (longest side up to SMALL_IMAGE_SIDE px: banners, buttons, logos, word crops) often
+# hold one line of text that touches the frame, where a DB detector finds nothing or a piece.
+# Two rules for them, measured on the 20 real word crops (bench/ocr_real_bench.py, PP-OCRv6;
+# words read exactly or within one edit):
+# - a replicated border of SMALL_IMAGE_BORDER of the longest side before detection: mmocr 5 -> 7
+#   of 10, dtrb 7 -> 9 of 10;
+# - when detection still finds nothing on a line-shaped image (width >= LINE_ASPECT x height),
+#   the recogniser reads the whole frame as one line: mmocr 7 -> 9.
+# On small images what is read must be surer than elsewhere: SMALL_IMAGE_MIN_CONFIDENCE for a
+# detected region, LINE_MIN_CONFIDENCE for the whole frame. On 75 strips cut from the real
+# text-free photos (tests/test_ocr_real.py) the rules without these floors read "POUT" (0.61),
+# "HH" (0.88) and "THH" (0.86); the crops' own readings that the floors drop: "Virin" for Virgin
+# (0.66) and "ING" for ANING (0.59), so mmocr ends at 8 of 10. The floors were set on these same
+# crops and strips: there is no held-out real set to check them against.
+# Images this small are enlarged for the detector anyway, so neither rule costs a larger forward.
+SMALL_IMAGE_SIDE = 256
+SMALL_IMAGE_BORDER = 0.1
+SMALL_IMAGE_MIN_CONFIDENCE = 0.7
+LINE_ASPECT = 1.5
+LINE_MIN_CONFIDENCE = 0.9
+# A region must read at least this many letters or digits: PP-OCRv6 reads single shapes on
+# text-free images as "O", "C", "4", "x" (9 of 96 embedded images, one of 5 real text-free photos
+# as "8"), and one glyph is no word to match a caption against.
+MIN_CHARACTERS = 2
 
-    Its recogniser is the Chinese+English model: on the embedded set it reads drawn shapes as
+
+def ppocr_v6_models() -> dict[str, str]:
+    """Paths of the PP-OCRv6 ONNX files in the installed ``rapidocr`` wheel, checked by SHA-256
+    (once per process): a file that differs is an error, never a silent change of model."""
+    return dict(_ppocr_v6_models())
+
+
+@functools.cache
+def _ppocr_v6_models() -> tuple[tuple[str, str], ...]:
+    import hashlib
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("rapidocr")  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("ocr.engine 'ppocr-v6' needs the rapidocr package (its wheel carries the models): "
+                           "pip install -c constraints.txt rapidocr")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "models"
+    out = []
+    for name, (filename, sha256) in PPOCR_V6_FILES.items():
+        path = folder / filename
+        if not path.is_file():
+            raise RuntimeError(f"PP-OCRv6 {name} model missing: {path}")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != sha256:
+            raise RuntimeError(f"PP-OCRv6 {name} model {path} has SHA-256 {digest}, expected {sha256}")
+        out.append((name, str(path)))
+    return tuple(out)
+
+
+class RapidOcrEngine:
+    """PP-OCR (DB detector + angle classifier + recogniser) on onnxruntime via rapidocr; per image,
+    CPU only. ``models``: "v6" (PP-OCRv6 small, the ``ppocr-v6`` engine) or "v4" (the PP-OCRv4
+    files inside rapidocr-onnxruntime, the ``rapidocr`` engine).
+
+    v4's recogniser is the Chinese+English model: on the embedded set it reads drawn shapes as
     "★" or "中" on text-free images, so with ``latin_only`` (default) a region must contain an
     ASCII letter or digit, like everything the English easyocr model can output. It also tends
     to drop the spaces between widely set words ("SUNNYHARBORREALTY"), which costs word recall;
     on real printed English too: RapidOCR's own en_rec.jpg line at 512 px reads
     "Tofacilitate theshottype analysisinvideos,..." (0 of 13 words; easyocr reads all 13). Its
     letters are often right where easyocr's are not (real receipts, compared without spaces: 37
-    of 82 words vs 17), so it suits text-area and has-text decisions better than word matching.
+    of 82 words vs 17). v6 keeps the spaces (word recall 0.99 on the embedded set) and reads
+    real text best of the three (bench/ocr_real_bench.py).
     """
 
     def __init__(self, num_threads: int | None = None, latin_only: bool = True,
-                 max_upscale: float = math.inf) -> None:
+                 max_upscale: float = math.inf, models: str = "v4", small_images: bool | None = None,
+                 min_characters: int | None = None) -> None:
         """``max_upscale``: unlike easyocr's (MAX_UPSCALE), not capped by default. rapidocr reads
         from the enlarged image too, and enlarging is cheap here: capping at 2x saved 0.03 CPU-s
-        per dtrb word crop and lost one of its 5 words read (mmocr crops and receipts unchanged)."""
+        per dtrb word crop and lost one of its 5 words read (mmocr crops and receipts unchanged).
+        ``small_images``: the two small-image rules (SMALL_IMAGE_SIDE); ``min_characters``: see
+        MIN_CHARACTERS. Both default to on with v6 and off with v4 (as v4 was measured)."""
         from rapidocr_onnxruntime import RapidOCR
 
+        if models not in {"v4", "v6"}:
+            raise ValueError(f"models must be 'v4' or 'v6', not {models!r}")
         threads = -1 if num_threads is None else max(1, int(num_threads))
-        self._ocr = RapidOCR(intra_op_num_threads=threads, inter_op_num_threads=1, print_verbose=False)
+        paths: dict[str, str] = {}
+        if models == "v6":
+            found = ppocr_v6_models()
+            paths = {"det_model_path": found["det"], "rec_model_path": found["rec"]}
+        self._ocr = RapidOCR(intra_op_num_threads=threads, inter_op_num_threads=1, print_verbose=False, **paths)
         self._quiet_threads(threads)
-        self._engine = f"rapidocr-onnxruntime {version('rapidocr-onnxruntime')} ppocr-v4"
+        self._models = models
+        if models == "v6":
+            self._engine = (f"rapidocr-onnxruntime {version('rapidocr-onnxruntime')} ppocr-v6-small "
+                            f"(models of rapidocr {version('rapidocr')})")
+        else:
+            self._engine = f"rapidocr-onnxruntime {version('rapidocr-onnxruntime')} ppocr-v4"
         self._size: int | None = None
         self._latin_only = latin_only
         self._max_upscale = float(max_upscale)
+        self._small_images = (models == "v6") if small_images is None else bool(small_images)
+        self._min_characters = (MIN_CHARACTERS if models == "v6" else 1) if min_characters is None else int(min_characters)
 
     def _quiet_threads(self, threads: int) -> None:
         """Re-open rapidocr's three ONNX sessions (det, cls, rec) with idle threads that sleep.
@@ -847,6 +932,12 @@ class RapidOcrEngine:
             det.limit_side_len, det.limit_type = detector_size, "max"
             self._size = detector_size
 
+    def _readable(self, text: str) -> bool:
+        """A region worth keeping: enough letters or digits (MIN_CHARACTERS, ``latin_only``)."""
+        if self._latin_only:
+            return len(_LATIN.findall(text)) >= self._min_characters
+        return len(text.strip()) >= self._min_characters
+
     def detect_batch(self, images: list[np.ndarray], detector_size: int) -> list[list[Region]]:
         """Per image (rapidocr has no batched detector); quads in the input image's pixels."""
         import cv2
@@ -856,30 +947,52 @@ class RapidOcrEngine:
         for image in images:
             rgb = _ocr_rgb(image)
             h, w = rgb.shape[:2]
+            small = self._small_images and max(h, w) <= SMALL_IMAGE_SIDE
             scale = 1.0
+            enlarged = rgb
             if max(h, w) < detector_size:  # limit_type "max" only shrinks: upscale small images here
                 scale = detector_scale(h, w, detector_size, self._max_upscale)
-                rgb = cv2.resize(rgb, (max(1, int(w * scale)), max(1, int(h * scale))), interpolation=cv2.INTER_LINEAR)
+                enlarged = cv2.resize(rgb, (max(1, int(w * scale)), max(1, int(h * scale))),
+                                      interpolation=cv2.INTER_LINEAR)
+            border = int(round(SMALL_IMAGE_BORDER * max(enlarged.shape[:2]))) if small else 0
+            if border:
+                enlarged = cv2.copyMakeBorder(enlarged, border, border, border, border, cv2.BORDER_REPLICATE)
             # rapidocr's loader treats arrays as BGR (OpenCV): hand it BGR.
-            result, _ = self._ocr(np.ascontiguousarray(rgb[:, :, ::-1]))
+            result, _ = self._ocr(np.ascontiguousarray(enlarged[:, :, ::-1]))
             regions = []
+            floor = SMALL_IMAGE_MIN_CONFIDENCE if small else 0.0
             for box, text, score in result or []:
-                if self._latin_only and not _LATIN.search(str(text)):
+                if not self._readable(str(text)) or float(score) < floor:
                     continue
-                quad = [[float(x) / scale, float(y) / scale] for x, y in box]
+                quad = [[min(max((float(x) - border) / scale, 0.0), float(w)),
+                         min(max((float(y) - border) / scale, 0.0), float(h))] for x, y in box]
                 regions.append(Region(quad=quad, text=str(text), confidence=float(score)))
+            if small and not regions and w >= LINE_ASPECT * h:
+                regions = self._read_as_one_line(rgb)
             out.append(regions)
         return out
 
+    def _read_as_one_line(self, rgb: np.ndarray) -> list[Region]:
+        """The whole frame through the recogniser as one line (see SMALL_IMAGE_SIDE)."""
+        h, w = rgb.shape[:2]
+        read, _ = self._ocr.text_rec([np.ascontiguousarray(rgb[:, :, ::-1])])
+        text, score = (str(read[0][0]), float(read[0][1])) if read else ("", 0.0)
+        if score < LINE_MIN_CONFIDENCE or not self._readable(text):
+            return []
+        quad = [[0.0, 0.0], [float(w), 0.0], [float(w), float(h)], [0.0, float(h)]]
+        return [Region(quad=quad, text=text, confidence=score)]
+
 
 OcrEngine = EasyOcrEngine | RapidOcrEngine
+OCR_ENGINES = ("ppocr-v6", "easyocr", "rapidocr")  # the names ``ocr.engine`` takes
 
 
 def engine_device(config: EngineSettings, cuda_available: bool) -> str:
     """The device an engine built from ``config`` would use, without loading anything."""
-    if config.engine == "rapidocr":
+    if config.engine in {"ppocr-v6", "rapidocr"}:
         if config.device == "cuda":
-            raise ValueError("ocr.engine = 'rapidocr' runs on CPU (onnxruntime CPU build); use device 'auto' or 'cpu'")
+            raise ValueError(f"ocr.engine = {config.engine!r} runs on CPU (onnxruntime's CPU build); "
+                             "use device 'auto' or 'cpu', or engine 'easyocr' on a GPU")
         return "cpu"
     if config.engine == "easyocr":
         return resolve_device(config.device, cuda_available, "ocr.device")
@@ -894,12 +1007,15 @@ def make_engine(config: EngineSettings, cuda_available: bool | None = None) -> O
         cuda_available = torch.cuda.is_available()
     device = engine_device(config, cuda_available)
     threads = threads_for(config.cpus_per_replica)
+    if config.engine == "ppocr-v6":
+        return RapidOcrEngine(num_threads=threads, models="v6")
     if config.engine == "rapidocr":
         return RapidOcrEngine(num_threads=threads)
     return EasyOcrEngine(device=device, quantize=config.quantize, num_threads=threads)
 
 
 __all__ = [
+    "OCR_ENGINES",
     "EasyOcrEngine",
     "OcrEngine",
     "MAX_UPSCALE",
@@ -909,5 +1025,6 @@ __all__ = [
     "engine_device",
     "group_by_canvas",
     "make_engine",
+    "ppocr_v6_models",
     "threads_for",
 ]

@@ -50,7 +50,6 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         # (NO_ALBUMENTATIONS_UPDATE among it, as core/__init__.py sets it), and a job runtime_env, even
         # one of env_vars only, keeps Ray from handing the workers it pre-started to the first
         # actors: 1-1.7 s more before each actor started (issue 27).
-        os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     on_term = signal.getsignal(signal.SIGTERM)
     timeline.absolute()
     timeline.mark("ray_start")

@@ -229,7 +229,7 @@ def size_pools(declared: dict[str, Resources], costs: dict[str, float], cluster_
     - on CPU, an auto stage gets its share of the cluster's cores, cores x cost / (the costs of
       every stage on CPU, reading and decoding included), in replicas of ``cpus`` (at least one
       core: a replica runs at least one thread), rounded: an idle core is lost for good, a core
-      shared by a bit more than one replica is not; at least one replica. On 2 cores with easyocr that is 2 OCR replicas and 1 CLIP (easyocr with CRAFT in int8 costs ~8x CLIP); on
+      shared by a bit more than one replica is not; at least one replica. On 2 cores with easyocr that is 2 OCR replicas and 1 CLIP (easyocr with CRAFT in int8 costs ~8x CLIP), with the shipped ppocr-v6 1 and 1 (~3x CLIP); on
       64 cores, 55 OCR and 7 CLIP.
     - on GPU, each GPU stage starts with one replica, then the GPU left goes, one replica at a
       time, to the stage whose replicas have the most to do (highest cost / replicas), while its

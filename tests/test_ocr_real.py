@@ -1,4 +1,4 @@
-"""OCR on real photographs, as the pipeline sees them, for both engines (easyocr, rapidocr).
+"""OCR on real photographs, as the pipeline sees them, for every engine (ppocr-v6, easyocr, rapidocr).
 
 Everything else in ``tests/test_ocr.py`` is rendered text; this module asks how the stage does on
 real pixels, and fails when that gets worse. The data, kept offline in
@@ -22,12 +22,16 @@ real pixels, and fails when that gets worse. The data, kept offline in
   bricks, a retina; BSD-3 / public domain, shipped in the scikit-image wheel that easyocr needs).
 
 Floors sit a little under what was measured (numbers next to each), so a regression fails.
-Measured on 2 busy cores with the stage's defaults (detector_size 512, easyocr int8):
+Measured on 2 busy cores with the stage's defaults (detector_size 512; easyocr in int8):
 
-| engine   | mmocr crops | dtrb crops | receipts: coverage | regions   | words     | text-free |
-|----------|-------------|------------|--------------------|-----------|-----------|-----------|
-| easyocr  | 3/10        | 6/10       | 0.876              | 34/82     | 17/82     | 0 regions |
-| rapidocr | 1/10        | 5/10       | 0.879              | 40/82     | 37/82     | 0 regions |
+| engine             | mmocr crops | dtrb crops | receipts: coverage | regions   | words     | text-free |
+|--------------------|-------------|------------|--------------------|-----------|-----------|-----------|
+| ppocr-v6 (shipped) | 7/10        | 9/10       | 0.959              | 45/82     | 63/82     | 0 regions |
+| easyocr            | 3/10        | 6/10       | 0.876              | 34/82     | 17/82     | 0 regions |
+| rapidocr           | 1/10        | 5/10       | 0.879              | 40/82     | 37/82     | 0 regions |
+
+ppocr-v6's crops include its two small-image rules (``models.ocr.SMALL_IMAGE_SIDE``); their
+guard against reading text into small text-free images is the strip test at the end.
 
 For scale, a stock ``easyocr.Reader(['en']).readtext`` on the same 512-px receipts covers 0.799
 of the text area and finds 29 regions and 12 words: easyocr's floors sit above that, so the stage
@@ -71,6 +75,7 @@ needs_data = pytest.mark.skipif(
 # Floors per engine: measured value in the comment. Word crops: words found of 10; receipts:
 # pooled text-area coverage, regions matched and words read of 82 annotated.
 FLOORS: dict[str, dict[str, float]] = {
+    "ppocr-v6": {"mmocr": 6, "dtrb": 8, "coverage": 0.92, "regions": 41, "words": 57},  # 7, 9, 0.959, 45, 63
     "easyocr": {"mmocr": 2, "dtrb": 5, "coverage": 0.83, "regions": 30, "words": 14},  # 3, 6, 0.876, 34, 17
     "easyocr-fp32-detector": {"mmocr": 2, "dtrb": 5, "coverage": 0.83, "regions": 30, "words": 14},  # 3, 6, 0.876, 34, 17
     "rapidocr": {"mmocr": 1, "dtrb": 4, "coverage": 0.83, "regions": 36, "words": 33},  # 1, 5, 0.879, 40, 37
@@ -121,12 +126,13 @@ def _stage_rows(stage: OcrStage, images: list[np.ndarray]) -> list[dict]:
     return rows
 
 
-@pytest.fixture(scope="module", params=["easyocr", "easyocr-fp32-detector", "rapidocr"])
+@pytest.fixture(scope="module", params=["ppocr-v6", "easyocr", "easyocr-fp32-detector", "rapidocr"])
 def engine_run(request: pytest.FixtureRequest) -> EngineRun:
     """One engine loaded once; every real image through the stage once; tests read the rows.
-    ``easyocr`` is the shipped one (CRAFT in int8); ``easyocr-fp32-detector`` the same with CRAFT
-    in fp32, so that int8's floors are measured against it here, on real photographs."""
-    name = request.param.split("-")[0]
+    ``ppocr-v6`` is the shipped one; ``easyocr`` runs CRAFT in int8 and ``easyocr-fp32-detector``
+    the same with CRAFT in fp32, so that int8's floors are measured against it here, on real
+    photographs."""
+    name = request.param.removesuffix("-fp32-detector")
     config = OcrConfig(engine=name, device="cpu", cpus_per_replica=float(THREADS))
     engine = (EasyOcrEngine(device="cpu", num_threads=THREADS, quantize_detector=False)
               if request.param == "easyocr-fp32-detector" else make_engine(config, cuda_available=False))
@@ -134,6 +140,7 @@ def engine_run(request: pytest.FixtureRequest) -> EngineRun:
                 "easyocr-fp32-detector": "detector fp32, recogniser int8-dynamic"}
     assert getattr(engine, "precision", None) == expected.get(request.param, getattr(engine, "precision", None))
     assert isinstance(engine, EasyOcrEngine if name == "easyocr" else RapidOcrEngine)
+    assert OcrConfig().engine == "ppocr-v6"  # the shipped default is the first param
     stage = OcrStage(config, engine=engine)
     return EngineRun(
         engine=request.param,
@@ -190,3 +197,25 @@ def test_finds_no_text_on_real_text_free_photos(engine_run: EngineRun) -> None:
     """The other side of the floors: looser boxes (models.ocr.LOW_TEXT) must not invent text."""
     assert len(engine_run.text_free_regions) == len(TEXT_FREE)
     assert sum(engine_run.text_free_regions) == 0, engine_run.text_free_regions
+
+
+@needs_data
+def test_small_text_free_images_get_no_line_reading() -> None:
+    """The guard of ppocr-v6's small-image rules: small, line-shaped images without text (strips
+    cut from the real text-free photos, at the sizes of the word crops and of web buttons) must get
+    no region, although each is enlarged, bordered and, when nothing is detected, read whole."""
+    from models.ocr import LINE_ASPECT, SMALL_IMAGE_SIDE
+
+    engine = make_engine(OcrConfig(engine="ppocr-v6", device="cpu", cpus_per_replica=float(THREADS)),
+                         cuda_available=False)
+    strips = []
+    for photo in text_free_photos():
+        h, w = photo.shape[:2]
+        for sh, sw in ((20, 40), (26, 70), (40, 120), (48, 200), (64, 250)):
+            for y, x in ((0, 0), ((h - sh) // 2, (w - sw) // 2), (h - sh, w - sw)):
+                strips.append(photo[y:y + sh, x:x + sw])
+    assert len(strips) == 15 * len(TEXT_FREE)
+    assert all(max(s.shape[:2]) <= SMALL_IMAGE_SIDE and s.shape[1] >= LINE_ASPECT * s.shape[0] for s in strips)
+    found = engine.detect_batch(strips, 512)
+    invented = [(k, [r.text for r in regions]) for k, regions in enumerate(found) if regions]
+    assert not invented, invented

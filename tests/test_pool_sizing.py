@@ -24,6 +24,10 @@ from stages.ocr import OcrConfig, OcrStage
 
 
 def _replicas(cluster: dict[str, float], **sections: dict) -> dict[str, int]:
+    """Auto pool sizes of the shipped config on ``cluster``, with sections overridden. The OCR
+    engine is easyocr unless given: the sizing rules are checked at its cost (the heaviest OCR,
+    ~8x CLIP); the shipped ppocr-v6 has a test of its own."""
+    sections = {**sections, "ocr": {"engine": "easyocr", **sections.get("ocr", {})}}
     config = load_config()
     for name, values in sections.items():
         config = dataclasses.replace(config, **{name: dataclasses.replace(getattr(config, name), **values)})
@@ -32,12 +36,17 @@ def _replicas(cluster: dict[str, float], **sections: dict) -> dict[str, int]:
 
 def test_defaults_are_auto_and_ocr_costs_most() -> None:
     assert OcrConfig().replicas == ClipConfig().replicas == AUTO
-    ocr, clip = OcrStage(OcrConfig()), ClipScoreStage(ClipConfig())
+    shipped, clip = OcrStage(OcrConfig()), ClipScoreStage(ClipConfig())
+    assert shipped.cost_per_image() > 2 * clip.cost_per_image()  # ppocr-v6 at 512 vs ViT-S-32: 0.14 vs 0.05
+    ocr = OcrStage(OcrConfig(engine="easyocr"))
+    assert ocr.cost_per_image() > 2 * shipped.cost_per_image()  # measured 0.92 vs 0.14 CPU-s per image
     assert ocr.cost_per_image() > 5 * clip.cost_per_image()  # easyocr (CRAFT int8) at 512 vs ViT-S-32: measured ~8x
     # CRAFT in fp32 (quantize = false) costs about 4.6x int8 (make bench's ocr rows)
-    assert OcrStage(OcrConfig(quantize=False)).cost_per_image() == pytest.approx(1.88 / 0.41 * ocr.cost_per_image())
+    assert (OcrStage(OcrConfig(engine="easyocr", quantize=False)).cost_per_image()
+            == pytest.approx(1.88 / 0.41 * ocr.cost_per_image()))
+    assert OcrStage(OcrConfig(quantize=False)).cost_per_image() == shipped.cost_per_image()  # easyocr's setting only
     # cost follows the detector's pixels and the CLIP model's size
-    assert OcrStage(OcrConfig(detector_size=256)).cost_per_image() == pytest.approx(ocr.cost_per_image() / 4)
+    assert OcrStage(OcrConfig(detector_size=256)).cost_per_image() == pytest.approx(shipped.cost_per_image() / 4)
     assert ClipScoreStage(ClipConfig(model="ViT-B-32")).cost_per_image() == pytest.approx(4 * clip.cost_per_image())
     assert OcrStage(OcrConfig(engine="rapidocr")).cost_per_image() < ocr.cost_per_image() / 5
 
@@ -55,6 +64,15 @@ def test_two_cores_get_two_ocr_replicas_and_pools_grow_with_the_cluster() -> Non
     # two threads per replica: half the replicas; half a CPU still runs one thread: no more replicas
     assert _replicas({"CPU": 16}, ocr={"cpus_per_replica": 2.0})["ocr"] == 7
     assert _replicas({"CPU": 16}, ocr={"cpus_per_replica": 0.5})["ocr"] == 14
+
+
+def test_shipped_ocr_engine_on_two_and_sixteen_cores() -> None:
+    """ppocr-v6 costs ~3x a CLIP replica (0.14 vs 0.05 CPU-s per image): one OCR and one CLIP
+    replica on the 2-core box (2 x 0.14 / 0.2 rounds to 1), and about 3:1 on a 16-core node."""
+    shipped = {"ocr": {"engine": "ppocr-v6"}}
+    assert _replicas({"CPU": 2}, **shipped) == {"ocr": 1, "parrot": 1, "caption": 1, "clip_score": 1, "dedup": 1}
+    sixteen = _replicas({"CPU": 16}, **shipped)
+    assert (sixteen["ocr"], sixteen["clip_score"]) == (11, 4)
 
 
 def test_fixed_counts_are_kept() -> None:
