@@ -160,3 +160,23 @@ def test_recall_with_every_word_misread(measures) -> None:
     print(f"\nparrots caught with every word misread: {recall:.1%} (without merged tokens {without_merges:.1%})")
     assert recall >= 0.95
     assert recall > without_merges + 0.1  # merged tokens are what rescues run-together OCR
+
+
+def test_real_captions_spelled_on_real_photos_are_caught_by_the_shipped_ocr() -> None:
+    """The whole chain on real pixels: 16 real alt-texts drawn as signs onto real text-free photos,
+    stored as JPEG, read by the shipped OCR engine, scored by the shipped parrot stage
+    (bench/parrot_real_bench.py measures 60, both styles, every engine)."""
+    from bench.parrot_real_bench import STYLES, measure, ocr_stage, pick_captions, rendered_set
+    from bench.realdata import text_free_photos
+    from stages.ocr import OcrConfig
+
+    photos = text_free_photos()
+    captions = pick_captions(16)
+    images, _ = rendered_set(captions, photos, STYLES["sign"])
+    parrot = ParrotStage(ParrotConfig())
+    parrot.setup()
+    m = measure(ocr_stage(OcrConfig().engine), captions, images, photos, parrot)
+    print(f"\nshipped OCR on 16 real captions drawn as signs: recall {m['recall']:.2f}, "
+          f"false {m['false_unrelated']}/16 unrelated, {m['false_text_free']}/5 text-free")
+    assert m["recall"] >= 0.9
+    assert m["false_unrelated"] == 0 and m["false_text_free"] == 0
