@@ -324,7 +324,7 @@ def machine_info() -> dict[str, Any]:
         "versions": {
             p: _version(p)
             for p in ("torch", "ray", "duckdb", "pyarrow", "onnxruntime", "open_clip_torch", "easyocr",
-                      "rapidocr-onnxruntime", "webdataset", "img2dataset", "numpy", "pillow")
+                      "rapidocr-onnxruntime", "rapidocr", "webdataset", "img2dataset", "numpy", "pillow")
         },
     }
 

@@ -228,6 +228,7 @@ TITLE = "OCR stage (easyocr, and the shipped ppocr-v6) vs a naive easyocr readte
 def run(ctx: Any) -> Any:
     """``make bench``'s entry: the comparison above as summary rows and a BENCHMARKS.md section."""
     from bench.common import BenchResult, Ratio, quiet_warnings
+    from pipeline.config import OcrConfig
 
     n_images = 8 if ctx.quick else 40
     with quiet_warnings():
@@ -242,11 +243,12 @@ def run(ctx: Any) -> Any:
         f"F1 {runs['stage']['f1']:.3f} vs {runs['naive']['f1']:.3f}{'' if f1_ok else ' (F1 too low)'}; "
         f"{result['cpu_speedup']:.2f}x in CPU-seconds; both on {result['threads']} threads (the stage's one "
         "non-default setting: cpus_per_replica; the pipeline's default pool is the dag row)"))
-    if "ppocr-v6" in runs:
+    shipped = OcrConfig().engine
+    if shipped in runs:
         out.rows.append(Ratio(
-            NAME, "OcrStage(ppocr-v6, the shipped engine) img/s / naive readtext loop img/s",
-            runs["ppocr-v6"]["images_per_s"] / runs["naive"]["images_per_s"], "x", "", None,
-            f"F1 {runs['ppocr-v6']['f1']:.3f} vs {runs['naive']['f1']:.3f}, word recall {runs['ppocr-v6']['word_recall']:.3f}"))
+            NAME, f"OcrStage({shipped}, the shipped engine) img/s / naive readtext loop img/s",
+            runs[shipped]["images_per_s"] / runs["naive"]["images_per_s"], "x", "", None,
+            f"F1 {runs[shipped]['f1']:.3f} vs {runs['naive']['f1']:.3f}, word recall {runs[shipped]['word_recall']:.3f}"))
     if "rapidocr" in runs:
         out.rows.append(Ratio(
             NAME, "OcrStage(rapidocr) img/s / naive readtext loop img/s",

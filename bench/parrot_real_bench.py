@@ -56,7 +56,7 @@ SEED = 29
 SAMPLES = 60
 QUICK_SAMPLES = 16
 BATCH = 8
-ENGINES = ("ppocr-v6", "easyocr", "rapidocr")  # the first is the shipped default
+ENGINES = ("ppocr-v6", "easyocr", "rapidocr")  # the first is the shipped default (a test checks)
 FONTS = ("DejaVuSans-Bold.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSans.ttf", "DejaVuSerif.ttf")
 # How the caption is drawn. "sign": large, outlined, full contrast (a poster, a shop sign);
 # "small plain": small, no outline, the photo's own colour moved 80 grey levels (packaging, a
@@ -223,7 +223,7 @@ def cotr_lines(scored: list[dict], ocr: list[dict]) -> dict[str, float | None]:
 
 
 def ocr_stage(name: str) -> Any:
-    """The engine's OCR stage, loaded and warmed up (one thread, as one replica)."""
+    """The engine's OCR stage, loaded (one thread, as one replica); ``measure`` warms it up."""
     from models.ocr import make_engine
     from stages.ocr import OcrConfig, OcrStage
 

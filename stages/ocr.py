@@ -25,7 +25,9 @@ from stages.base import BatchStage, Resources, batch_or_each
 class OcrConfig:
     """Text-region detection and recognition (stages/ocr.py, models/ocr.py)."""
 
-    engine: str = "ppocr-v6"  # "ppocr-v6" (PP-OCRv6 small, onnxruntime, CPU: reads real text best, ~6x less CPU) | "easyocr" (CRAFT + english_g2, torch; batched on a GPU) | "rapidocr" (PP-OCRv4)
+    # "ppocr-v6": PP-OCRv6 small on onnxruntime, CPU: reads real text best at ~1/6 of easyocr's CPU |
+    # "easyocr": CRAFT + english_g2 on torch, batched on a GPU when there is one | "rapidocr": PP-OCRv4
+    engine: str = "ppocr-v6"
     device: str = "auto"  # "auto" (GPU when torch sees one) | "cpu" | "cuda"
     batch_size: int = 8  # images per process_batch call (one batched detector forward)
     replicas: int | str = "auto"  # model actors, each loads the model once: a count, or "auto" (sized from the cluster, see cost_per_image)

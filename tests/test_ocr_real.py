@@ -41,6 +41,7 @@ falling back to stock detection fails here.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -136,11 +137,10 @@ def engine_run(request: pytest.FixtureRequest) -> EngineRun:
     config = OcrConfig(engine=name, device="cpu", cpus_per_replica=float(THREADS))
     engine = (EasyOcrEngine(device="cpu", num_threads=THREADS, quantize_detector=False)
               if request.param == "easyocr-fp32-detector" else make_engine(config, cuda_available=False))
-    expected = {"easyocr": "detector int8, recogniser int8-dynamic",  # the shipped default: int8 really ran
+    expected = {"easyocr": "detector int8, recogniser int8-dynamic",  # easyocr's default on CPU: int8 really ran
                 "easyocr-fp32-detector": "detector fp32, recogniser int8-dynamic"}
     assert getattr(engine, "precision", None) == expected.get(request.param, getattr(engine, "precision", None))
     assert isinstance(engine, EasyOcrEngine if name == "easyocr" else RapidOcrEngine)
-    assert OcrConfig().engine == "ppocr-v6"  # the shipped default is the first param
     stage = OcrStage(config, engine=engine)
     return EngineRun(
         engine=request.param,
@@ -219,3 +219,44 @@ def test_small_text_free_images_get_no_line_reading() -> None:
     found = engine.detect_batch(strips, 512)
     invented = [(k, [r.text for r in regions]) for k, regions in enumerate(found) if regions]
     assert not invented, invented
+
+
+def test_the_shipped_engine_is_the_first_measured() -> None:
+    """The fixture's first engine, the bench's first row and the parrot bench's first engine are
+    what `curate` runs."""
+    from bench.parrot_real_bench import ENGINES
+
+    assert OcrConfig().engine == "ppocr-v6" == ENGINES[0]
+
+
+def test_ppocr_models_that_differ_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model file whose SHA-256 is not the listed one is an error, never a silent model change."""
+    import models.ocr as ocr
+
+    ocr._ppocr_v6_models.cache_clear()
+    monkeypatch.setitem(ocr.PPOCR_V6_FILES, "rec", (ocr.PPOCR_V6_FILES["rec"][0], "0" * 64))
+    with pytest.raises(RuntimeError, match="SHA-256"):
+        ocr.ppocr_v6_models()
+    monkeypatch.undo()
+    ocr._ppocr_v6_models.cache_clear()
+    assert set(ocr.ppocr_v6_models()) == {"det", "rec"}
+
+
+def test_a_small_image_keeps_its_text_where_it_is() -> None:
+    """The border and enlargement of a small image are undone: the region of a word drawn at a
+    known place on a 240x80 banner lands on that place (and reads the word)."""
+    from PIL import Image, ImageDraw, ImageFont
+    import matplotlib
+
+    from pipeline.ocr_accuracy import polygon_iou
+
+    font = ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans-Bold.ttf"), 22)
+    image = Image.new("RGB", (240, 80), (235, 225, 200))
+    draw = ImageDraw.Draw(image)
+    left, top, right, bottom = draw.textbbox((100, 40), "HARBOR", font=font)
+    draw.text((100, 40), "HARBOR", font=font, fill=(20, 30, 90))
+    engine = make_engine(OcrConfig(engine="ppocr-v6", device="cpu", cpus_per_replica=1.0), cuda_available=False)
+    regions = engine.detect_batch([np.asarray(image)], 512)[0]
+    assert [r.text for r in regions] == ["HARBOR"], regions
+    truth = [[left, top], [right, top], [right, bottom], [left, bottom]]
+    assert polygon_iou(regions[0].quad, truth) >= 0.5, (regions[0].quad, truth)
