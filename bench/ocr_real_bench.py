@@ -23,7 +23,6 @@ letters), receipts >= 30 of 82 words, no region on text-free photos.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,6 @@ from bench.common import BenchResult, Context, Ratio, quiet_warnings, standalone
 
 NAME = "ocr-real"
 TITLE = "Recognition on real scene text: word crops, receipts, text-free photos, per engine and setting"
-BATCH = 8
 TARGET_CROPS = 8  # of 10 per set
 TARGET_RECEIPT_WORDS = 30  # of 82
 LONG_WORD = 5  # letters from which one edit still counts as read
@@ -53,18 +51,6 @@ def settings() -> dict[str, Any]:
         "easyocr, CRAFT fp32": EasyOcrEngine(device="cpu", num_threads=1, quantize_detector=False),
         "rapidocr (PP-OCRv4)": make_engine(OcrConfig(engine="rapidocr", device="cpu"), cuda_available=False),
     }
-
-
-def _rows(stage: Any, images: list[Any]) -> tuple[list[dict], float]:
-    """The stage over ``images`` in batches; its rows and CPU seconds per image."""
-    rows: list[dict] = []
-    started = time.process_time()
-    for lo in range(0, len(images), BATCH):
-        chunk = images[lo:lo + BATCH]
-        out = stage.process_batch({"uid": [str(lo + k) for k in range(len(chunk))], "image": chunk,
-                                   "decode_error": [None] * len(chunk)})
-        rows.extend({c: out[c][k] for c in out} for k in range(len(chunk)))
-    return rows, (time.process_time() - started) / max(1, len(images))
 
 
 def _distance(a: str, b: str) -> int:
@@ -87,21 +73,21 @@ def word_scores(texts: list[str], word: str) -> tuple[bool, bool, float]:
 
 
 def measure(engine: Any) -> dict[str, Any]:
-    from bench.realdata import dtrb_crops, mmocr_crops, receipts, text_free_photos
+    from bench.realdata import dtrb_crops, mmocr_crops, receipts, stage_rows, text_free_photos
     from pipeline.ocr_accuracy import match_regions, normalise_word
     from stages.ocr import OcrConfig, OcrStage
 
     stage = OcrStage(OcrConfig(engine=engine.engine, device="cpu", cpus_per_replica=1.0), engine=engine)
-    _rows(stage, [c.image for c in mmocr_crops()[:2]])  # warm-up, untimed
+    stage_rows(stage, [c.image for c in mmocr_crops()[:2]])  # warm-up, untimed
     out: dict[str, Any] = {}
     for name, crops in (("mmocr", mmocr_crops()), ("dtrb", dtrb_crops())):
-        rows, seconds = _rows(stage, [c.image for c in crops])
+        rows, seconds = stage_rows(stage, [c.image for c in crops])
         scores = [word_scores(r["texts"] or [], c.word) for r, c in zip(rows, crops)]
         out[name] = {"n": len(crops), "exact": sum(s[0] for s in scores), "near": sum(s[1] for s in scores),
                      "cer": sum(s[2] for s in scores) / len(scores), "cpu_s_per_image": seconds,
                      "readings": [" ".join(r["texts"] or []) for r in rows], "words": [c.word for c in crops]}
     truth = receipts()
-    rows, seconds = _rows(stage, [r.image for r in truth])
+    rows, seconds = stage_rows(stage, [r.image for r in truth])
     exact = near = n = 0
     cers: list[float] = []
     for row, receipt in zip(rows, truth):
@@ -115,7 +101,7 @@ def measure(engine: Any) -> dict[str, Any]:
             cers.append(min(1.0, _distance(want, got) / max(1, len(want))))
     out["receipts"] = {"n": n, "exact": exact, "near": near, "matched_regions": len(cers),
                        "cer_matched": sum(cers) / len(cers) if cers else None, "cpu_s_per_image": seconds}
-    rows, seconds = _rows(stage, text_free_photos())
+    rows, seconds = stage_rows(stage, text_free_photos())
     out["text_free"] = {"n": len(rows), "regions": sum(r["n_regions"] for r in rows), "cpu_s_per_image": seconds}
     return out
 

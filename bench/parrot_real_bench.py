@@ -40,7 +40,6 @@ import io
 import math
 import random
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +54,6 @@ CAPTIONS = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "laion_
 SEED = 29
 SAMPLES = 60
 QUICK_SAMPLES = 16
-BATCH = 8
 ENGINES = ("ppocr-v6", "easyocr", "rapidocr")  # the first is the shipped default (a test checks)
 FONTS = ("DejaVuSans-Bold.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSans.ttf", "DejaVuSerif.ttf")
 # How the caption is drawn. "sign": large, outlined, full contrast (a poster, a shop sign);
@@ -183,18 +181,6 @@ def rendered_set(captions: list[str], photos: list[Any], style: dict[str, Any]) 
 # -- measuring -----------------------------------------------------------------------------------
 
 
-def _rows(stage: Any, images: list[Any]) -> tuple[list[dict], float]:
-    """The stage over ``images`` in batches; its rows and CPU seconds per image."""
-    rows: list[dict] = []
-    started = time.process_time()
-    for lo in range(0, len(images), BATCH):
-        chunk = images[lo:lo + BATCH]
-        out = stage.process_batch({"uid": [str(lo + k) for k in range(len(chunk))], "image": chunk,
-                                   "decode_error": [None] * len(chunk)})
-        rows.extend({c: out[c][k] for c in out} for k in range(len(chunk)))
-    return rows, (time.process_time() - started) / max(1, len(images))
-
-
 def score(parrot: Any, captions: list[str], rows: list[dict]) -> list[dict]:
     """The parrot stage's rows for ``captions`` against the OCR ``rows`` (same order)."""
     out = parrot.process_batch({"uid": list(range(len(captions))), "caption": captions,
@@ -233,9 +219,11 @@ def ocr_stage(name: str) -> Any:
 
 def measure(stage: Any, captions: list[str], rendered: list[Any], photos: list[Any], parrot: Any) -> dict[str, Any]:
     """One engine and style: OCR over the rendered and the text-free photos, then the three sets of pairs."""
-    _rows(stage, photos[:1])  # warm-up, untimed
-    spelled_ocr, spelled_s = _rows(stage, rendered)
-    free_ocr, free_s = _rows(stage, photos)
+    from bench.realdata import stage_rows
+
+    stage_rows(stage, photos[:1])  # warm-up, untimed
+    spelled_ocr, spelled_s = stage_rows(stage, rendered)
+    free_ocr, free_s = stage_rows(stage, photos)
     n = len(captions)
     spelled = score(parrot, captions, spelled_ocr)
     unrelated = score(parrot, captions[1:] + captions[:1], spelled_ocr)

@@ -36,8 +36,6 @@ Quads are returned in the pixel coordinates of the image that was passed in.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import importlib.util
 import io
 import logging
@@ -384,7 +382,6 @@ def craft_cache_paths(weights: Any) -> dict[str, Any]:
     of everything they are built from, so a change to any of it is a miss (a rebuild)."""
     import hashlib
     import json
-    from pathlib import Path
 
     import onnxruntime as ort
     import torch
@@ -465,7 +462,6 @@ def quantize_craft(model_bytes: bytes, reduce_range: bool | None = None) -> byte
     machine, then read from the cache (``_OrtCraft``).
     ``reduce_range``: 7-bit weights (default: where the CPU lacks VNNI, see ``cpu_has_vnni``)."""
     import tempfile
-    from pathlib import Path
 
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -812,28 +808,25 @@ MIN_CHARACTERS = 2
 
 def ppocr_v6_models() -> dict[str, str]:
     """Paths of the PP-OCRv6 ONNX files in the installed ``rapidocr`` wheel, checked by SHA-256
-    (once per process): a file that differs is an error, never a silent change of model."""
-    return dict(_ppocr_v6_models())
+    (hashed once per machine, ``core.cache.file_sha256``): a file that differs is an error, never
+    a silent change of model."""
+    from core.cache import file_sha256
 
-
-@functools.cache
-def _ppocr_v6_models() -> tuple[tuple[str, str], ...]:
-    """(name, path) pairs, hashed once per process (31 MB: ~0.1 s); a failure is not cached."""
     spec = importlib.util.find_spec("rapidocr")  # locates the package without importing it
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("ocr.engine 'ppocr-v6' needs the rapidocr package (its wheel carries the models): "
                            "pip install -c constraints.txt rapidocr")
     folder = Path(next(iter(spec.submodule_search_locations))) / "models"
-    out = []
+    out = {}
     for name, (filename, sha256) in PPOCR_V6_FILES.items():
         path = folder / filename
         if not path.is_file():
             raise RuntimeError(f"PP-OCRv6 {name} model missing: {path}")
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = file_sha256(path, OCR_CACHE)
         if digest != sha256:
             raise RuntimeError(f"PP-OCRv6 {name} model {path} has SHA-256 {digest}, expected {sha256}")
-        out.append((name, str(path)))
-    return tuple(out)
+        out[name] = str(path)
+    return out
 
 
 class RapidOcrEngine:
@@ -871,7 +864,6 @@ class RapidOcrEngine:
             paths = {"det_model_path": found["det"], "rec_model_path": found["rec"]}
         self._ocr = RapidOCR(intra_op_num_threads=threads, inter_op_num_threads=1, print_verbose=False, **paths)
         self._quiet_threads(threads)
-        self._models = models
         if models == "v6":
             self._engine = (f"rapidocr-onnxruntime {version('rapidocr-onnxruntime')} ppocr-v6-small "
                             f"(models of rapidocr {version('rapidocr')})")

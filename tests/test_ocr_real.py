@@ -54,6 +54,7 @@ from bench.realdata import (
     dtrb_crops,
     mmocr_crops,
     receipts,
+    stage_rows,
     text_free_photos,
 )
 from models.ocr import EasyOcrEngine, RapidOcrEngine, make_engine
@@ -116,13 +117,8 @@ class EngineRun:
 
 
 def _stage_rows(stage: OcrStage, images: list[np.ndarray]) -> list[dict]:
-    """The stage in batches of ``BATCH``, as the pipeline calls it; one row dict per image."""
-    rows: list[dict] = []
-    for lo in range(0, len(images), BATCH):
-        chunk = images[lo:lo + BATCH]
-        out = stage.process_batch({"uid": [str(lo + k) for k in range(len(chunk))], "image": chunk,
-                                   "decode_error": [None] * len(chunk)})
-        rows.extend({c: out[c][k] for c in out} for k in range(len(chunk)))
+    """The stage in batches of ``BATCH``, as the pipeline calls it; one row dict per image, all ok."""
+    rows, _ = stage_rows(stage, images, BATCH)
     assert all(r["ocr_status"] == "ok" for r in rows), [r["ocr_error"] for r in rows]
     return rows
 
@@ -233,12 +229,10 @@ def test_ppocr_models_that_differ_are_refused(monkeypatch: pytest.MonkeyPatch) -
     """A model file whose SHA-256 is not the listed one is an error, never a silent model change."""
     import models.ocr as ocr
 
-    ocr._ppocr_v6_models.cache_clear()
     monkeypatch.setitem(ocr.PPOCR_V6_FILES, "rec", (ocr.PPOCR_V6_FILES["rec"][0], "0" * 64))
     with pytest.raises(RuntimeError, match="SHA-256"):
         ocr.ppocr_v6_models()
     monkeypatch.undo()
-    ocr._ppocr_v6_models.cache_clear()
     assert set(ocr.ppocr_v6_models()) == {"det", "rec"}
 
 
