@@ -263,7 +263,7 @@ class _DropRandomInitNotice(logging.Filter):
 
 
 @contextmanager
-def _without_open_clip_random_notice() -> Iterator[None]:
+def without_open_clip_random_notice() -> Iterator[None]:
     notice = _DropRandomInitNotice()
     root = logging.getLogger()
     root.addFilter(notice)
@@ -319,7 +319,7 @@ def load_clip(
             )
     # Seed inside a forked RNG: the init is reproducible and the caller's RNG stream is untouched.
     # Weights are initialised on the CPU and then moved, so the init is the same for every device.
-    with torch.random.fork_rng(devices=[]), _without_open_clip_random_notice():
+    with torch.random.fork_rng(devices=[]), without_open_clip_random_notice():
         torch.manual_seed(seed)
         net, _, preprocess = open_clip.create_model_and_transforms(
             model, pretrained=pretrained or None, device=device

@@ -1,7 +1,7 @@
 """The run's configuration: TOML loaded into the sections the stages own.
 
 Each section is a frozen dataclass beside the code it configures (``DownloadConfig`` in
-``stages/download.py``, ...; training's ``[train]`` and ``[ablation]`` in ``pipeline/training_config.py``,
+``stages/download.py``, ...; training's ``[train]``, ``[ablation]`` and ``[reading]`` in ``pipeline/training_config.py``,
 because training/ imports pipeline/, never the reverse): its field defaults are the only place a
 default is stated. ``pipeline/default.toml`` documents every key with the same values (a test checks
 they agree) and holds what only TOML states: the shipped policies and datasets. A user's TOML
@@ -37,14 +37,14 @@ from stages.filter import PolicyConfig
 from stages.ocr import OcrConfig
 from stages.parrot import ParrotConfig
 from stages.reshard import ReshardConfig
-from pipeline.training_config import AblationConfig, TrainConfig
+from pipeline.training_config import AblationConfig, ReadingConfig, TrainConfig
 from pipeline.watchdog import WatchdogConfig
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default.toml")
 
 __all__ = [
     "AblationConfig", "CaptionConfig", "ClipConfig", "Config", "ConfigError", "DatasetConfig", "DecontaminateConfig", "DedupConfig", "DownloadConfig", "FaceConfig",
-    "OcrConfig", "ParrotConfig", "PolicyConfig", "ReshardConfig", "TrainConfig", "WatchdogConfig", "load_config",
+    "OcrConfig", "ParrotConfig", "PolicyConfig", "ReadingConfig", "ReshardConfig", "TrainConfig", "WatchdogConfig", "load_config",
 ]
 
 
@@ -66,6 +66,7 @@ class Config:
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
+    reading: ReadingConfig = field(default_factory=ReadingConfig)
     policies: dict[str, PolicyConfig] = field(default_factory=dict)
     datasets: dict[str, DatasetConfig] = field(default_factory=dict)
 
@@ -84,7 +85,7 @@ class Config:
         """Every section's problems, then the references between sections."""
         problems: list[str] = []
         for section in (self.download, self.ocr, self.parrot, self.caption, self.clip, self.dedup, self.decontaminate, self.faces, self.reshard, self.watchdog, self.train,
-                        self.ablation, *self.policies.values(), *self.datasets.values()):
+                        self.ablation, self.reading, *self.policies.values(), *self.datasets.values()):
             problems += section.problems()
         problems += require(
             (self.faces.enabled or not self.reshard.blur_faces,

@@ -13,6 +13,7 @@ from typing import Any
 from core.settings import config_section, require
 
 SOURCES = ("curated", "selection")  # where ``train`` reads a policy's samples (training.ablation.train_on_policy)
+STARTS = ("scratch", "reading")  # where the ablation's variants start (AblationConfig.start)
 
 
 @config_section
@@ -66,6 +67,39 @@ class TrainConfig:
 
 
 @config_section
+class ReadingConfig:
+    """The reading start (training/reading.py): the image tower pretrained, supervised, to name the
+    word written on an image, before any contrastive step; cached by these settings and the model's.
+
+    At CPU scale a tower never learns to read from captions alone (docs/ablation.md), so the CPU
+    ablation gives every variant this same start and asks what each policy's data then teaches it.
+    """
+
+    steps: int = 4000  # optimisation steps (batch_size renders each, a fresh draw every step)
+    batch_size: int = 64
+    lr: float = 1e-3  # peak learning rate of the warmup + cosine schedule
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    seed: int = 0  # model init and the draws; the held-out renders come from seed + 1
+    held_out: int = 2000  # unseen renders on which the held-out top-1 is measured (over every word)
+    threads: int = 2  # torch threads of the trainer (the driver's)
+    workers: int = 1  # processes drawing the words (about 4 ms per image each)
+
+    def problems(self) -> list[str]:
+        """What types cannot say: ranges, as readable messages (empty when fine)."""
+        return require(
+            (self.steps >= 1, "reading.steps must be >= 1"),
+            (self.batch_size >= 2, "reading.batch_size must be >= 2"),
+            (self.lr > 0, "reading.lr must be > 0"),
+            (self.weight_decay >= 0, "reading.weight_decay must be >= 0"),
+            (0 <= self.warmup_steps < self.steps, "reading.warmup_steps must be >= 0 and below reading.steps"),
+            (self.held_out >= 1, "reading.held_out must be >= 1"),
+            (self.threads >= 1, "reading.threads must be >= 1"),
+            (self.workers >= 0, "reading.workers must be >= 0"),
+        )
+
+
+@config_section
 class AblationConfig:
     """`make ablation`: one model per policy and seed, trained on the embedded dataset at equal steps."""
 
@@ -73,6 +107,8 @@ class AblationConfig:
     policies: tuple[str, ...] = ("all", "no-text", "no-parrot", "clip-score-top", "tmars", "no-parrot-tmars")
     seeds: tuple[int, ...] = (0,)  # training seeds (init, data order, masks): every model once per seed
     masking: tuple[str, ...] = ()  # also train the unfiltered policy with patches masked: "random" (FLIP), "pgs"
+    start: str = "scratch"  # every variant starts from: "scratch" ([train] pretrained) | "reading" (training/reading.py)
+    masking_model: str = ""  # the ViT the masked variants train ("" = [train] model; masking drops ViT patches)
     eval_seed: int = 10_000  # held-out sets: a seed stream apart from the training data's
     eval_per_class: int = 40  # images per class in each labelled eval set
     # The embedded dataset's proportions (sources.embedded.GeneratorSettings; these defaults are its own)
@@ -92,6 +128,7 @@ class AblationConfig:
             (len(set(self.seeds)) == len(self.seeds), "ablation.seeds must not repeat a seed"),
             (set(self.masking) <= {"random", "pgs"}, f"ablation.masking may hold random and pgs, not {list(self.masking)}"),
             (self.eval_per_class >= 1, "ablation.eval_per_class must be >= 1"),
+            (self.start in STARTS, f"ablation.start must be scratch or reading, not {self.start!r}"),
             (len(self.class_word_cap) == 2, "ablation.class_word_cap must be [low, high]"),
         )
         if len(self.class_word_cap) == 2:

@@ -30,6 +30,7 @@ shard_size = 16
 [reshard]
 samples_per_shard = 16
 [train]
+model = "curation-tiny-rn"
 steps = {STEPS}
 batch_size = 8
 workers = 0
@@ -39,46 +40,65 @@ samples = 32
 policies = ["all", "no-text"]
 seeds = [0, 1]
 masking = ["pgs"]
+masking_model = "curation-tiny"
+start = "reading"
 eval_per_class = 2
 class_word_fraction = 1.0
+[reading]
+steps = 2
+batch_size = 4
+warmup_steps = 1
+held_out = 4
+workers = 0
 """
     )
     return path
 
 
-def test_ablation_trains_each_policy_at_equal_steps_and_reports(ray_local, tmp_path, capsys):
+def test_ablation_trains_each_policy_at_equal_steps_and_reports(ray_local, tmp_path, capsys, monkeypatch):
+    from core.cache import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))  # the reading starts are built here, not in ~/.cache
     out = tmp_path / "ablation"
     args = ["ablation", "--config", str(_config(tmp_path)), "--output", str(out), "--no-progress"]
     assert main(args) == 0
 
     with open(out / "ablation" / "ablation.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["policy"] for r in rows] == ["(untrained)", "all", "no-text", "all +pgs"]
-    assert [int(r["steps"]) for r in rows] == [0, STEPS, STEPS, STEPS]  # equal compute for every policy
-    assert [r["seeds"] for r in rows] == ["", "2", "2", "2"]
+    variants = ["all", "no-text", "all (curation-tiny)", "all +pgs (curation-tiny)"]
+    assert [r["policy"] for r in rows] == ["(untrained)", "(reading start curation-tiny-rn)",
+                                           "(reading start curation-tiny)", *variants]
+    assert [int(r["steps"]) for r in rows] == [0, 0, 0] + [STEPS] * 4  # equal compute for every policy
+    assert [r["seeds"] for r in rows] == ["", "", ""] + ["2"] * 4
     for row in rows:
         for key in ("clean_top1", "typographic_top1", "attack_success_rate", "text_only_top1", "common_top1",
                     "counter_top1", "i2t_r1"):
             assert 0.0 <= float(row[key]) <= 1.0, (row["policy"], key)
     with open(out / "ablation" / "ablation_seeds.csv") as f:
         per_seed = list(csv.DictReader(f))
-    assert [(r["policy"], r["seed"]) for r in per_seed] == [
-        (p, s) for p in ("all", "no-text", "all +pgs") for s in ("0", "1")]
-    for policy, row in zip(("all", "no-text", "all +pgs"), rows[1:]):  # the table's cells: mean and sd of the seeds
+    assert [(r["policy"], r["seed"]) for r in per_seed] == [(p, s) for p in variants for s in ("0", "1")]
+    for policy, row in zip(variants, rows[3:]):  # the table's cells: mean and sd of the seeds
         values = [float(r["clean_top1"]) for r in per_seed if r["policy"] == policy]
         assert float(row["clean_top1"]) == pytest.approx(sum(values) / 2)
         assert float(row["clean_top1_sd"]) == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
-    seeds = [json.loads((out / "models" / "ablation" / name / f"seed-{s}" / "result.json").read_text())["config"]
-             for name in ("all", "no-text", "all+pgs") for s in (0, 1)]
-    assert [(c["seed"], c["masking"]) for c in seeds] == [(0, "none"), (1, "none")] * 2 + [(0, "pgs"), (1, "pgs")]
+    starts = {p.name.rsplit("-", 1)[0]: p for p in (tmp_path / "cache" / "reading").iterdir()}
+    assert set(starts) == {"curation-tiny-rn", "curation-tiny"}  # one reading start per model, shared by its variants
+    models = out / "models" / "ablation"
+    seeds = [json.loads((models / starts[model].name / name / f"seed-{s}" / "result.json").read_text())["config"]
+             for model, name in (("curation-tiny-rn", "all"), ("curation-tiny-rn", "no-text"),
+                                 ("curation-tiny", "all@curation-tiny"), ("curation-tiny", "all+pgs@curation-tiny"))
+             for s in (0, 1)]
+    assert [(c["seed"], c["masking"]) for c in seeds] == [(0, "none"), (1, "none")] * 3 + [(0, "pgs"), (1, "pgs")]
+    assert [c["model"] for c in seeds] == ["curation-tiny-rn"] * 4 + ["curation-tiny"] * 4
+    assert all(c["pretrained"] == str(starts[c["model"]] / "start.pt") for c in seeds)  # every variant from its start
 
     con = duckdb.connect(str(out / "catalog.duckdb"), read_only=True)
     kept = dict(con.execute("select policy, count(*) filter (where kept) from selections group by 1").fetchall())
-    assert int(rows[1]["kept"]) == kept["all"] == 32
-    assert int(rows[2]["kept"]) == kept["no-text"] < kept["all"]
+    assert int(rows[3]["kept"]) == kept["all"] == 32
+    assert int(rows[4]["kept"]) == kept["no-text"] < kept["all"]
     scorers = {m for (m,) in con.execute("select distinct clip_model from clip_score").fetchall()}
-    assert len(scorers) == 1 and next(iter(scorers)).startswith("curation-tiny ")  # re-scored by the trained model
-    assert "models/ablation/all/seed-0/checkpoints" in next(iter(scorers))
+    assert len(scorers) == 1 and next(iter(scorers)).startswith("curation-tiny-rn ")  # re-scored by the trained model
+    assert f"models/ablation/{starts['curation-tiny-rn'].name}/all/seed-0/checkpoints" in next(iter(scorers))
     # the dataset was drawn with [ablation]'s proportions: every text image names another class
     truth = con.execute("select count(*) filter (where has_text), count(*) filter (where text_class is not null) "
                         "from read_parquet(?)", [str(out / "ground_truth.parquet")]).fetchone()
@@ -88,10 +108,11 @@ def test_ablation_trains_each_policy_at_equal_steps_and_reports(ray_local, tmp_p
         assert (out / "ablation" / name).stat().st_size > 100, name
     markdown = (out / "ablation" / "ablation.md").read_text()
     assert " ± " in markdown and "The papers' claims at this scale" in markdown
+    assert "Reading start curation-tiny-rn: held-out top-1" in markdown
     report = (out / "report" / "index.html").read_text()
     assert "Ablation: CLIP trained on each policy" in report and "data:image/png;base64" in report
 
-    latest = out / "models" / "ablation" / "no-text" / "seed-1" / "checkpoints" / "latest.pt"
+    latest = models / starts["curation-tiny-rn"].name / "no-text" / "seed-1" / "checkpoints" / "latest.pt"
     before = latest.stat().st_mtime_ns
     capsys.readouterr()
     assert main(args) == 0  # a rerun: curation skips everything, training resumes at its end
@@ -102,6 +123,21 @@ def test_ablation_trains_each_policy_at_equal_steps_and_reports(ray_local, tmp_p
     other.write_text(_config(tmp_path).read_text().replace("class_word_fraction = 1.0", "class_word_fraction = 0.5"))
     assert main(["ablation", "--config", str(other), "--output", str(out), "--no-progress"]) == 2
     assert "curated with other [ablation] dataset settings (class_word_fraction)" in capsys.readouterr().err
+
+
+def test_masked_lines_train_the_masking_model_beside_its_unmasked_baseline():
+    from pipeline.training_config import AblationConfig
+    from training.ablation import Variant, variants
+
+    same = AblationConfig(masking=("random", "pgs"))
+    assert [v.name for v in variants(same, ("all", "no-text"), "curation-tiny")] == [
+        "all", "no-text", "all +random", "all +pgs"]
+    vit = AblationConfig(masking=("random", "pgs"), masking_model="curation-tiny")
+    lines = variants(vit, ("all", "no-text"), "curation-tiny-rn")
+    assert [v.name for v in lines] == ["all", "no-text", "all (curation-tiny)", "all +random (curation-tiny)",
+                                       "all +pgs (curation-tiny)"]
+    assert lines[2] == Variant("all", "none", "curation-tiny")  # the masked lines' comparison at equal steps
+    assert [v.name for v in variants(AblationConfig(masking_model="curation-tiny"), ("all",), "x")] == ["all"]
 
 
 def _row(policy: str, seed: int, **metrics: float) -> AblationRow:
@@ -182,3 +218,12 @@ def test_bad_ablation_config_is_one_line_naming_the_key(tmp_path, capsys, toml, 
     assert main(["ablation", "--config", str(path), "--output", str(tmp_path / "out")]) == 2
     assert expected in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (Path(__file__).parents[1] / "configs").glob("*.toml")))
+def test_every_shipped_preset_loads(preset):
+    from pipeline.config import load_config
+
+    config = load_config(Path(__file__).parents[1] / "configs" / preset)
+    for name in config.ablation.policies:
+        config.policy(name)

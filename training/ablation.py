@@ -84,9 +84,11 @@ class AblationRow:
 class AblationResult:
     root: Path
     rows: list[AblationRow]  # one per variant and seed, variants in order
-    untrained: dict[str, float]
+    untrained: dict[str, float]  # the seeded random init of [train] model, evaluated
     seconds: float
     files: list[Path]
+    starts: dict[str, dict[str, float]] = field(default_factory=dict)  # "(reading start ...)" rows: before any contrastive step
+    reading: list[str] = field(default_factory=list)  # one line per reading start: how well its tower reads
 
     def variants(self) -> list[str]:
         """The variants in training order, each once."""
@@ -98,14 +100,17 @@ class AblationResult:
 
 @dataclass(frozen=True)
 class Variant:
-    """What one line of the table trains: a policy's shards, with or without patch masking."""
+    """What one line of the table trains: a policy's shards, with or without patch masking, on
+    ``model`` ("" = ``[train] model``; the masked lines may name a ViT: ``[ablation] masking_model``)."""
 
     policy: str
     masking: str = "none"
+    model: str = ""
 
     @property
     def name(self) -> str:
-        return self.policy if self.masking == "none" else f"{self.policy} +{self.masking}"
+        name = self.policy if self.masking == "none" else f"{self.policy} +{self.masking}"
+        return f"{name} ({self.model})" if self.model else name
 
 
 def _curate(config: Config, ablation: AblationConfig, root: Path, policies: tuple[str, ...], progress: bool) -> None:
@@ -188,23 +193,37 @@ def model_dir(layout: RunLayout, policy: str) -> Path:
     return layout.local_dir / "models" / policy
 
 
-def variant_dir(layout: RunLayout, variant: Variant, seed: int) -> Path:
-    """Where the ablation keeps one variant's model of one seed (apart from ``train``'s models)."""
+def variant_dir(layout: RunLayout, variant: Variant, seed: int, starts: dict[str, Any] | None = None) -> Path:
+    """Where the ablation keeps one variant's model of one seed (apart from ``train``'s models);
+    models from a reading start live under the start's own folder name, so a rerun from another
+    start never takes them for its own."""
     masked = "" if variant.masking == "none" else f"+{variant.masking}"
-    return layout.local_dir / "models" / "ablation" / f"{variant.policy}{masked}" / f"seed-{seed}"
+    model = f"@{variant.model}" if variant.model else ""
+    root = layout.local_dir / "models" / "ablation"
+    if starts:
+        root = root / Path(starts[variant.model or SCORER_MODEL].folder).name
+    return root / f"{variant.policy}{masked}{model}" / f"seed-{seed}"
 
 
-def _variant_config(config: Config, variant: Variant, seed: int) -> Any:
-    """``[train]`` for one variant and seed: the seed and masking changed, nothing else (equal steps)."""
+SCORER_MODEL = ""  # key of ``[train] model`` in the reading starts (a variant's ``model`` when it has none)
+
+
+def _variant_config(config: Config, variant: Variant, seed: int, starts: dict[str, Any] | None = None) -> Any:
+    """``[train]`` for one variant and seed: the seed, masking, model and start changed, nothing
+    else (equal steps)."""
     masking = config.train.masking if variant.masking == "none" else variant.masking
-    return dataclasses.replace(config.train, seed=seed, masking=masking)
+    model = variant.model or config.train.model
+    pretrained = starts[variant.model or SCORER_MODEL].checkpoint if starts else config.train.pretrained
+    return dataclasses.replace(config.train, seed=seed, masking=masking, model=model, pretrained=pretrained)
 
 
-def _train(config: Config, layout: RunLayout, variant: Variant, seed: int, progress: bool) -> Any:
-    train_config = _variant_config(config, variant, seed)
-    print(f"== train {variant.name} seed {seed}: {train_config.model}, {train_config.steps} steps x "
+def _train(config: Config, layout: RunLayout, variant: Variant, seed: int, progress: bool,
+           starts: dict[str, Any] | None = None) -> Any:
+    train_config = _variant_config(config, variant, seed, starts)
+    start = "the reading start" if starts else (train_config.pretrained or "a seeded random init")
+    print(f"== train {variant.name} seed {seed}: {train_config.model} from {start}, {train_config.steps} steps x "
           f"{train_config.batch_size}, masking {train_config.masking}", file=sys.stderr)
-    out_dir = variant_dir(layout, variant, seed)
+    out_dir = variant_dir(layout, variant, seed, starts)
     result = train_on_policy(dataclasses.replace(config, train=train_config), layout, variant.policy, progress, out_dir)
     if result.step != train_config.steps:  # e.g. trained further by hand: the compute would differ
         raise ConfigError(
@@ -272,9 +291,30 @@ def evaluate_checkpoint(config: Config, checkpoint: str, sets: Any, model: str |
     return evaluate(clip, sets)
 
 
-def variants(ablation: AblationConfig, policies: tuple[str, ...]) -> list[Variant]:
-    """The table's lines: every policy, then the masked unfiltered models."""
-    return [Variant(p) for p in policies] + [Variant(MASKED_POLICY, m) for m in ablation.masking]
+def variants(ablation: AblationConfig, policies: tuple[str, ...], train_model: str = "") -> list[Variant]:
+    """The table's lines: every policy, then the masked unfiltered models (on ``masking_model``
+    when it is another model than ``train_model``: then also that model unmasked, their baseline)."""
+    model = ablation.masking_model if ablation.masking_model not in ("", train_model) else ""
+    masked = [Variant(MASKED_POLICY, m, model) for m in ablation.masking]
+    if masked and model:
+        masked.insert(0, Variant(MASKED_POLICY, "none", model))
+    return [Variant(p) for p in policies] + masked
+
+
+def reading_starts(config: Config, ablation: AblationConfig, progress: bool) -> dict[str, Any]:
+    """With ``[ablation] start = "reading"``: the reading start of each model the variants train,
+    keyed ``SCORER_MODEL`` for ``[train] model`` and by name for the masking model; else empty."""
+    if ablation.start != "reading":
+        return {}
+    from training.reading import reading_start
+
+    starts = {SCORER_MODEL: reading_start(config.train.model, config.reading, progress)}
+    for variant in variants(ablation, (), config.train.model):
+        if variant.model and variant.model not in starts:
+            starts[variant.model] = reading_start(variant.model, config.reading, progress)
+    for start in starts.values():
+        print(start.summary(), file=sys.stderr)
+    return starts
 
 
 def decontaminated(config: Config) -> Config:
@@ -304,20 +344,34 @@ def run_ablation(config: Config, ablation: AblationConfig, root: Path, progress:
     layout = RunLayout(root)
     _check_generator(layout, ablation)
 
+    starts = reading_starts(config, ablation, progress)  # before curation: a failure here costs no OCR time
     _curate(config, ablation, root, (SCORER_POLICY,), progress)
-    first = _train(config, layout, Variant(SCORER_POLICY), ablation.seeds[0], progress)
+    first = _train(config, layout, Variant(SCORER_POLICY), ablation.seeds[0], progress, starts)
     scorer = _scorer_config(config, Path(first.checkpoint).with_name(LATEST))
     _rescore_clip(layout, scorer, progress)
     _curate(scorer, ablation, root, policies, progress)  # selections and reshards with the new scores
 
     sets = build_eval_sets(seed=ablation.eval_seed, per_class=ablation.eval_per_class)
     untrained = evaluate_checkpoint(config, "", sets).metrics
+    start_rows, reading = {}, []
+    if starts:
+        from training.reading import probe
+
+        for key, start in starts.items():
+            start_rows[f"(reading start {start.model})"] = evaluate_checkpoint(config, start.checkpoint, sets, start.model).metrics
+            read = probe(start, sets)
+            reading.append(
+                f"{start.model}: held-out top-1 {start.held_out_top1:.3f} on {config.reading.held_out} unseen renders of "
+                f"{start.words} words after {start.steps} supervised steps ({start.seconds:.0f} s to build); through its "
+                f"word head, the class words alone read {read['text_only_top1_words']:.3f} among all words, "
+                f"{read['text_only_top1_classes']:.3f} among the classes; the attack's written word "
+                f"{read['typographic_read_classes']:.3f} among the classes")
     rows = []
-    for variant in variants(ablation, policies):
+    for variant in variants(ablation, policies, config.train.model):
         kept = sum(pq.read_table(layout.selection_path(variant.policy), columns=["kept"]).column(0).to_pylist())
         for seed in ablation.seeds:
-            result = _train(config, layout, variant, seed, progress)
-            evaluation = evaluate_checkpoint(config, result.checkpoint, sets)
+            result = _train(config, layout, variant, seed, progress, starts)
+            evaluation = evaluate_checkpoint(config, result.checkpoint, sets, variant.model or None)
             rows.append(
                 AblationRow(
                     policy=variant.name,
@@ -332,7 +386,8 @@ def run_ablation(config: Config, ablation: AblationConfig, root: Path, progress:
                     seed=seed,
                 )
             )
-    out = AblationResult(root=root, rows=rows, untrained=untrained, seconds=0.0, files=[])
+    out = AblationResult(root=root, rows=rows, untrained=untrained, seconds=0.0, files=[], starts=start_rows,
+                         reading=reading)
     out.files = write_outputs(out, config, ablation, layout)
     write_report(layout)
     out.seconds = time.monotonic() - started
@@ -371,6 +426,8 @@ def summarise(result: AblationResult) -> dict[str, dict[str, tuple[float, float]
 def table_rows(result: AblationResult) -> list[dict[str, Any]]:
     """One row per variant: the means over seeds, ``<metric>_sd`` beside each, and ``seeds``."""
     rows = [{"policy": "(untrained)", "kept": "", "steps": 0, "seeds": "", "final_loss": None, **result.untrained}]
+    rows += [{"policy": name, "kept": "", "steps": 0, "seeds": "", "final_loss": None, **metrics}
+             for name, metrics in result.starts.items()]
     stats = summarise(result)
     for variant in result.variants():
         first = result.of(variant)[0]
@@ -449,7 +506,8 @@ def claims(result: AblationResult) -> list[Claim]:
     out.append(Claim("every model leans on the background (CounterAnimal: common-bg top-1 > counter-bg top-1)",
                      len(shown) == len(mean),
                      "; ".join(f"{v} {mean[v]['spurious_drop']:.3f}" for v in mean)))
-    random_name, pgs_name = Variant(MASKED_POLICY, "random").name, Variant(MASKED_POLICY, "pgs").name
+    random_name, pgs_name = (next((v for v in mean if v.startswith(Variant(MASKED_POLICY, m).name)), "")
+                             for m in ("random", "pgs"))
     if random_name in mean and pgs_name in mean:
         r, g = mean[random_name], mean[pgs_name]
         better = [what for what, ok in (("clean", g["clean_top1"] > r["clean_top1"]),
@@ -563,6 +621,12 @@ def write_outputs(result: AblationResult, config: Config, ablation: AblationConf
         f"CLIP-score policies ranked by the trained `{SCORER_POLICY}` model (seed {ablation.seeds[0]}). "
         "Cells are mean ± sd over the seeds."
     )
+    if result.reading:
+        masked_model = ablation.masking_model if ablation.masking_model not in ("", config.train.model) else ""
+        setup += (" Every variant starts from the reading start of its model (its image tower taught, supervised, "
+                  "to name 1,000 written words; its text tower at the seeded init)"
+                  + (f"; the masked variants train `{masked_model}`" if masked_model else "") + ". "
+                  + " ".join(f"Reading start {line}." for line in result.reading))
     files[3].write_text(f"# Ablation\n\n{setup}\n\n{markdown_table(result)}\n\n"
                         f"## The papers' claims at this scale\n\n{claims_markdown(result)}\n")
     plots = _plots(result, folder)
@@ -587,6 +651,7 @@ def write_outputs(result: AblationResult, config: Config, ablation: AblationConf
 
 
 def format_result(result: AblationResult) -> str:
-    lines = [f"== ablation: {result.root}  ({result.seconds:.0f} s)", markdown_table(result), "", claims_markdown(result)]
+    lines = [f"== ablation: {result.root}  ({result.seconds:.0f} s)", *(f"reading start {r}" for r in result.reading),
+             markdown_table(result), "", claims_markdown(result)]
     lines += [f"   {p}" for p in result.files]
     return "\n".join(lines)

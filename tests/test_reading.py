@@ -1,0 +1,102 @@
+"""The reading start (training/reading.py, issue 28): the vocabulary, the drawing, and the cached
+checkpoint that open_clip's own loading path takes as ``[train] pretrained``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from core.cache import CACHE_ENV
+from pipeline.training_config import ReadingConfig
+from sources.embedded.vocabulary import CLASSES
+from training.reading_render import draw, reading_words
+
+TINY = ReadingConfig(steps=3, batch_size=4, warmup_steps=1, held_out=8, workers=0)
+MODEL = "curation-tiny-rn"
+
+
+def test_vocabulary_is_1000_whole_bpe_tokens_with_the_class_words():
+    import open_clip
+
+    words = reading_words()
+    assert len(words) == len(set(words)) == 1000
+    assert set(CLASSES) <= set(words)
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    for word in words:  # each word one token of CLIP's BPE vocabulary: the text tower sees it whole
+        assert 3 <= len(word) <= 10 and word.isascii() and word.isalpha() and word.islower(), word
+        assert len(tokenizer.encode(word)) == 1, word
+
+
+def test_draws_are_reproducible_and_vary():
+    image, label = draw(0, 5, 96)
+    again, label_again = draw(0, 5, 96)
+    assert image.size == (96, 96) and label == label_again
+    assert np.array_equal(np.asarray(image), np.asarray(again))
+    other = [draw(1, 5, 96), draw(0, 6, 96)]
+    assert all(not np.array_equal(np.asarray(image), np.asarray(o)) for o, _ in other)
+    labels = [draw(0, i, 96)[1] for i in range(300)]
+    assert len(set(labels)) > 200  # words drawn uniformly from the 1,000
+    easy, _ = draw(0, 5, 96, hard=0.0)  # the easy end: no photograph behind the word
+    assert easy.size == (96, 96)
+
+
+def test_reading_start_is_built_once_cached_and_rebuilt_when_damaged(tmp_path, monkeypatch):
+    import open_clip
+    import torch
+
+    from models.clip import register_model_configs
+    from training.reading import START_FILE, reading_start, start_folder
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    start = reading_start(MODEL, TINY, progress=False)
+    assert start.built and start.steps == 3 and start.words == 1000 and 0.0 <= start.held_out_top1 <= 1.0
+    folder = start_folder(MODEL, TINY)
+    assert str(folder) == start.folder and folder.parent == tmp_path / "reading"
+    info = json.loads((folder / "reading.json").read_text())
+    assert info["settings"]["steps"] == 3 and len(info["held_out_curve"]) == 1
+
+    # open_clip's own loader takes the checkpoint whole (strict): the trained image tower, the text tower's init
+    register_model_configs()
+    model, _, _ = open_clip.create_model_and_transforms(MODEL, pretrained=start.checkpoint)
+    saved = torch.load(start.checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    fresh = open_clip.create_model(MODEL)
+    key = next(k for k in saved if k.startswith("visual.") and k.endswith("weight") and saved[k].ndim == 4)
+    assert torch.equal(model.state_dict()[key], saved[key])
+    assert not torch.equal(fresh.state_dict()[key], saved[key])  # it trained
+
+    again = reading_start(MODEL, TINY, progress=False)
+    assert not again.built and again.checkpoint == start.checkpoint  # found, not rebuilt
+    assert start_folder(MODEL, dataclasses.replace(TINY, seed=1)) != folder  # other settings, another start
+
+    (folder / START_FILE).write_bytes(b"damaged")
+    rebuilt = reading_start(MODEL, TINY, progress=False)
+    assert rebuilt.built  # a file that does not match its recorded SHA-256 is never used
+    assert torch.load(rebuilt.checkpoint, map_location="cpu", weights_only=True)["state_dict"].keys() == saved.keys()
+
+
+def test_probe_reads_the_eval_sets_through_the_word_head(tmp_path, monkeypatch):
+    from sources.eval_sets import build_eval_sets
+    from training.reading import probe, reading_start
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    start = reading_start(MODEL, TINY, progress=False)
+    read = probe(start, build_eval_sets(seed=10_000, per_class=2))
+    assert set(read) == {"text_only_top1_words", "text_only_top1_classes", "typographic_read_classes"}
+    assert all(0.0 <= v <= 1.0 for v in read.values())
+
+
+@pytest.mark.parametrize("toml, expected", [
+    ("[reading]\nsteps = 0\n", "reading.steps must be >= 1"),
+    ("[ablation]\nstart = \"pretrained\"\n", "ablation.start must be scratch or reading"),
+])
+def test_bad_reading_config_is_one_message(tmp_path, toml, expected):
+    from core.errors import ConfigError
+    from pipeline.config import load_config
+
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=expected):
+        load_config(path)

@@ -1,0 +1,294 @@
+"""The reading start: an image tower that can already read, before any contrastive step.
+
+Large CLIPs read; at CPU scale a tower never learns to from captions (docs/ablation.md, issue 17).
+The papers' claim is about what data teaches a tower that can read, so the CPU ablation first
+trains the image tower, supervised, to name the word written on an image (1,000 common words,
+training/reading_words.txt, drawn by training/reading_render.py), then starts every variant from
+that one checkpoint.
+
+Two heads sit on the tower's embedding while it learns: a linear classifier over the words, and
+one that says which letters and letter pairs the word holds (its bag of unigrams and bigrams,
+wherever they stand: Jaderberg et al.'s N-gram encoding). The letters are shared by every word, so
+they give each image a dense signal that a 1,000-way softmax alone gives only once the tower has
+left chance (measured: alone, the loss stays at ln(1000) for 500 steps); the word head is what the
+held-out top-1 measures. The draws start easy (big words on flat colours, the 100 most frequent
+words) and reach the full mix (photographs, slant, blur, small words, all 1,000) a third of the way in.
+
+The start is built once per settings and model and kept in ``$CLIP_CURATION_CACHE/reading/`` (key:
+the ``[reading]`` settings, the model's open_clip config, the word list, the drawing code, torch
+and open_clip versions): ``start.pt`` is an open_clip checkpoint of the whole CLIP (the trained
+image tower; the text tower at its seeded init) that ``[train] pretrained`` loads through open_clip's
+own path; ``head.pt`` holds the two heads for the probes; ``reading.json``, written last, the
+settings and the held-out accuracy. A start whose files do not match their recorded SHA-256 is
+rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from core.cache import cache_dir, write_atomic
+from manifests.store import sha256_of
+from pipeline.training_config import ReadingConfig
+from training import reading_render  # its WORDS_FILE: the vocabulary is part of the key
+from training.reading_render import draw, reading_words
+
+NGRAMS = 26 + 26 * 26  # the bag head's outputs: every letter, then every letter pair
+BAG_WEIGHT = 30.0  # the bag head's mean binary cross-entropy is this many times the word loss's weight
+RAMP_SHARE = 1 / 3  # the share of the steps over which the draws go from easy to the full mix
+FIRST_WORDS = 100  # the draws start from the 100 most frequent words and reach all of them with the mix
+START_FILE, HEAD_FILE, INFO_FILE, LOG_FILE = "start.pt", "head.pt", "reading.json", "reading_log.jsonl"
+EVAL_EVERY = 500  # steps between held-out checks in the log (and at the end)
+# Bump when the drawing (training/reading_render.py) or the training below changes what is built:
+# the cache key holds it, so every cached start is rebuilt once (an edit to a comment is not one).
+READING_VERSION = 2
+
+
+@dataclass(frozen=True)
+class ReadingStart:
+    """A built start: where its checkpoint is, and how well its tower reads."""
+
+    model: str
+    checkpoint: str  # open_clip checkpoint of the whole CLIP ([train] pretrained)
+    folder: str
+    steps: int
+    words: int
+    held_out_top1: float  # word head on unseen renders, over every word
+    held_out_curve: tuple[tuple[int, float], ...]  # (step, held-out top-1) at every check
+    seconds: float  # build time
+    built: bool = False  # True when this call built it (False: found in the cache)
+
+    def summary(self) -> str:
+        how = f"built in {self.seconds:.0f} s" if self.built else f"cached (built in {self.seconds:.0f} s)"
+        return (f"reading start {self.model}: held-out top-1 {self.held_out_top1:.3f} over {self.words} words "
+                f"after {self.steps} steps, {how}: {self.checkpoint}")
+
+
+def start_key(model: str, cfg: ReadingConfig) -> str:
+    """What the start is built from, hashed: any change builds another one."""
+    import open_clip
+    import torch
+
+    from models.clip import register_model_configs
+
+    register_model_configs()
+    parts = {
+        "settings": asdict(cfg),
+        "model": model,
+        "model_config": open_clip.get_model_config(model),
+        "words": hashlib.sha256(reading_render.WORDS_FILE.read_bytes()).hexdigest(),
+        "version": READING_VERSION,
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def start_folder(model: str, cfg: ReadingConfig) -> Path:
+    return cache_dir("reading") / f"{model}-{start_key(model, cfg)[:16]}"
+
+
+def reading_start(model: str, cfg: ReadingConfig, progress: bool = True) -> ReadingStart:
+    """The cached start for ``model`` and ``cfg``, built first when missing or not intact."""
+    folder = start_folder(model, cfg)
+    found = _load(folder)
+    if found is not None:
+        return found
+    return _build(model, cfg, folder, progress)
+
+
+def _load(folder: Path) -> ReadingStart | None:
+    info_path = folder / INFO_FILE
+    if not info_path.is_file():
+        return None
+    try:
+        info = json.loads(info_path.read_text())
+        recorded = info["sha256"]
+    except (ValueError, KeyError, TypeError):
+        recorded = {}
+    for name in (START_FILE, HEAD_FILE):
+        path = folder / name
+        if not path.is_file() or sha256_of(path) != recorded.get(name):
+            print(f"reading start {folder}: {name} does not match its recorded SHA-256; building it again",
+                  file=sys.stderr)
+            return None
+    fields = {f.name for f in dataclasses.fields(ReadingStart)}
+    values = {k: v for k, v in info.items() if k in fields}
+    values["held_out_curve"] = tuple(tuple(p) for p in values["held_out_curve"])
+    # where it is now (a cache folder may have been moved or mounted elsewhere), not where it was built
+    values.update(folder=str(folder), checkpoint=str(folder / START_FILE))
+    return ReadingStart(**values)
+
+
+def ngram_bags(words: tuple[str, ...]) -> Any:
+    """One row per word: 1 where it holds a letter (column ``a..z``) or a letter pair (26 + 26 i + j)."""
+    import torch
+
+    bags = torch.zeros(len(words), NGRAMS)
+    for row, word in enumerate(words):
+        codes = [ord(letter) - ord("a") for letter in word]
+        for code in codes:
+            bags[row, code] = 1.0
+        for first, second in zip(codes, codes[1:]):
+            bags[row, 26 + 26 * first + second] = 1.0
+    return bags
+
+
+def _heads(dim: int, words: int) -> Any:
+    import torch
+
+    return torch.nn.ModuleDict({"word": torch.nn.Linear(dim, words), "bag": torch.nn.Linear(dim, NGRAMS)})
+
+
+class _Draws:
+    """An endless stream of (images, labels) batches, batch ``b`` drawn from indices
+    ``b * batch_size ...``; DataLoader workers take batches in turn, so the order is the seed's."""
+
+    def __init__(self, seed: int, batch_size: int, side: int, preprocess: Any, ramp_batches: int = 0) -> None:
+        self.seed, self.batch_size, self.side, self.preprocess = seed, batch_size, side, preprocess
+        self.ramp_batches = ramp_batches  # batches until the full mix (0: the full mix from the start)
+
+    def batch(self, number: int) -> tuple[Any, Any]:
+        import torch
+
+        progress = min(1.0, number / self.ramp_batches) if self.ramp_batches else 1.0
+        words = len(reading_words())
+        first = round(FIRST_WORDS + (words - FIRST_WORDS) * progress) if FIRST_WORDS < words else words
+        pairs = [draw(self.seed, number * self.batch_size + k, self.side, progress, first)
+                 for k in range(self.batch_size)]
+        return (torch.stack([self.preprocess(image) for image, _ in pairs]),
+                torch.tensor([label for _, label in pairs]))
+
+
+def _stream(draws: _Draws, workers: int) -> Iterator[tuple[Any, Any]]:
+    import torch
+
+    class Batches(torch.utils.data.IterableDataset):
+        def __iter__(self) -> Iterator[tuple[Any, Any]]:
+            info = torch.utils.data.get_worker_info()
+            number, stride = (0, 1) if info is None else (info.id, info.num_workers)
+            while True:
+                yield draws.batch(number)
+                number += stride
+
+    loader = torch.utils.data.DataLoader(Batches(), batch_size=None, num_workers=workers,
+                                         prefetch_factor=4 if workers else None, persistent_workers=False)
+    return iter(loader)
+
+
+def _build(model_name: str, cfg: ReadingConfig, folder: Path, progress: bool) -> ReadingStart:
+    import open_clip
+    import torch
+    from open_clip_train.scheduler import cosine_lr
+    from tqdm import tqdm
+
+    from models.clip import register_model_configs, without_open_clip_random_notice
+    from training.train import _adamw, _intra_op_threads
+
+    cfg.validate()
+    register_model_configs()
+    started = time.monotonic()
+    words = reading_words()
+    with torch.random.fork_rng(devices=[]), without_open_clip_random_notice():  # a random init is the point here
+        torch.manual_seed(cfg.seed)
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name)
+        heads = _heads(model.visual.output_dim, len(words))
+    bags = ngram_bags(words)
+    side = model.visual.image_size
+    side = side[0] if isinstance(side, (tuple, list)) else side
+    trained = torch.nn.ModuleDict({"visual": model.visual, "heads": heads})
+    optimizer = _adamw(trained, cfg)
+    schedule = cosine_lr(optimizer, cfg.lr, cfg.warmup_steps, cfg.steps)
+    held = _Draws(cfg.seed + 1, cfg.held_out, side, preprocess).batch(0)  # unseen draws: another seed
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / INFO_FILE).unlink(missing_ok=True)  # the marker of a start that did not pass its check goes first
+    curve: list[tuple[int, float]] = []
+    print(f"== reading start {model_name}: {cfg.steps} steps x {cfg.batch_size} renders of {len(words)} words "
+          f"({folder})", file=sys.stderr)
+    ramp = max(1, round(cfg.steps * RAMP_SHARE))
+    batches = _stream(_Draws(cfg.seed, cfg.batch_size, side, preprocess, ramp), cfg.workers)
+    with (_intra_op_threads(cfg.threads), open(folder / LOG_FILE, "w") as log,
+          tqdm(total=cfg.steps, unit="step", desc=f"reading start {model_name}", disable=not progress) as bar):
+        trained.train()
+        for step, (images, labels) in zip(range(1, cfg.steps + 1), batches):
+            schedule(step - 1)
+            features = model.visual(images)
+            word_loss = torch.nn.functional.cross_entropy(heads["word"](features), labels)
+            bag_loss = torch.nn.functional.binary_cross_entropy_with_logits(heads["bag"](features), bags[labels])
+            optimizer.zero_grad(set_to_none=True)
+            (word_loss + BAG_WEIGHT * bag_loss).backward()
+            optimizer.step()
+            record: dict[str, Any] = {"step": step, "word_loss": word_loss.item(), "bag_loss": bag_loss.item()}
+            if step % EVAL_EVERY == 0 or step == cfg.steps:
+                curve.append((step, held_out_top1(model.visual, heads, held)))
+                record["held_out_top1"] = curve[-1][1]
+                trained.train()
+            if step % 10 == 0 or "held_out_top1" in record:
+                bar.set_postfix(word_loss=f"{word_loss.item():.2f}", held_out=f"{curve[-1][1]:.3f}" if curve else "-")
+            log.write(json.dumps(record) + "\n")
+            if step % 50 == 0:
+                log.flush()  # the log is how a long build is watched
+            bar.update(1)
+    start = ReadingStart(model=model_name, checkpoint=str(folder / START_FILE), folder=str(folder), steps=cfg.steps,
+                         words=len(words), held_out_top1=curve[-1][1], held_out_curve=tuple(curve),
+                         seconds=time.monotonic() - started, built=True)
+    write_atomic(folder / START_FILE, lambda f: torch.save({"state_dict": model.state_dict()}, f))
+    write_atomic(folder / HEAD_FILE, lambda f: torch.save(heads.state_dict(), f))
+    info = {**asdict(start), "settings": asdict(cfg), "built": False,
+            "sha256": {name: sha256_of(folder / name) for name in (START_FILE, HEAD_FILE)}}
+    write_atomic(folder / INFO_FILE, lambda f: f.write((json.dumps(info, indent=1) + "\n").encode()))  # last: the marker
+    return start
+
+
+def held_out_top1(visual: Any, heads: Any, held: tuple[Any, Any]) -> float:
+    """The word head's top-1 on ``held`` (images, labels), in eval mode."""
+    import torch
+
+    visual.eval()
+    with torch.no_grad():
+        predicted = torch.cat([heads["word"](visual(chunk)).argmax(1) for chunk in held[0].split(256)])
+    return float((predicted == held[1]).float().mean())
+
+
+def probe(start: ReadingStart, sets: Any) -> dict[str, float]:
+    """How the start's tower reads the evaluation sets through its word head (no text tower):
+    the class words alone (``text_only``) named among all words and among the classes, and the
+    word written on the typographic attack's images (``typographic``) among the classes."""
+    import io
+
+    import open_clip
+    import torch
+    from PIL import Image
+
+    from models.clip import register_model_configs
+
+    register_model_configs()
+    words = reading_words()
+    model, _, preprocess = open_clip.create_model_and_transforms(start.model, pretrained=start.checkpoint)
+    heads = _heads(model.visual.output_dim, len(words))
+    heads.load_state_dict(torch.load(Path(start.folder) / HEAD_FILE, map_location="cpu", weights_only=True))
+    model.visual.eval()
+    classes = [words.index(c) for c in sets.classes]
+
+    def logits(items: Any) -> Any:
+        images = torch.stack([preprocess(Image.open(io.BytesIO(item.image)).convert("RGB")) for item in items])
+        with torch.no_grad():
+            return heads["word"](model.visual(images))
+
+    text_only = logits(sets.text_only)
+    truth = torch.tensor([item.label for item in sets.text_only])
+    typographic = logits(sets.typographic)
+    written = torch.tensor([item.written_label for item in sets.typographic])
+    return {
+        "text_only_top1_words": float((text_only.argmax(1) == torch.tensor(classes)[truth]).float().mean()),
+        "text_only_top1_classes": float((text_only[:, classes].argmax(1) == truth).float().mean()),
+        "typographic_read_classes": float((typographic[:, classes].argmax(1) == written).float().mean()),
+    }
