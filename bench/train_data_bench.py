@@ -90,7 +90,7 @@ def run(ctx: Context) -> BenchResult:
     from PIL import Image
 
     from pipeline.config import load_config
-    from training.train import LOG, _build, _intra_op_threads, shard_urls, train
+    from training.train import LOG, _build, intra_op_threads, shard_urls, train
 
     result = BenchResult(NAME, TITLE)
     chunk = 4 if ctx.quick else 10
@@ -122,7 +122,7 @@ def run(ctx: Context) -> BenchResult:
             call_s = time.perf_counter() - started
             log = [json.loads(line) for line in (out / LOG).read_text().splitlines() if line.strip()]
             shards_now = [rec["step_s"] for rec in log if (r - 1) * chunk + 1 < rec["step"] <= r * chunk]
-            with _intra_op_threads(cfg.threads):  # the threads train() gives itself
+            with intra_op_threads(cfg.threads):  # the threads train() gives itself
                 memory_now = _in_memory_steps(model, optimizer, loss_fn, images, texts, chunk)[1:]
             shard_steps += shards_now
             memory_steps += memory_now

@@ -77,6 +77,48 @@ def test_reading_start_is_built_once_cached_and_rebuilt_when_damaged(tmp_path, m
     assert torch.load(rebuilt.checkpoint, map_location="cpu", weights_only=True)["state_dict"].keys() == saved.keys()
 
 
+def test_killed_build_resumes_from_its_last_checkpoint_to_the_same_weights(tmp_path, monkeypatch):
+    import torch
+
+    from training import reading
+
+    cfg = dataclasses.replace(TINY, steps=5)
+    monkeypatch.setattr(reading, "CHECKPOINT_EVERY", 2)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "straight"))
+    straight = reading.reading_start(MODEL, cfg, progress=False)
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "killed"))
+    folder = reading.start_folder(MODEL, cfg)
+    batch = reading._Draws.batch
+
+    def dies_at_step_five(self, number):  # batch 4 is step 5's: the build dies after its step-4 checkpoint
+        if number == 4 and self.batch_size == cfg.batch_size:
+            raise KeyboardInterrupt("killed")
+        return batch(self, number)
+
+    monkeypatch.setattr(reading._Draws, "batch", dies_at_step_five)
+    with pytest.raises(KeyboardInterrupt):
+        reading.reading_start(MODEL, cfg, progress=False)
+    assert (folder / reading.PARTIAL_FILE).is_file() and not (folder / reading.INFO_FILE).exists()
+    assert torch.load(folder / reading.PARTIAL_FILE, weights_only=True)["step"] == 4
+    monkeypatch.setattr(reading._Draws, "batch", batch)
+
+    resumed = reading.reading_start(MODEL, cfg, progress=False)
+    assert resumed.built and resumed.held_out_curve == straight.held_out_curve
+    assert not (folder / reading.PARTIAL_FILE).exists()  # the finished start needs it no more
+    steps = [json.loads(line)["step"] for line in (folder / reading.LOG_FILE).read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]  # every step logged once
+    weights = [torch.load(s.checkpoint, weights_only=True)["state_dict"] for s in (straight, resumed)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # as if never killed
+
+    (folder / reading.START_FILE).unlink()  # a damaged partial checkpoint costs a fresh build, not an error
+    (folder / reading.PARTIAL_FILE).write_bytes(b"damaged")
+    again = reading.reading_start(MODEL, cfg, progress=False)
+    rebuilt = torch.load(again.checkpoint, weights_only=True)["state_dict"]
+    assert again.built and all(torch.equal(rebuilt[k], weights[0][k]) for k in rebuilt)
+
+
 def test_probe_reads_the_eval_sets_through_the_word_head(tmp_path, monkeypatch):
     from sources.eval_sets import build_eval_sets
     from training.reading import probe, reading_start

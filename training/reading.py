@@ -20,7 +20,9 @@ and open_clip versions): ``start.pt`` is an open_clip checkpoint of the whole CL
 image tower; the text tower at its seeded init) that ``[train] pretrained`` loads through open_clip's
 own path; ``head.pt`` holds the two heads for the probes; ``reading.json``, written last, the
 settings and the held-out accuracy. A start whose files do not match their recorded SHA-256 is
-rebuilt, never used.
+rebuilt, never used. A build writes ``partial.pt`` every 500 steps; a build that was killed goes on
+from its last one (the draws are a pure function of the seed and the step, the optimiser's state is
+saved), so it ends with the same weights as one that ran straight through.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import json
 import math
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -46,7 +49,9 @@ BAG_WEIGHT = 30.0  # the bag head's mean binary cross-entropy is this many times
 RAMP_SHARE = 1 / 3  # the share of the steps over which the draws go from easy to the full mix
 FIRST_WORDS = 100  # the draws start from the 100 most frequent words and reach all of them with the mix
 START_FILE, HEAD_FILE, INFO_FILE, LOG_FILE = "start.pt", "head.pt", "reading.json", "reading_log.jsonl"
+PARTIAL_FILE = "partial.pt"  # a build under way: tower, heads, optimiser and step, so a killed build resumes
 EVAL_EVERY = 500  # steps between held-out checks in the log (and at the end)
+CHECKPOINT_EVERY = 500  # steps between the partial checkpoints a killed build resumes from
 # Bump when the drawing (training/reading_render.py) or the training below changes what is built:
 # the cache key holds it, so every cached start is rebuilt once (an edit to a comment is not one).
 READING_VERSION = 2
@@ -168,13 +173,14 @@ class _Draws:
                 torch.tensor([label for _, label in pairs]))
 
 
-def _stream(draws: _Draws, workers: int) -> Iterator[tuple[Any, Any]]:
+def _stream(draws: _Draws, workers: int, first: int = 0) -> Iterator[tuple[Any, Any]]:
+    """Batches ``first, first + 1, ...`` in order (``first``: where a resumed build goes on)."""
     import torch
 
     class Batches(torch.utils.data.IterableDataset):
         def __iter__(self) -> Iterator[tuple[Any, Any]]:
             info = torch.utils.data.get_worker_info()
-            number, stride = (0, 1) if info is None else (info.id, info.num_workers)
+            number, stride = (first, 1) if info is None else (first + info.id, info.num_workers)
             while True:
                 yield draws.batch(number)
                 number += stride
@@ -191,7 +197,7 @@ def _build(model_name: str, cfg: ReadingConfig, folder: Path, progress: bool) ->
     from tqdm import tqdm
 
     from models.clip import register_model_configs, without_open_clip_random_notice
-    from training.train import _adamw, _intra_op_threads
+    from training.train import adamw, intra_op_threads
 
     cfg.validate()
     register_model_configs()
@@ -205,20 +211,23 @@ def _build(model_name: str, cfg: ReadingConfig, folder: Path, progress: bool) ->
     side = model.visual.image_size
     side = side[0] if isinstance(side, (tuple, list)) else side
     trained = torch.nn.ModuleDict({"visual": model.visual, "heads": heads})
-    optimizer = _adamw(trained, cfg)
+    optimizer = adamw(trained, cfg)
     schedule = cosine_lr(optimizer, cfg.lr, cfg.warmup_steps, cfg.steps)
     held = _Draws(cfg.seed + 1, cfg.held_out, side, preprocess).batch(0)  # unseen draws: another seed
     folder.mkdir(parents=True, exist_ok=True)
     (folder / INFO_FILE).unlink(missing_ok=True)  # the marker of a start that did not pass its check goes first
-    curve: list[tuple[int, float]] = []
+    key = start_key(model_name, cfg)
+    done, curve, earlier_seconds = _resume(folder, key, trained, optimizer)
+    started -= earlier_seconds  # a resumed build's time is both runs' together
     print(f"== reading start {model_name}: {cfg.steps} steps x {cfg.batch_size} renders of {len(words)} words "
-          f"({folder})", file=sys.stderr)
+          f"({folder})" + (f", going on from step {done}" if done else ""), file=sys.stderr)
     ramp = max(1, round(cfg.steps * RAMP_SHARE))
-    batches = _stream(_Draws(cfg.seed, cfg.batch_size, side, preprocess, ramp), cfg.workers)
-    with (_intra_op_threads(cfg.threads), open(folder / LOG_FILE, "w") as log,
-          tqdm(total=cfg.steps, unit="step", desc=f"reading start {model_name}", disable=not progress) as bar):
+    batches = _stream(_Draws(cfg.seed, cfg.batch_size, side, preprocess, ramp), cfg.workers, first=done)
+    with (intra_op_threads(cfg.threads), _log_from(folder / LOG_FILE, done) as log,
+          tqdm(total=cfg.steps, initial=done, unit="step", desc=f"reading start {model_name}",
+               disable=not progress) as bar):
         trained.train()
-        for step, (images, labels) in zip(range(1, cfg.steps + 1), batches):
+        for step, (images, labels) in zip(range(done + 1, cfg.steps + 1), batches):
             schedule(step - 1)
             features = model.visual(images)
             word_loss = torch.nn.functional.cross_entropy(heads["word"](features), labels)
@@ -236,6 +245,9 @@ def _build(model_name: str, cfg: ReadingConfig, folder: Path, progress: bool) ->
             log.write(json.dumps(record) + "\n")
             if step % 50 == 0:
                 log.flush()  # the log is how a long build is watched
+            if step % CHECKPOINT_EVERY == 0 and step < cfg.steps:
+                log.flush()
+                _save_partial(folder, key, step, curve, time.monotonic() - started, trained, optimizer)
             bar.update(1)
     start = ReadingStart(model=model_name, checkpoint=str(folder / START_FILE), folder=str(folder), steps=cfg.steps,
                          words=len(words), held_out_top1=curve[-1][1], held_out_curve=tuple(curve),
@@ -245,7 +257,54 @@ def _build(model_name: str, cfg: ReadingConfig, folder: Path, progress: bool) ->
     info = {**asdict(start), "settings": asdict(cfg), "built": False,
             "sha256": {name: sha256_of(folder / name) for name in (START_FILE, HEAD_FILE)}}
     write_atomic(folder / INFO_FILE, lambda f: f.write((json.dumps(info, indent=1) + "\n").encode()))  # last: the marker
+    (folder / PARTIAL_FILE).unlink(missing_ok=True)
     return start
+
+
+def _save_partial(folder: Path, key: str, step: int, curve: list[tuple[int, float]], seconds: float,
+                  trained: Any, optimizer: Any) -> None:
+    import torch
+
+    state = {"key": key, "step": step, "curve": curve, "seconds": seconds, "trained": trained.state_dict(),
+             "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
+    write_atomic(folder / PARTIAL_FILE, lambda f: torch.save(state, f))
+
+
+def _resume(folder: Path, key: str, trained: Any,
+            optimizer: Any) -> tuple[int, list[tuple[int, float]], float]:
+    """The step a killed build reached (0 with none), its held-out curve and its seconds so far; the
+    tower, heads, optimiser and random state are put back as they were at that step."""
+    import torch
+
+    path = folder / PARTIAL_FILE
+    if not path.is_file():
+        return 0, [], 0.0
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state["key"] != key:
+            raise ValueError("another build's checkpoint")
+        trained.load_state_dict(state["trained"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+    except Exception as error:  # noqa: BLE001 - a damaged partial checkpoint costs a fresh build, nothing else
+        print(f"reading start {folder}: {PARTIAL_FILE} cannot be resumed from ({error}); building from step 0",
+              file=sys.stderr)
+        path.unlink(missing_ok=True)
+        return 0, [], 0.0
+    return int(state["step"]), [(int(s), float(v)) for s, v in state["curve"]], float(state["seconds"])
+
+
+@contextmanager
+def _log_from(path: Path, done: int) -> Iterator[Any]:
+    """The build's log, open for appending after step ``done`` (the lines of steps past it, written
+    after the last checkpoint of a killed build, are dropped: those steps run again)."""
+    kept = []
+    if done and path.is_file():
+        kept = [line for line in path.read_text().splitlines(keepends=True)
+                if line.strip() and json.loads(line)["step"] <= done]
+    with open(path, "w") as log:
+        log.writelines(kept)
+        yield log
 
 
 def held_out_top1(visual: Any, heads: Any, held: tuple[Any, Any]) -> float:

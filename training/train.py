@@ -202,7 +202,7 @@ def train(shards: Shards | SampleSource, out_dir: Path, cfg: TrainConfig, progre
     step_times: list[float] = []
     last = time.perf_counter()
     with (
-        _intra_op_threads(cfg.threads),
+        intra_op_threads(cfg.threads),
         torch.random.fork_rng(devices=[]),
         open(log_path, "a") as log,
         tqdm(total=cfg.steps, initial=start, unit="step", desc=f"train {cfg.model}", disable=not progress) as bar,
@@ -258,7 +258,7 @@ def _precision(requested: str, device: str) -> str:
 
 
 @contextmanager
-def _intra_op_threads(n: int) -> Iterator[None]:
+def intra_op_threads(n: int) -> Iterator[None]:
     """torch's threads follow the task's CPUs while training (more than the cores it may use only
     spin against each other), and are the caller's again afterwards."""
     import torch
@@ -297,7 +297,7 @@ def _build(cfg: TrainConfig, device: str, precision: str, checkpoint: dict | Non
         torch.manual_seed(cfg.seed)
         pretrained = None if checkpoint else cfg.pretrained or None  # a resumed run has its own weights
         model, preprocess, _ = open_clip.create_model_and_transforms(cfg.model, pretrained=pretrained, device=device)
-    optimizer = _adamw(model, cfg)
+    optimizer = adamw(model, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "amp-fp16")
     if checkpoint:
         model.load_state_dict(checkpoint["state_dict"])
@@ -307,7 +307,7 @@ def _build(cfg: TrainConfig, device: str, precision: str, checkpoint: dict | Non
     return model, preprocess, optimizer, scaler
 
 
-def _adamw(model: Any, cfg: TrainConfig) -> Any:
+def adamw(model: Any, cfg: TrainConfig) -> Any:
     """AdamW as open_clip_train builds it: no weight decay on gains, biases and logit_scale."""
     import torch
 
