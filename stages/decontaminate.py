@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import re
 import tarfile
@@ -75,6 +76,11 @@ POOL_BATCH_ROWS = 65_536  # pool rows per streamed batch
 _FETCH_TIMEOUT_S = 30.0
 # the rule that drops a matched sample: policy no-eval-dups (pipeline/default.toml) and every ablation policy
 EVAL_RULE = ("not_an_eval_image", "eval_match is null")
+# The semantic tier is refused when it would match more than this share of the pool (judged on at
+# least MIN_JUDGED_ROWS samples): DataComp found copies of its evaluation images in a small fraction
+# of a percent of its pool; a CLIP that clusters look-alikes matches tens of percent.
+MAX_SEMANTIC_SHARE = 0.05
+MIN_JUDGED_ROWS = 200
 
 
 # -- config --------------------------------------------------------------------------------------
@@ -408,6 +414,22 @@ def semantic_tier(con: Any, description: str | None) -> str | None:
     return None
 
 
+def semantic_share_note(share: float, rows: int, min_cosine: float) -> str | None:
+    """None when the semantic tier matches a plausible share of the pool; else why it is off.
+
+    Real pools copy a vanishing share of their evaluation sets, but a weakly trained CLIP (the
+    ablation's own 120-step scorer, say) clusters look-alikes above ``min_cosine``: its cosines
+    called 37% of a 2,000-sample embedded pool copies of the 1,800 builtin images while random pairs
+    of those images stayed at 0.4% (:func:`separation_note` passes such a space: one pool image
+    meets a few look-alikes among many evaluation images). Judged on the pool's first batch (rows in
+    uid order: a uniform sample), from ``MIN_JUDGED_ROWS`` rows up."""
+    if rows < MIN_JUDGED_ROWS or share <= MAX_SEMANTIC_SHARE:
+        return None
+    return (f"the semantic tier would call {share:.0%} of the pool copies of an evaluation image (cosine >= "
+            f"{min_cosine:g}; judged on {rows} samples): this CLIP does not tell a copy from a look-alike (a real "
+            f"pool copies far less than {MAX_SEMANTIC_SHARE:.0%}): exact and pHash tiers only")
+
+
 def separation_note(vectors: np.ndarray, min_cosine: float) -> str | None:
     """None when the evaluation images' embeddings tell images apart at ``min_cosine``; else why
     the semantic tier is off (a barely trained model puts every pair above it: all would match)."""
@@ -416,6 +438,23 @@ def separation_note(vectors: np.ndarray, min_cosine: float) -> str | None:
         return None
     return (f"{share:.0%} of pairs of distinct evaluation images are at cosine >= {min_cosine:g} with this CLIP: its "
             "embeddings do not tell images apart (an untrained or barely trained model): exact and pHash tiers only")
+
+
+def _semantic_share(batch: pa.RecordBatch, vectors: np.ndarray, min_cosine: float) -> tuple[float, int]:
+    """The share of the batch's rows with an embedding whose nearest evaluation image is at cosine
+    ``min_cosine`` or more, and how many rows had an embedding."""
+    column = batch.column("image_embedding")
+    rows = np.flatnonzero(np.asarray(column.is_valid()))
+    if rows.size == 0:
+        return 0.0, 0
+    _, cosine = assign(_embeddings(column, rows), vectors)
+    return float((cosine >= min_cosine).mean()), int(rows.size)
+
+
+def _embeddings(column: pa.Array, rows: np.ndarray) -> np.ndarray:
+    """The list column's vectors at ``rows`` as one float32 matrix."""
+    picked = column.take(pa.array(rows))
+    return np.asarray(pc.list_flatten(picked).to_numpy(zero_copy_only=False), np.float32).reshape(rows.size, -1)
 
 
 # -- pool stage ----------------------------------------------------------------------------------
@@ -481,7 +520,13 @@ class DecontaminateStage(PoolStage):
     def _batches(self, reader: pa.RecordBatchReader, labels: list[tuple[str, str]], eval_sha: pa.Array,
                  eval_hashes: np.ndarray, vectors: np.ndarray | None) -> Iterator[pa.RecordBatch]:
         match_type = self.output_schema.field("eval_match").type
-        for batch in reader:
+        batches = iter(reader)
+        first = next(batches, None)
+        if vectors is not None and first is not None:
+            share, rows = _semantic_share(first, vectors, self.config.min_cosine)
+            self.note = semantic_share_note(share, rows, self.config.min_cosine)
+            vectors = None if self.note else vectors
+        for batch in itertools.chain(() if first is None else (first,), batches):
             n = batch.num_rows
             tier = np.full(n, len(TIERS), np.int64)  # index into TIERS; len(TIERS): no match
             which = np.zeros(n, np.int64)
@@ -506,10 +551,7 @@ class DecontaminateStage(PoolStage):
                 has_vec = np.asarray(column.is_valid())
                 rows = np.flatnonzero(has_vec & (tier > 1))
                 if rows.size:
-                    picked = column.take(pa.array(rows))
-                    pool = np.asarray(pc.list_flatten(picked).to_numpy(zero_copy_only=False), np.float32)
-                    pool = pool.reshape(rows.size, -1)
-                    best, cosine = assign(pool, vectors)  # the nearest eval image: as a centroid, by cosine
+                    best, cosine = assign(_embeddings(column, rows), vectors)  # the nearest eval image: as a centroid, by cosine
                     close = cosine >= self.config.min_cosine
                     tier[rows[close]], which[rows[close]] = 2, best[close]
                     distance[rows[close]] = np.maximum(0.0, 1.0 - cosine[close].astype(np.float64))

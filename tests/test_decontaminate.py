@@ -232,6 +232,21 @@ def test_semantic_tier_with_the_runs_own_model_and_its_cache(tmp_path):
     assert np.allclose(eval_embeddings(evals, clip_config, clip.description), np.load(cached[0]))
     _matches(DecontaminateStage(config, clip_config), _catalog(["copy"], [None], ["x"], vectors[:1], clip.description))
     assert cached[0].stat().st_mtime_ns == stamp
+    # a CLIP that calls a share of the pool copies no real pool has (one that clusters look-alikes)
+    # is refused, judged on the pool's first batch; a few copies among many samples are found
+    rng = np.random.default_rng(0)
+    for copies, refused in ((30, True), (5, False)):
+        pool = np.repeat(vectors[1:2], 250, axis=0)
+        pool[:copies] = vectors[0]
+        pool = pool + rng.normal(0, 1e-4, pool.shape)
+        uids = [f"u{i:03d}" for i in range(250)]
+        stage = DecontaminateStage(config, clip_config)
+        got = _matches(stage, _catalog(uids, [None] * 250, ["x"] * 250, pool, clip.description))
+        found = sum(match is not None for match in got.values())
+        if refused:
+            assert found == 0 and "12% of the pool" in (stage.note or "") and "exact and pHash" in stage.note
+        else:
+            assert found == 5 and stage.note is None
     # another model's vectors, or random weights: the tier does not run, and the note says why
     for model, meaningful, why in (("imported: datacomp npz l14", True, "cannot be compared"),
                                    (clip.description, False, "random init")):
