@@ -622,7 +622,8 @@ def write_outputs(result: AblationResult, config: Config, ablation: AblationConf
         "Cells are mean ± sd over the seeds."
     )
     if result.reading:
-        masked_model = ablation.masking_model if ablation.masking_model not in ("", config.train.model) else ""
+        masked_model = (ablation.masking_model if ablation.masking and ablation.masking_model not in ("", config.train.model)
+                        else "")
         setup += (" Every variant starts from the reading start of its model (its image tower taught, supervised, "
                   "to name 1,000 written words; its text tower at the seeded init)"
                   + (f"; the masked variants train `{masked_model}`" if masked_model else "") + ". "
