@@ -302,6 +302,12 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, before)
 
 
+def _quiet_after_interrupt(unraisable: object) -> None:
+    """``sys.unraisablehook`` once a run is interrupted: the interrupt can land inside a library's
+    constructor (Ray Data's ``Dataset``), whose half-built object then fails in ``__del__`` and would
+    print a traceback after the one-line message. The run is over; such errors are not the user's."""
+
+
 def _run(argv: list[str] | None) -> int:
     from pipeline.export import cmd_export
 
@@ -332,6 +338,7 @@ def _run(argv: list[str] | None) -> int:
               "then rerun the same command to resume", file=sys.stderr)
         return 3
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (core.errors.Terminated, which Ray may re-raise as this)
+        sys.unraisablehook = _quiet_after_interrupt
         how, code = ("terminated (SIGTERM)", 143) if sigterm_received() else ("interrupted", 130)
         print(f"{how}: rerun the same command to resume; finished shards are kept", file=sys.stderr)
         return code

@@ -111,6 +111,35 @@ def test_sigterm_stops_like_ctrl_c_and_resumes(kill_reference, tmp_path):
     _assert_resumes_to_reference(args, root, reference)
 
 
+HALF_BUILT_ON_INTERRUPT = """
+import sys
+import pipeline.cli as cli
+
+class HalfBuilt:
+    # like Ray Data's Dataset when the interrupt lands in its __init__: __del__ reads what was never set
+    def __init__(self):
+        raise KeyboardInterrupt
+    def __del__(self):
+        self.executor
+
+def interrupted_command(args):
+    HalfBuilt()
+
+cli.cmd_stats = interrupted_command
+sys.exit(cli.main(["stats"]))
+"""
+
+
+def test_an_interrupt_inside_a_constructor_prints_one_line_not_a_trace():
+    """CI caught it once: SIGTERM landed inside Ray Data's ``Dataset.__init__`` and the half-built
+    object's ``__del__`` printed "Exception ignored ... Traceback" after the one-line message."""
+    done = subprocess.run([sys.executable, "-c", HALF_BUILT_ON_INTERRUPT], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 130, done.stderr
+    assert "interrupted: rerun the same command to resume" in done.stderr
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+
+
 def test_unwritable_output_is_one_clear_error(tmp_path, capsys):
     """An output root that cannot be written (a file is in the way) fails before any work."""
     blocker = tmp_path / "not-a-folder"
