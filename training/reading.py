@@ -33,7 +33,6 @@ import json
 import math
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -197,7 +196,7 @@ def _build(model_name: str, cfg: ReadingConfig, folder: Path, progress: bool) ->
     from tqdm import tqdm
 
     from models.clip import register_model_configs, without_open_clip_random_notice
-    from training.train import adamw, intra_op_threads
+    from training.train import adamw, intra_op_threads, truncate_log
 
     cfg.validate()
     register_model_configs()
@@ -221,9 +220,10 @@ def _build(model_name: str, cfg: ReadingConfig, folder: Path, progress: bool) ->
     started -= earlier_seconds  # a resumed build's time is both runs' together
     print(f"== reading start {model_name}: {cfg.steps} steps x {cfg.batch_size} renders of {len(words)} words "
           f"({folder})" + (f", going on from step {done}" if done else ""), file=sys.stderr)
+    truncate_log(folder / LOG_FILE, done)  # the steps a killed build logged past its last checkpoint run again
     ramp = max(1, round(cfg.steps * RAMP_SHARE))
     batches = _stream(_Draws(cfg.seed, cfg.batch_size, side, preprocess, ramp), cfg.workers, first=done)
-    with (intra_op_threads(cfg.threads), _log_from(folder / LOG_FILE, done) as log,
+    with (intra_op_threads(cfg.threads), open(folder / LOG_FILE, "a") as log,
           tqdm(total=cfg.steps, initial=done, unit="step", desc=f"reading start {model_name}",
                disable=not progress) as bar):
         trained.train()
@@ -292,19 +292,6 @@ def _resume(folder: Path, key: str, trained: Any,
         path.unlink(missing_ok=True)
         return 0, [], 0.0
     return int(state["step"]), [(int(s), float(v)) for s, v in state["curve"]], float(state["seconds"])
-
-
-@contextmanager
-def _log_from(path: Path, done: int) -> Iterator[Any]:
-    """The build's log, open for appending after step ``done`` (the lines of steps past it, written
-    after the last checkpoint of a killed build, are dropped: those steps run again)."""
-    kept = []
-    if done and path.is_file():
-        kept = [line for line in path.read_text().splitlines(keepends=True)
-                if line.strip() and json.loads(line)["step"] <= done]
-    with open(path, "w") as log:
-        log.writelines(kept)
-        yield log
 
 
 def held_out_top1(visual: Any, heads: Any, held: tuple[Any, Any]) -> float:

@@ -195,7 +195,7 @@ def train(shards: Shards | SampleSource, out_dir: Path, cfg: TrainConfig, progre
     batches = _batches(source, pixels, open_clip.get_tokenizer(cfg.model), cfg, data_seed, device)
     log_path = out_dir / LOG
     out_dir.mkdir(parents=True, exist_ok=True)
-    _truncate_log(log_path, start)
+    truncate_log(log_path, start)
 
     model.train()
     curve: list[tuple[int, float]] = []
@@ -436,8 +436,9 @@ def _read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Keep the log lines up to ``step``: a killed run may have logged past its last checkpoint."""
+def truncate_log(path: Path, step: int) -> None:
+    """Keep a JSON-lines log's records up to ``step``: a killed run may have logged past its last
+    checkpoint, and those steps run again (the trainer's log and the reading start's)."""
     records = _read_log(path)
     kept = [r for r in records if r["step"] <= step]
     if len(kept) < len(records):
