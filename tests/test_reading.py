@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from training.reading_render import draw, reading_words
 
 TINY = ReadingConfig(steps=3, batch_size=4, warmup_steps=1, held_out=8, workers=0)
 MODEL = "curation-tiny-rn"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_vocabulary_is_1000_whole_bpe_tokens_with_the_class_words():
@@ -117,6 +119,78 @@ def test_killed_build_resumes_from_its_last_checkpoint_to_the_same_weights(tmp_p
     again = reading.reading_start(MODEL, cfg, progress=False)
     rebuilt = torch.load(again.checkpoint, weights_only=True)["state_dict"]
     assert again.built and all(torch.equal(rebuilt[k], weights[0][k]) for k in rebuilt)
+
+
+def test_a_shipped_start_is_used_for_its_own_recipe_only_and_only_when_it_reads(tmp_path, monkeypatch, capsys):
+    """A new machine takes the shipped start instead of building it: the same whole checkpoint
+    (trained tower, heads, the seed's text tower); another recipe, a damaged file or a tower that
+    reads otherwise here than where it was built is built instead, with a message."""
+    import torch
+
+    from training import reading
+
+    monkeypatch.setattr(reading, "PROBE_RENDERS", 24)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "built"))
+    built = reading.reading_start(MODEL, TINY, progress=False)
+    shipped_dir = tmp_path / "shipped"
+    monkeypatch.setattr(reading, "SHIPPED_DIR", shipped_dir)
+    info_path = reading.ship(MODEL, TINY, shipped_dir)
+    info = json.loads(info_path.read_text())
+    assert info["key"] == reading.shipped_key(MODEL, TINY) and info["probe_renders"] == reading.PROBE_RENDERS
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "new-machine"))
+    start = reading.reading_start(MODEL, TINY, progress=False)
+    assert start.shipped and not start.built and start.held_out_curve == built.held_out_curve
+    assert "shipped with the project" in start.summary()
+    got, want = (torch.load(s.checkpoint, weights_only=True)["state_dict"] for s in (start, built))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert reading.reading_start(MODEL, TINY, progress=False).shipped  # then found in the cache
+    assert reading.reading_start(MODEL, dataclasses.replace(TINY, seed=1), progress=False).built  # another recipe
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "more-threads"))
+    assert reading.reading_start(MODEL, dataclasses.replace(TINY, threads=1), progress=False).shipped  # how, not what
+
+    def fresh_machine_builds(name: str) -> str:
+        monkeypatch.setenv(CACHE_ENV, str(tmp_path / name))
+        capsys.readouterr()
+        assert reading.reading_start(MODEL, TINY, progress=False).built
+        return capsys.readouterr().err
+
+    info_path.write_text(json.dumps({**info, "probe_top1": info["probe_top1"] + 0.5}))
+    assert "building it instead" in fresh_machine_builds("reads-otherwise")
+    info_path.write_text(json.dumps(info))
+    with open(shipped_dir / info["file"], "ab") as weights:
+        weights.write(b"damaged")
+    assert "does not match its recorded SHA-256" in fresh_machine_builds("damaged")
+    info_path.write_text("{not json")
+    assert "is damaged" in fresh_machine_builds("unreadable")
+
+
+def test_the_shipped_starts_are_the_reading_presets_and_read():
+    """Each start in training/reading_starts/ answers to the reading preset's recipe (a change to the
+    settings, words or drawing needs it built and shipped again: `python -m training.reading --ship`)
+    and reads: the probe renders at the figure recorded where it was built, held-out top-1 >= 0.8."""
+    from pipeline.config import load_config
+    from training import reading
+
+    cfg = load_config(REPO / "configs" / "ablation-reading.toml")
+    shipped = sorted(reading.SHIPPED_DIR.glob("*.json"))
+    assert {json.loads(p.read_text())["model"] for p in shipped} >= {cfg.train.model}
+    for info_path in shipped:
+        info = json.loads(info_path.read_text())
+        assert info["key"] == reading.shipped_key(info["model"], cfg.reading), f"{info_path.name}: built from another recipe"
+        assert info["held_out_top1"] >= 0.8 and info["probe_top1"] >= 0.8
+        model, heads, preprocess, side = reading._seeded(info["model"], cfg.reading)
+        state = torch_load(reading.SHIPPED_DIR / info["file"])
+        model.visual.load_state_dict(state["visual"])
+        heads.load_state_dict(state["heads"])
+        held = reading._Draws(cfg.reading.seed + 1, reading.PROBE_RENDERS, side, preprocess).batch(0)
+        assert abs(reading.held_out_top1(model.visual, heads, held) - info["probe_top1"]) <= reading.PROBE_TOLERANCE
+
+
+def torch_load(path):
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def test_probe_reads_the_eval_sets_through_the_word_head(tmp_path, monkeypatch):

@@ -56,8 +56,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "unfiltered model, re-score CLIP with it, train one model per policy for the same [train].steps, "
         "evaluate every model, and write <output>/ablation/ (ablation.md, ablation.csv, per_class.csv, "
         "PNG plots) and a section of <output>/report/index.html. With [ablation] start = \"reading\" (configs/"
-        "ablation-reading.toml) every model starts from a tower taught first to read 1,000 written words ([reading]; built "
-        "once per settings, cached in ~/.cache/clip-curation/reading/). Resumable at every step.",
+        "ablation-reading.toml) every model starts from a tower taught first to read 1,000 written words ([reading]; "
+        "the shipped start for its settings (training/reading_starts/), else built once and cached in "
+        "~/.cache/clip-curation/reading/). Resumable at every step.",
     )
     ablation.add_argument("--output", default=default_output("ablation"), help="output folder (default: output/ablation)")
     ablation.add_argument("--config", default=None, help="TOML file merged over pipeline/default.toml")

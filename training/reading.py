@@ -23,6 +23,12 @@ settings and the held-out accuracy. A start whose files do not match their recor
 rebuilt, never used. A build writes ``partial.pt`` every 500 steps; a build that was killed goes on
 from its last one (the draws are a pure function of the seed and the step, the optimiser's state is
 saved), so it ends with the same weights as one that ran straight through.
+
+A new machine need not build what this project has built: ``training/reading_starts/`` ships the
+trained tower and heads of a start (``python -m training.reading --ship MODEL`` writes them from
+the cache), with the key of the recipe they came from (settings, model, words, drawing; not the
+library versions). A start whose recipe matches is put in the cache in seconds, once its tower
+reads the probe renders as it did where it was built; any other recipe is built.
 """
 
 from __future__ import annotations
@@ -49,6 +55,10 @@ RAMP_SHARE = 1 / 3  # the share of the steps over which the draws go from easy t
 FIRST_WORDS = 100  # the draws start from the 100 most frequent words and reach all of them with the mix
 START_FILE, HEAD_FILE, INFO_FILE, LOG_FILE = "start.pt", "head.pt", "reading.json", "reading_log.jsonl"
 PARTIAL_FILE = "partial.pt"  # a build under way: tower, heads, optimiser and step, so a killed build resumes
+SHIPPED_DIR = Path(__file__).parent / "reading_starts"  # starts this project trained: no build on a new machine
+PROBE_RENDERS = 200  # unseen renders a shipped start must read on loading as it read where it was built
+RUN_SETTINGS = ("threads", "workers")  # how a build runs, not what it learns: a shipped start serves any value
+PROBE_TOLERANCE = 0.02  # top-1 it may differ by there (another torch, another CPU): more, and it is built instead
 EVAL_EVERY = 500  # steps between held-out checks in the log (and at the end)
 CHECKPOINT_EVERY = 500  # steps between the partial checkpoints a killed build resumes from
 # Bump when the drawing (training/reading_render.py) or the training below changes what is built:
@@ -69,11 +79,34 @@ class ReadingStart:
     held_out_curve: tuple[tuple[int, float], ...]  # (step, held-out top-1) at every check
     seconds: float  # build time
     built: bool = False  # True when this call built it (False: found in the cache)
+    shipped: bool = False  # taken from the starts this project ships (training/reading_starts/), not built here
 
     def summary(self) -> str:
-        how = f"built in {self.seconds:.0f} s" if self.built else f"cached (built in {self.seconds:.0f} s)"
+        how = (f"built in {self.seconds:.0f} s" if self.built else
+               f"shipped with the project (built in {self.seconds:.0f} s)" if self.shipped else
+               f"cached (built in {self.seconds:.0f} s)")
         return (f"reading start {self.model}: held-out top-1 {self.held_out_top1:.3f} over {self.words} words "
                 f"after {self.steps} steps, {how}: {self.checkpoint}")
+
+
+def _recipe(model: str, cfg: ReadingConfig) -> dict[str, Any]:
+    """What decides the weights a build ends with, short of the library versions."""
+    import open_clip
+
+    from models.clip import register_model_configs
+
+    register_model_configs()
+    return {
+        "settings": asdict(cfg),
+        "model": model,
+        "model_config": open_clip.get_model_config(model),
+        "words": hashlib.sha256(reading_render.WORDS_FILE.read_bytes()).hexdigest(),
+        "version": READING_VERSION,
+    }
+
+
+def _hash(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def start_key(model: str, cfg: ReadingConfig) -> str:
@@ -81,19 +114,16 @@ def start_key(model: str, cfg: ReadingConfig) -> str:
     import open_clip
     import torch
 
-    from models.clip import register_model_configs
+    return _hash({**_recipe(model, cfg), "torch": torch.__version__, "open_clip": open_clip.__version__})
 
-    register_model_configs()
-    parts = {
-        "settings": asdict(cfg),
-        "model": model,
-        "model_config": open_clip.get_model_config(model),
-        "words": hashlib.sha256(reading_render.WORDS_FILE.read_bytes()).hexdigest(),
-        "version": READING_VERSION,
-        "torch": torch.__version__,
-        "open_clip": open_clip.__version__,
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+def shipped_key(model: str, cfg: ReadingConfig) -> str:
+    """The key a shipped start answers to: the recipe without the library versions and without
+    ``RUN_SETTINGS`` (another torch or thread count computes the same tower a little differently,
+    which the probe on loading checks)."""
+    recipe = _recipe(model, cfg)
+    recipe["settings"] = {k: v for k, v in recipe["settings"].items() if k not in RUN_SETTINGS}
+    return _hash(recipe)
 
 
 def start_folder(model: str, cfg: ReadingConfig) -> Path:
@@ -106,6 +136,9 @@ def reading_start(model: str, cfg: ReadingConfig, progress: bool = True) -> Read
     found = _load(folder)
     if found is not None:
         return found
+    shipped = _from_shipped(model, cfg, folder)
+    if shipped is not None:
+        return shipped
     return _build(model, cfg, folder, progress)
 
 
@@ -130,6 +163,71 @@ def _load(folder: Path) -> ReadingStart | None:
     # where it is now (a cache folder may have been moved or mounted elsewhere), not where it was built
     values.update(folder=str(folder), checkpoint=str(folder / START_FILE))
     return ReadingStart(**values)
+
+
+def _from_shipped(model_name: str, cfg: ReadingConfig, folder: Path) -> ReadingStart | None:
+    """The start this project ships for ``model_name``, put in the cache, when it was built from these
+    very settings, its file is intact and it reads here as it read where it was built (the probe:
+    held-out top-1 on the first ``PROBE_RENDERS`` unseen renders); else None, and a build follows."""
+    import torch
+
+    info_path = SHIPPED_DIR / f"{model_name}.json"
+    if not info_path.is_file():
+        return None
+    try:
+        info = json.loads(info_path.read_text())
+        if info.get("key") != shipped_key(model_name, cfg):
+            return None  # built from other settings (or another drawing): not this start
+        weights = SHIPPED_DIR / str(info["file"])
+        intact = weights.is_file() and sha256_of(weights) == info["sha256"]
+    except (ValueError, KeyError, TypeError):
+        intact, weights = False, info_path
+    if not intact:
+        print(f"reading start {model_name}: the shipped {weights.name} is damaged (it does not match its recorded "
+              "SHA-256); building it instead", file=sys.stderr)
+        return None
+    model, heads, preprocess, side = _seeded(model_name, cfg)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    model.visual.load_state_dict(state["visual"])
+    heads.load_state_dict(state["heads"])
+    probe_top1 = held_out_top1(model.visual, heads, _Draws(cfg.seed + 1, PROBE_RENDERS, side, preprocess).batch(0))
+    if abs(probe_top1 - info["probe_top1"]) > PROBE_TOLERANCE:
+        print(f"reading start {model_name}: the shipped tower reads {probe_top1:.3f} of {PROBE_RENDERS} unseen renders "
+              f"here against {info['probe_top1']:.3f} where it was built (torch {info['built_with']['torch']}); "
+              "building it instead", file=sys.stderr)
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    start = ReadingStart(model=model_name, checkpoint=str(folder / START_FILE), folder=str(folder), steps=cfg.steps,
+                         words=len(reading_words()), held_out_top1=info["held_out_top1"],
+                         held_out_curve=tuple(tuple(p) for p in info["held_out_curve"]), seconds=info["seconds"],
+                         shipped=True)
+    _write_start(folder, model, heads, start, cfg)
+    return start
+
+
+def ship(model_name: str, cfg: ReadingConfig, dest: Path = SHIPPED_DIR) -> Path:
+    """Write the cached start of ``model_name`` (built first if missing) as the one this project
+    ships: the trained image tower and heads (the text tower is the seed's init, made again on
+    loading), with the recipe's key, the held-out figures and the probe a loading machine repeats."""
+    import open_clip
+    import torch
+
+    start = reading_start(model_name, cfg)
+    model, heads, preprocess, side = _seeded(model_name, cfg)
+    model.load_state_dict(torch.load(start.checkpoint, map_location="cpu", weights_only=True)["state_dict"])
+    heads.load_state_dict(torch.load(Path(start.folder) / HEAD_FILE, map_location="cpu", weights_only=True))
+    probe_top1 = held_out_top1(model.visual, heads, _Draws(cfg.seed + 1, PROBE_RENDERS, side, preprocess).batch(0))
+    dest.mkdir(parents=True, exist_ok=True)
+    weights = dest / f"{model_name}.pt"
+    write_atomic(weights, lambda f: torch.save({"visual": model.visual.state_dict(), "heads": heads.state_dict()}, f))
+    info = {"model": model_name, "file": weights.name, "sha256": sha256_of(weights), "key": shipped_key(model_name, cfg),
+            "settings": asdict(cfg), "steps": start.steps, "held_out_top1": start.held_out_top1,
+            "held_out_curve": start.held_out_curve, "seconds": round(start.seconds, 1),
+            "probe_renders": PROBE_RENDERS, "probe_top1": probe_top1,
+            "built_with": {"torch": torch.__version__, "open_clip": open_clip.__version__}}
+    info_path = dest / f"{model_name}.json"
+    write_atomic(info_path, lambda f: f.write((json.dumps(info, indent=1) + "\n").encode()))
+    return info_path
 
 
 def ngram_bags(words: tuple[str, ...]) -> Any:
@@ -189,26 +287,46 @@ def _stream(draws: _Draws, workers: int, first: int = 0) -> Iterator[tuple[Any, 
     return iter(loader)
 
 
-def _build(model_name: str, cfg: ReadingConfig, folder: Path, progress: bool) -> ReadingStart:
+def _seeded(model_name: str, cfg: ReadingConfig) -> tuple[Any, Any, Any, int]:
+    """The CLIP, heads, preprocessing and image side a build starts from: the seed's random init
+    (the text tower stays at it; a shipped start puts its trained tower and heads on top)."""
     import open_clip
+    import torch
+
+    from models.clip import register_model_configs, without_open_clip_random_notice
+
+    register_model_configs()
+    with torch.random.fork_rng(devices=[]), without_open_clip_random_notice():  # a random init is the point here
+        torch.manual_seed(cfg.seed)
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name)
+        heads = _heads(model.visual.output_dim, len(reading_words()))
+    side = model.visual.image_size
+    return model, heads, preprocess, side[0] if isinstance(side, (tuple, list)) else side
+
+
+def _write_start(folder: Path, model: Any, heads: Any, start: ReadingStart, cfg: ReadingConfig) -> None:
+    """The start's files, ``reading.json`` last (the marker of a start that is whole)."""
+    import torch
+
+    write_atomic(folder / START_FILE, lambda f: torch.save({"state_dict": model.state_dict()}, f))
+    write_atomic(folder / HEAD_FILE, lambda f: torch.save(heads.state_dict(), f))
+    info = {**asdict(start), "settings": asdict(cfg), "built": False,
+            "sha256": {name: sha256_of(folder / name) for name in (START_FILE, HEAD_FILE)}}
+    write_atomic(folder / INFO_FILE, lambda f: f.write((json.dumps(info, indent=1) + "\n").encode()))
+
+
+def _build(model_name: str, cfg: ReadingConfig, folder: Path, progress: bool) -> ReadingStart:
     import torch
     from open_clip_train.scheduler import cosine_lr
     from tqdm import tqdm
 
-    from models.clip import register_model_configs, without_open_clip_random_notice
     from training.train import adamw, intra_op_threads, truncate_log
 
     cfg.validate()
-    register_model_configs()
     started = time.monotonic()
     words = reading_words()
-    with torch.random.fork_rng(devices=[]), without_open_clip_random_notice():  # a random init is the point here
-        torch.manual_seed(cfg.seed)
-        model, _, preprocess = open_clip.create_model_and_transforms(model_name)
-        heads = _heads(model.visual.output_dim, len(words))
+    model, heads, preprocess, side = _seeded(model_name, cfg)
     bags = ngram_bags(words)
-    side = model.visual.image_size
-    side = side[0] if isinstance(side, (tuple, list)) else side
     trained = torch.nn.ModuleDict({"visual": model.visual, "heads": heads})
     optimizer = adamw(trained, cfg)
     schedule = cosine_lr(optimizer, cfg.lr, cfg.warmup_steps, cfg.steps)
@@ -252,11 +370,7 @@ def _build(model_name: str, cfg: ReadingConfig, folder: Path, progress: bool) ->
     start = ReadingStart(model=model_name, checkpoint=str(folder / START_FILE), folder=str(folder), steps=cfg.steps,
                          words=len(words), held_out_top1=curve[-1][1], held_out_curve=tuple(curve),
                          seconds=time.monotonic() - started, built=True)
-    write_atomic(folder / START_FILE, lambda f: torch.save({"state_dict": model.state_dict()}, f))
-    write_atomic(folder / HEAD_FILE, lambda f: torch.save(heads.state_dict(), f))
-    info = {**asdict(start), "settings": asdict(cfg), "built": False,
-            "sha256": {name: sha256_of(folder / name) for name in (START_FILE, HEAD_FILE)}}
-    write_atomic(folder / INFO_FILE, lambda f: f.write((json.dumps(info, indent=1) + "\n").encode()))  # last: the marker
+    _write_start(folder, model, heads, start, cfg)
     (folder / PARTIAL_FILE).unlink(missing_ok=True)
     return start
 
@@ -338,3 +452,30 @@ def probe(start: ReadingStart, sets: Any) -> dict[str, float]:
         "text_only_top1_classes": float((text_only[:, classes].argmax(1) == truth).float().mean()),
         "typographic_read_classes": float((typographic[:, classes].argmax(1) == written).float().mean()),
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from pipeline.config import load_config
+
+    parser = argparse.ArgumentParser(
+        prog="python -m training.reading",
+        description="Build (or find in the cache) the reading start of each MODEL at a config's [reading] settings "
+        "and print how well it reads. With --ship, also write it into training/reading_starts/ as the start "
+        "this project ships (for maintainers: commit the two files it prints).")
+    parser.add_argument("models", nargs="+", metavar="MODEL", help="open_clip model names, e.g. curation-tiny-rn")
+    parser.add_argument("--config", default=None, help="TOML whose [reading] section to use (default: the shipped)")
+    parser.add_argument("--ship", action="store_true", help="write the start into training/reading_starts/")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config).reading
+    for model in args.models:
+        print(reading_start(model, cfg).summary())
+        if args.ship:
+            path = ship(model, cfg)
+            print(f"shipped: {path} and {path.with_suffix('.pt')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
