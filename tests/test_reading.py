@@ -142,8 +142,10 @@ def test_a_shipped_start_is_used_for_its_own_recipe_only_and_only_when_it_reads(
     start = reading.reading_start(MODEL, TINY, progress=False)
     assert start.shipped and not start.built and start.held_out_curve == built.held_out_curve
     assert "shipped with the project" in start.summary()
-    got, want = (torch.load(s.checkpoint, weights_only=True)["state_dict"] for s in (start, built))
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    for name in (reading.START_FILE, reading.HEAD_FILE):  # the whole CLIP (tower, the seed's text tower) and heads
+        got, want = (torch.load(Path(s.folder) / name, weights_only=True) for s in (start, built))
+        got, want = (d.get("state_dict", d) for d in (got, want))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert reading.reading_start(MODEL, TINY, progress=False).shipped  # then found in the cache
     assert reading.reading_start(MODEL, dataclasses.replace(TINY, seed=1), progress=False).built  # another recipe
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "more-threads"))
@@ -162,7 +164,11 @@ def test_a_shipped_start_is_used_for_its_own_recipe_only_and_only_when_it_reads(
         weights.write(b"damaged")
     assert "does not match its recorded SHA-256" in fresh_machine_builds("damaged")
     info_path.write_text("{not json")
-    assert "is damaged" in fresh_machine_builds("unreadable")
+    assert "cannot be read" in fresh_machine_builds("unreadable")
+    info_path.write_text(json.dumps(info))
+    (shipped_dir / info["file"]).write_bytes(b"not a checkpoint")
+    info_path.write_text(json.dumps({**info, "sha256": reading.sha256_of(shipped_dir / info["file"])}))
+    assert "does not load here" in fresh_machine_builds("not-a-checkpoint")
 
 
 def test_the_shipped_starts_are_the_reading_presets_and_read():
@@ -179,18 +185,9 @@ def test_the_shipped_starts_are_the_reading_presets_and_read():
         info = json.loads(info_path.read_text())
         assert info["key"] == reading.shipped_key(info["model"], cfg.reading), f"{info_path.name}: built from another recipe"
         assert info["held_out_top1"] >= 0.8 and info["probe_top1"] >= 0.8
-        model, heads, preprocess, side = reading._seeded(info["model"], cfg.reading)
-        state = torch_load(reading.SHIPPED_DIR / info["file"])
-        model.visual.load_state_dict(state["visual"])
-        heads.load_state_dict(state["heads"])
-        held = reading._Draws(cfg.reading.seed + 1, reading.PROBE_RENDERS, side, preprocess).batch(0)
-        assert abs(reading.held_out_top1(model.visual, heads, held) - info["probe_top1"]) <= reading.PROBE_TOLERANCE
-
-
-def torch_load(path):
-    import torch
-
-    return torch.load(path, map_location="cpu", weights_only=True)
+        assert reading.sha256_of(reading.SHIPPED_DIR / info["file"]) == info["sha256"], "re-ship: the file changed"
+        _, _, probe_here = reading._shipped_tower(info["model"], cfg.reading, reading.SHIPPED_DIR / info["file"])
+        assert abs(probe_here - info["probe_top1"]) <= reading.PROBE_TOLERANCE
 
 
 def test_probe_reads_the_eval_sets_through_the_word_head(tmp_path, monkeypatch):

@@ -28,6 +28,7 @@ import html
 import json
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -352,7 +353,11 @@ def run_ablation(config: Config, ablation: AblationConfig, root: Path, progress:
     _curate(scorer, ablation, root, policies, progress)  # selections and reshards with the new scores
 
     sets = build_eval_sets(seed=ablation.eval_seed, per_class=ablation.eval_per_class)
-    untrained = evaluate_checkpoint(config, "", sets).metrics
+    from models.clip import RandomWeightsWarning
+
+    with warnings.catch_warnings():  # the "(untrained)" row is the seeded random init on purpose: no warning for it
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        untrained = evaluate_checkpoint(config, "", sets).metrics
     start_rows, reading = {}, []
     if starts:
         from training.reading import probe

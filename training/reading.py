@@ -169,8 +169,6 @@ def _from_shipped(model_name: str, cfg: ReadingConfig, folder: Path) -> ReadingS
     """The start this project ships for ``model_name``, put in the cache, when it was built from these
     very settings, its file is intact and it reads here as it read where it was built (the probe:
     held-out top-1 on the first ``PROBE_RENDERS`` unseen renders); else None, and a build follows."""
-    import torch
-
     info_path = SHIPPED_DIR / f"{model_name}.json"
     if not info_path.is_file():
         return None
@@ -179,30 +177,51 @@ def _from_shipped(model_name: str, cfg: ReadingConfig, folder: Path) -> ReadingS
         if info.get("key") != shipped_key(model_name, cfg):
             return None  # built from other settings (or another drawing): not this start
         weights = SHIPPED_DIR / str(info["file"])
-        intact = weights.is_file() and sha256_of(weights) == info["sha256"]
-    except (ValueError, KeyError, TypeError):
-        intact, weights = False, info_path
-    if not intact:
+        recorded = (info["sha256"], float(info["probe_top1"]), str(info["built_with"]["torch"]),
+                    float(info["held_out_top1"]), tuple((int(a), float(b)) for a, b in info["held_out_curve"]),
+                    float(info["seconds"]))
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        print(f"reading start {model_name}: the shipped {info_path.name} cannot be read ({error!r}); building it "
+              "instead", file=sys.stderr)
+        return None
+    sha256, probe_built, torch_built, held_out, curve, seconds = recorded
+    if not weights.is_file() or sha256_of(weights) != sha256:
         print(f"reading start {model_name}: the shipped {weights.name} is damaged (it does not match its recorded "
               "SHA-256); building it instead", file=sys.stderr)
         return None
+    try:
+        model, heads, probe_here = _shipped_tower(model_name, cfg, weights)
+    except Exception as error:  # noqa: BLE001 - another open_clip or torch may not take the file: build instead
+        print(f"reading start {model_name}: the shipped {weights.name} does not load here ({error}); building it "
+              "instead", file=sys.stderr)
+        return None
+    if abs(probe_here - probe_built) > PROBE_TOLERANCE:
+        print(f"reading start {model_name}: the shipped tower reads {probe_here:.3f} of {PROBE_RENDERS} unseen renders "
+              f"here against {probe_built:.3f} where it was built (torch {torch_built}); building it instead",
+              file=sys.stderr)
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    start = ReadingStart(model=model_name, checkpoint=str(folder / START_FILE), folder=str(folder), steps=cfg.steps,
+                         words=len(reading_words()), held_out_top1=held_out, held_out_curve=curve, seconds=seconds,
+                         shipped=True)
+    _write_start(folder, model, heads, start, cfg)
+    return start
+
+
+def _shipped_tower(model_name: str, cfg: ReadingConfig, weights: Path) -> tuple[Any, Any, float]:
+    """The seed's CLIP with the shipped tower and heads on it, and how it reads the probe renders."""
+    import torch
+
     model, heads, preprocess, side = _seeded(model_name, cfg)
     state = torch.load(weights, map_location="cpu", weights_only=True)
     model.visual.load_state_dict(state["visual"])
     heads.load_state_dict(state["heads"])
-    probe_top1 = held_out_top1(model.visual, heads, _Draws(cfg.seed + 1, PROBE_RENDERS, side, preprocess).batch(0))
-    if abs(probe_top1 - info["probe_top1"]) > PROBE_TOLERANCE:
-        print(f"reading start {model_name}: the shipped tower reads {probe_top1:.3f} of {PROBE_RENDERS} unseen renders "
-              f"here against {info['probe_top1']:.3f} where it was built (torch {info['built_with']['torch']}); "
-              "building it instead", file=sys.stderr)
-        return None
-    folder.mkdir(parents=True, exist_ok=True)
-    start = ReadingStart(model=model_name, checkpoint=str(folder / START_FILE), folder=str(folder), steps=cfg.steps,
-                         words=len(reading_words()), held_out_top1=info["held_out_top1"],
-                         held_out_curve=tuple(tuple(p) for p in info["held_out_curve"]), seconds=info["seconds"],
-                         shipped=True)
-    _write_start(folder, model, heads, start, cfg)
-    return start
+    return model, heads, probe_top1(model, heads, preprocess, side, cfg)
+
+
+def probe_top1(model: Any, heads: Any, preprocess: Any, side: int, cfg: ReadingConfig) -> float:
+    """Held-out top-1 on the first ``PROBE_RENDERS`` unseen renders: a shipped start's check."""
+    return held_out_top1(model.visual, heads, _Draws(cfg.seed + 1, PROBE_RENDERS, side, preprocess).batch(0))
 
 
 def ship(model_name: str, cfg: ReadingConfig, dest: Path = SHIPPED_DIR) -> Path:
@@ -216,14 +235,14 @@ def ship(model_name: str, cfg: ReadingConfig, dest: Path = SHIPPED_DIR) -> Path:
     model, heads, preprocess, side = _seeded(model_name, cfg)
     model.load_state_dict(torch.load(start.checkpoint, map_location="cpu", weights_only=True)["state_dict"])
     heads.load_state_dict(torch.load(Path(start.folder) / HEAD_FILE, map_location="cpu", weights_only=True))
-    probe_top1 = held_out_top1(model.visual, heads, _Draws(cfg.seed + 1, PROBE_RENDERS, side, preprocess).batch(0))
+    probe = probe_top1(model, heads, preprocess, side, cfg)
     dest.mkdir(parents=True, exist_ok=True)
     weights = dest / f"{model_name}.pt"
     write_atomic(weights, lambda f: torch.save({"visual": model.visual.state_dict(), "heads": heads.state_dict()}, f))
     info = {"model": model_name, "file": weights.name, "sha256": sha256_of(weights), "key": shipped_key(model_name, cfg),
             "settings": asdict(cfg), "steps": start.steps, "held_out_top1": start.held_out_top1,
             "held_out_curve": start.held_out_curve, "seconds": round(start.seconds, 1),
-            "probe_renders": PROBE_RENDERS, "probe_top1": probe_top1,
+            "probe_renders": PROBE_RENDERS, "probe_top1": probe,
             "built_with": {"torch": torch.__version__, "open_clip": open_clip.__version__}}
     info_path = dest / f"{model_name}.json"
     write_atomic(info_path, lambda f: f.write((json.dumps(info, indent=1) + "\n").encode()))
