@@ -57,7 +57,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "evaluate every model, and write <output>/ablation/ (ablation.md, ablation.csv, per_class.csv, "
         "PNG plots) and a section of <output>/report/index.html. With [ablation] start = \"reading\" (configs/"
         "ablation-reading.toml) every model starts from a tower taught first to read 1,000 written words ([reading]; "
-        "the shipped start for its settings (training/reading_starts/), else built once and cached in "
+        "a start carried into training/reading_starts/ for its settings, else built once and cached in "
         "~/.cache/clip-curation/reading/). Resumable at every step.",
     )
     ablation.add_argument("--output", default=default_output("ablation"), help="output folder (default: output/ablation)")

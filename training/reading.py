@@ -24,11 +24,12 @@ rebuilt, never used. A build writes ``partial.pt`` every 500 steps; a build that
 from its last one (the draws are a pure function of the seed and the step, the optimiser's state is
 saved), so it ends with the same weights as one that ran straight through.
 
-A new machine need not build what this project has built: ``training/reading_starts/`` ships the
-trained tower and heads of a start (``python -m training.reading --ship MODEL`` writes them from
-the cache), with the key of the recipe they came from (settings, model, words, drawing; not the
-library versions). A start whose recipe matches is put in the cache in seconds, once its tower
-reads the probe renders as it did where it was built; any other recipe is built.
+A start can be carried to another machine instead of built there: ``python -m training.reading
+--ship MODEL`` writes its trained tower and heads into ``training/reading_starts/`` (not tracked:
+weights belong to a package, and this one is 6.4 MB), with the key of the recipe they came from
+(settings, model, words, drawing; not the library versions). A start there whose recipe matches is
+put in the cache in seconds, once its tower reads the probe renders as it did where it was built;
+any other recipe is built.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ RAMP_SHARE = 1 / 3  # the share of the steps over which the draws go from easy t
 FIRST_WORDS = 100  # the draws start from the 100 most frequent words and reach all of them with the mix
 START_FILE, HEAD_FILE, INFO_FILE, LOG_FILE = "start.pt", "head.pt", "reading.json", "reading_log.jsonl"
 PARTIAL_FILE = "partial.pt"  # a build under way: tower, heads, optimiser and step, so a killed build resumes
-SHIPPED_DIR = Path(__file__).parent / "reading_starts"  # starts this project trained: no build on a new machine
+SHIPPED_DIR = Path(__file__).parent / "reading_starts"  # starts carried from the machine that built them
 PROBE_RENDERS = 200  # unseen renders a shipped start must read on loading as it read where it was built
 RUN_SETTINGS = ("threads", "workers")  # how a build runs, not what it learns: a shipped start serves any value
 PROBE_TOLERANCE = 0.02  # top-1 it may differ by there (another torch, another CPU): more, and it is built instead
@@ -79,11 +80,11 @@ class ReadingStart:
     held_out_curve: tuple[tuple[int, float], ...]  # (step, held-out top-1) at every check
     seconds: float  # build time
     built: bool = False  # True when this call built it (False: found in the cache)
-    shipped: bool = False  # taken from the starts this project ships (training/reading_starts/), not built here
+    shipped: bool = False  # taken from training/reading_starts/ (built on another machine), not built here
 
     def summary(self) -> str:
         how = (f"built in {self.seconds:.0f} s" if self.built else
-               f"shipped with the project (built in {self.seconds:.0f} s)" if self.shipped else
+               f"taken from training/reading_starts/ (built in {self.seconds:.0f} s)" if self.shipped else
                f"cached (built in {self.seconds:.0f} s)")
         return (f"reading start {self.model}: held-out top-1 {self.held_out_top1:.3f} over {self.words} words "
                 f"after {self.steps} steps, {how}: {self.checkpoint}")
@@ -481,8 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m training.reading",
         description="Build (or find in the cache) the reading start of each MODEL at a config's [reading] settings "
-        "and print how well it reads. With --ship, also write it into training/reading_starts/ as the start "
-        "this project ships (for maintainers: commit the two files it prints).")
+        "and print how well it reads. With --ship, also write it into training/reading_starts/, where another "
+        "machine with this checkout takes it instead of building (copy the two files it prints).")
     parser.add_argument("models", nargs="+", metavar="MODEL", help="open_clip model names, e.g. curation-tiny-rn")
     parser.add_argument("--config", default=None, help="TOML whose [reading] section to use (default: the shipped)")
     parser.add_argument("--ship", action="store_true", help="write the start into training/reading_starts/")
