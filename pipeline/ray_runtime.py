@@ -44,6 +44,10 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     kwargs: dict = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True}
     quiet_known_noise()
     if address is None:
+        # "local": a Ray of this run's own, as --help says, also when another Ray runs on this machine
+        # (`ray start --head`): without it ray.init joins that one and refuses num_cpus with a
+        # ValueError. --address auto (or RAY_ADDRESS) joins a running one on purpose.
+        address = "local"
         kwargs["num_cpus"] = num_cpus or os.cpu_count() or 1
         kwargs["_system_config"] = RAY_SYSTEM_CONFIG
         # No runtime_env: the local raylet and its workers inherit this process's environment

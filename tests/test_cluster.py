@@ -374,3 +374,32 @@ def test_ray_submit_entry_point_runs_the_project_cli(tmp_path):
     env["CURATION_PROJECT"] = str(tmp_path / "nowhere")
     done = subprocess.run([sys.executable, str(script), "datasets"], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "make setup" in done.stderr
+
+
+def test_the_default_run_starts_its_own_ray_beside_a_running_one(tmp_path):
+    """With a `ray start --head` already up on the machine (a workstation's, a head node's) and no
+    --address, `curate` runs on a Ray of its own, as --help says: Ray's own default would join the
+    running one and refuse the run's CPU count with a ValueError traceback."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    # RAY_TMPDIR: where ray.init looks for a running cluster; a private one keeps this head away from
+    # every other Ray on the machine, and the run below looks in the same place
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.run(
+        [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}", "--num-cpus=1",
+         "--include-dashboard=false", f"--ray-client-server-port={free_port()}", "--disable-usage-stats",
+         *own_ports()], env=env, capture_output=True, text=True, timeout=180)
+    try:
+        assert head.returncode == 0, head.stdout[-3000:] + head.stderr[-3000:]
+        assert (ray_tmp / "ray" / "ray_current_cluster").exists()  # what ray.init(address=None) would join
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline", "curate", "--output", str(tmp_path / "run"), "--samples", "6",
+             "--shard-size", "3", "--port", str(free_port()), "--stages", "download", "--no-progress"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "Traceback" not in done.stderr
+        # its own Ray: this machine's CPUs, not the running head's one
+        assert re.search(rf"1 node\(s\), {os.cpu_count()} CPU", done.stderr), done.stderr[-2000:]
+    finally:
+        _kill_session(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
