@@ -77,6 +77,15 @@ class BenchResult:
     error: str = ""  # set when the benchmark raised: the run goes on with the others
 
 
+SET_FOR_THE_BENCH_RAY: set[str] = set()  # variables ensure_ray set in this process (not the user's)
+
+
+def user_environment() -> dict[str, str]:
+    """This process's environment less what the benchmark set for its own Ray: a command timed as a
+    user runs it (``curate`` in a fresh process) gets the user's settings, not the benchmark's."""
+    return {k: v for k, v in os.environ.items() if k not in SET_FOR_THE_BENCH_RAY}
+
+
 @dataclass
 class Context:
     """The run's settings, passed to every benchmark's ``run(ctx)``."""
@@ -106,7 +115,9 @@ class Context:
         # Ray starts its workers at nice 15 (so that its own daemons win); a benchmark compares them
         # with loops in this process at nice 0, and on a shared machine the niced side would lose
         # to every other process. Same priority on both sides; a user's setting wins.
-        os.environ.setdefault("RAY_worker_niceness", "0")
+        if "RAY_worker_niceness" not in os.environ:
+            os.environ["RAY_worker_niceness"] = "0"
+            SET_FOR_THE_BENCH_RAY.add("RAY_worker_niceness")
         # no runtime_env, as pipeline/ray_runtime.py: the workers inherit this environment
         ray.init(num_cpus=self.cores, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
         self.ray_started_here = True

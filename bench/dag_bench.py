@@ -240,12 +240,12 @@ def _cli_run(pool: Any, shards: list[str], root: Path) -> dict[str, Any]:
     downloaded output finds them); its start-up timeline. The benchmark's own Ray is down meanwhile."""
     import subprocess
 
-    from bench.common import POOL_SHARD_SIZE, ROOT
+    from bench.common import POOL_SHARD_SIZE, ROOT, user_environment
     from core.timeline import TIMELINE_ENV, read
 
     pool.subset(shards, root)
     path = root / "timeline.jsonl"
-    env = {**os.environ, TIMELINE_ENV: str(path)}
+    env = {**user_environment(), TIMELINE_ENV: str(path)}  # the shipped Ray settings (worker niceness among them)
     command = [sys.executable, "-m", "pipeline", "curate", "--output", str(root), "--samples", str(pool.samples),
                "--shard-size", str(POOL_SHARD_SIZE), "--port", str(pool.port), "--stages", "ocr,parrot,clip_score",
                "--no-progress"]
