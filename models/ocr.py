@@ -984,7 +984,7 @@ PP_OCR_ENGINES = {"ppocr-v6": "v6", "rapidocr": "v4"}  # engine name -> RapidOcr
 OCR_ENGINES = ("ppocr-v6", "easyocr", "rapidocr")  # the names ``ocr.engine`` takes
 
 
-def engine_device(config: EngineSettings, cuda_available: bool) -> str:
+def engine_device(config: EngineSettings, cuda_available: bool | None) -> str:
     """The device an engine built from ``config`` would use, without loading anything."""
     if config.engine in PP_OCR_ENGINES:
         if config.device == "cuda":
@@ -998,7 +998,9 @@ def engine_device(config: EngineSettings, cuda_available: bool) -> str:
 
 def make_engine(config: EngineSettings, cuda_available: bool | None = None) -> OcrEngine:
     """Build the configured engine on the resolved device, with the replica's thread budget."""
-    if cuda_available is None:
+    if cuda_available is None and config.engine not in PP_OCR_ENGINES:
+        # only easyocr's device depends on CUDA: the onnxruntime engines never import torch (2 s of
+        # an OCR actor's start-up on 2 cores, more than loading its models: issue 27)
         import torch
 
         cuda_available = torch.cuda.is_available()

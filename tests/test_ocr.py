@@ -64,6 +64,22 @@ def test_stage_resources_ask_for_a_gpu_only_when_it_runs_on_one() -> None:
         OcrStage(_config(device="cuda")).resources(gpus_available=False)
 
 
+def test_the_shipped_engine_loads_without_importing_torch() -> None:
+    """An OCR actor on the onnxruntime engines (ppocr-v6, shipped, and rapidocr) never imports torch:
+    asking torch whether CUDA exists cost 2 of an OCR actor's 2.3 s of set-up (issue 27)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipeline.config import load_config; from stages.ocr import OcrStage; "
+            "cfg = load_config().ocr; stage = OcrStage(cfg); stage.setup(); "
+            "assert stage.resources(gpus_available=False).gpus == 0; "
+            "print(cfg.engine, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["ppocr-v6", "False"], done.stdout
+
+
 def test_small_images_are_enlarged_for_the_detector_at_most_max_upscale() -> None:
     """Large images shrink to detector_size; a 35x19 word crop is not blown up 15x (that split its
     letters and cost a full forward, see models.ocr.MAX_UPSCALE)."""
