@@ -62,6 +62,8 @@ def test_ablation_trains_each_policy_at_equal_steps_and_reports(ray_local, tmp_p
     out = tmp_path / "ablation"
     args = ["ablation", "--config", str(_config(tmp_path)), "--output", str(out), "--no-progress"]
     assert main(args) == 0
+    # the scorer model (all, first seed) is the table's own: trained and announced once, its time in the table
+    assert capsys.readouterr().err.count("== train all seed 0:") == 1
 
     with open(out / "ablation" / "ablation.csv") as f:
         rows = list(csv.DictReader(f))
@@ -77,6 +79,7 @@ def test_ablation_trains_each_policy_at_equal_steps_and_reports(ray_local, tmp_p
     with open(out / "ablation" / "ablation_seeds.csv") as f:
         per_seed = list(csv.DictReader(f))
     assert [(r["policy"], r["seed"]) for r in per_seed] == [(p, s) for p in variants for s in ("0", "1")]
+    assert all(float(r["train_seconds"]) > 0 for r in per_seed)
     for policy, row in zip(variants, rows[3:]):  # the table's cells: mean and sd of the seeds
         values = [float(r["clean_top1"]) for r in per_seed if r["policy"] == policy]
         assert float(row["clean_top1"]) == pytest.approx(sum(values) / 2)

@@ -375,7 +375,10 @@ def run_ablation(config: Config, ablation: AblationConfig, root: Path, progress:
     for variant in variants(ablation, policies, config.train.model):
         kept = sum(pq.read_table(layout.selection_path(variant.policy), columns=["kept"]).column(0).to_pylist())
         for seed in ablation.seeds:
-            result = _train(config, layout, variant, seed, progress, starts)
+            if variant == Variant(SCORER_POLICY) and seed == ablation.seeds[0]:
+                result = first  # the scorer model trained above: the same folder (not announced twice)
+            else:
+                result = _train(config, layout, variant, seed, progress, starts)
             evaluation = evaluate_checkpoint(config, result.checkpoint, sets, variant.model or None)
             rows.append(
                 AblationRow(
