@@ -167,7 +167,7 @@ def _load(folder: Path) -> ReadingStart | None:
 
 
 def _from_shipped(model_name: str, cfg: ReadingConfig, folder: Path) -> ReadingStart | None:
-    """The start this project ships for ``model_name``, put in the cache, when it was built from these
+    """The start carried into ``SHIPPED_DIR`` for ``model_name``, put in the cache, when it was built from these
     very settings, its file is intact and it reads here as it read where it was built (the probe:
     held-out top-1 on the first ``PROBE_RENDERS`` unseen renders); else None, and a build follows."""
     info_path = SHIPPED_DIR / f"{model_name}.json"
@@ -226,9 +226,10 @@ def probe_top1(model: Any, heads: Any, preprocess: Any, side: int, cfg: ReadingC
 
 
 def ship(model_name: str, cfg: ReadingConfig, dest: Path = SHIPPED_DIR) -> Path:
-    """Write the cached start of ``model_name`` (built first if missing) as the one this project
-    ships: the trained image tower and heads (the text tower is the seed's init, made again on
-    loading), with the recipe's key, the held-out figures and the probe a loading machine repeats."""
+    """Write the cached start of ``model_name`` (built first if missing) into ``dest`` for another
+    machine to take instead of building it: the trained image tower and heads (the text tower is the
+    seed's init, made again on loading), with the recipe's key, the held-out figures and the probe a
+    loading machine repeats."""
     import open_clip
     import torch
 
