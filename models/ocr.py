@@ -984,7 +984,7 @@ PP_OCR_ENGINES = {"ppocr-v6": "v6", "rapidocr": "v4"}  # engine name -> RapidOcr
 OCR_ENGINES = ("ppocr-v6", "easyocr", "rapidocr")  # the names ``ocr.engine`` takes
 
 
-def engine_device(config: EngineSettings, cuda_available: bool | None) -> str:
+def engine_device(config: EngineSettings, cuda_available: bool) -> str:
     """The device an engine built from ``config`` would use, without loading anything."""
     if config.engine in PP_OCR_ENGINES:
         if config.device == "cuda":
@@ -997,18 +997,19 @@ def engine_device(config: EngineSettings, cuda_available: bool | None) -> str:
 
 
 def make_engine(config: EngineSettings, cuda_available: bool | None = None) -> OcrEngine:
-    """Build the configured engine on the resolved device, with the replica's thread budget."""
-    if cuda_available is None and config.engine not in PP_OCR_ENGINES:
-        # only easyocr's device depends on CUDA: the onnxruntime engines never import torch (2 s of
-        # an OCR actor's start-up on 2 cores, more than loading its models: issue 27)
+    """Build the configured engine on the resolved device, with the replica's thread budget.
+
+    Only easyocr's device depends on CUDA: the onnxruntime engines are built without asking, so an
+    OCR actor on them never imports torch (2 s of its start-up on 2 cores: issue 27)."""
+    threads = threads_for(config.cpus_per_replica)
+    if config.engine in PP_OCR_ENGINES:
+        engine_device(config, cuda_available=False)  # checks the device setting: these run on CPU only
+        return RapidOcrEngine(num_threads=threads, models=PP_OCR_ENGINES[config.engine])
+    if cuda_available is None:
         import torch
 
         cuda_available = torch.cuda.is_available()
-    device = engine_device(config, cuda_available)
-    threads = threads_for(config.cpus_per_replica)
-    if config.engine in PP_OCR_ENGINES:
-        return RapidOcrEngine(num_threads=threads, models=PP_OCR_ENGINES[config.engine])
-    return EasyOcrEngine(device=device, quantize=config.quantize, num_threads=threads)
+    return EasyOcrEngine(device=engine_device(config, cuda_available), quantize=config.quantize, num_threads=threads)
 
 
 __all__ = [
