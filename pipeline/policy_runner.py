@@ -113,6 +113,8 @@ def run_pool_step(layout: RunLayout, stage: PoolStage) -> bool:
     path = layout.part_path(stage.name, POOL_PART)
     digest = pool_inputs_digest(layout, stage)
     if path.exists() and parquet_metadata(path).get(INPUTS_KEY) == digest:
+        # a run killed after its part was put in place, before its work folder was removed
+        remove_tree(layout.stage_dir(stage.name) / "work")
         return False
     work = pool_work(layout, stage, digest)
     con = connect(layout.catalog_path, layout)

@@ -111,6 +111,12 @@ def test_every_tier_finds_its_planted_groups_and_keeps_the_largest(tmp_path):
         layout, DupGroupStage(DedupConfig()))
     assert not (layout.stage_dir("dup_group") / "work").exists()  # intermediate files go once the part is in place
     assert not run_pool_step(layout, DupGroupStage(DedupConfig()))  # same inputs: nothing to do
+    # a run killed after the part went in place, before its work folder went: the rerun sweeps it
+    leftover = pool_work(layout, DupGroupStage(DedupConfig()), "y" * 64).dir / "phash" / "pairs-0.npy"
+    leftover.parent.mkdir(parents=True, exist_ok=True)
+    leftover.write_bytes(b"x")
+    assert not run_pool_step(layout, DupGroupStage(DedupConfig()))
+    assert not (layout.stage_dir("dup_group") / "work").exists()
 
 
 def test_many_small_tasks_give_the_same_part_as_one(tmp_path, monkeypatch):
