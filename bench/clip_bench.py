@@ -9,9 +9,11 @@ fills the rows. The bare forward gets the very tensors the stage builds (pixels 
 and the masked images, tokens), made beforehand, and only runs the towers, batch for batch as the
 stage chunks them. The ratio is what the stage's own work costs on top of the model.
 
-A second ratio compares the stage with open_clip's stock ``encode_text`` over the full 77-token
-context: the stage trims the text forward to the batch's longest caption (exact under the causal
-mask, see ``models.clip.encode_text_trimmed``), so this one is a speed-up, not an overhead.
+The shipped engine on a CPU is onnxruntime (``clip.engine = "auto"``, models/clip_onnx.py): the
+bare forward is the exported towers' sessions. Two more ratios compare the stage with the same
+stage on torch (``clip.engine = "torch"``: what the engine gains) and with open_clip's stock
+``encode_image`` + ``encode_text`` over the full 77-token context on torch (what a user's loop runs;
+the stage also trims the text forward to the batch's longest caption, exact under the causal mask).
 
 A third side runs the stage with ``clip.keep_embeddings = false``: what keeping each sample's
 image and caption embedding (float16, the catalog's ``embeddings`` view) costs in images/s, and,
@@ -54,6 +56,7 @@ def run(ctx: Context, threads: int = 1) -> BenchResult:
     import torch
 
     from models.clip import mask_text_regions
+    from models.clip_onnx import OnnxClip, trimmed
     from pipeline.config import load_config
     from sources.embedded import generate
     from stages.clip_score import ClipScoreStage
@@ -66,11 +69,13 @@ def run(ctx: Context, threads: int = 1) -> BenchResult:
     samples = generate(n_images, seed=5)
     images = [decode_jpeg(s.image) for s in samples]
     quads = [[[list(map(float, p)) for p in quad] for quad in s.boxes] for s in samples]
-    stage = ClipScoreStage(config)
+    stage = ClipScoreStage(config)  # the shipped engine: onnxruntime on a CPU
+    on_torch = ClipScoreStage(dataclasses.replace(config, engine="torch"))
     with quiet_warnings():
-        stage.setup()  # torch threads = the replica's CPUs
-    clip = stage.clip
-    assert clip is not None
+        stage.setup()  # threads = the replica's CPUs
+        on_torch.setup()
+    clip, torch_clip = stage.clip, on_torch.clip
+    assert isinstance(clip, OnnxClip), f"the shipped engine on a CPU is onnxruntime, not {type(clip).__name__}"
     no_embeddings = ClipScoreStage(dataclasses.replace(config, keep_embeddings=False))
     no_embeddings.clip = clip  # the same model object
     size = config.batch_for("cpu")
@@ -82,50 +87,63 @@ def run(ctx: Context, threads: int = 1) -> BenchResult:
                  "caption": [s.caption for s in samples[lo:hi]], "decode_error": [None] * (hi - lo),
                  "ocr_status": ["ok"] * (hi - lo), "quads": quads[lo:hi],
                  "n_regions": [len(q) for q in quads[lo:hi]]}
-        # the tensors the stage builds for this batch, made once, outside any timing
+        # the inputs the stage builds for this batch, made once, outside any timing
         masked = [mask_text_regions(images[i], quads[i]) for i in range(lo, hi) if quads[i]]
-        pixels = torch.cat(list(clip.pixel_batches(images[lo:hi] + masked)))
+        pixels = clip.pixel_array(images[lo:hi] + masked)
         tokens = clip.tokenizer(batch["caption"])
         batches.append((batch, pixels, tokens))
 
-    def bare(pixels: Any, tokens: Any, stock_text: bool) -> Any:
+    def bare(pixels: Any, tokens: Any) -> Any:
+        """The exported towers alone (onnxruntime sessions) on the stage's inputs."""
+        for start in range(0, len(pixels), size):
+            image_emb = clip.image.run(None, {"pixels": pixels[start:start + size]})[0]
+        return image_emb, clip.text.run(None, {"tokens": trimmed(tokens)})[0]
+
+    def stock(pixels: Any, tokens: Any) -> Any:
+        """What a stock open_clip loop runs: torch's encode_image and encode_text over the full context."""
         with torch.inference_mode():
             for start in range(0, len(pixels), size):
-                image_emb = clip.model.encode_image(pixels[start:start + size])
-            text_emb = clip.model.encode_text(tokens) if stock_text else clip.text_forward(tokens)
-        return image_emb, text_emb
+                image_emb = torch_clip.model.encode_image(torch.from_numpy(pixels[start:start + size]))
+            return image_emb, torch_clip.model.encode_text(torch.from_numpy(tokens))
 
-    timers = {"stage": Timer(), "no-embeddings": Timer(), "bare": Timer(), "stock": Timer()}
+    timers = {"stage": Timer(), "stage on torch": Timer(), "no-embeddings": Timer(), "bare": Timer(), "stock": Timer()}
     with quiet_warnings():
         stage.process_batch({k: v[:2] for k, v in batches[0][0].items()})  # warm-up, untimed
-        bare(batches[0][1][:2], batches[0][2][:2], False)
-        outputs, outputs_off = [], []
+        on_torch.process_batch({k: v[:2] for k, v in batches[0][0].items()})
+        bare(batches[0][1][:2], batches[0][2][:2])
+        outputs, outputs_off, outputs_torch = [], [], []
         for _ in range(rounds):
             for batch, pixels, tokens in batches:
                 outputs.append(timers["stage"].run(lambda: stage.process_batch(batch)))
+                outputs_torch.append(timers["stage on torch"].run(lambda: on_torch.process_batch(batch)))
                 outputs_off.append(timers["no-embeddings"].run(lambda: no_embeddings.process_batch(batch)))
-                timers["bare"].run(lambda: bare(pixels, tokens, False))
-                timers["stock"].run(lambda: bare(pixels, tokens, True))
+                timers["bare"].run(lambda: bare(pixels, tokens))
+                timers["stock"].run(lambda: stock(pixels, tokens))
 
-    # the same tensors: the stage's raw scores are the cosines of the bare forward's embeddings
+    # the same inputs: the stage's raw scores are the cosines of the bare forward's embeddings,
+    # and the two engines' scores agree
     batch, pixels, tokens = batches[0]
-    with torch.inference_mode():
-        img = torch.nn.functional.normalize(clip.model.encode_image(pixels[: len(batch["uid"])]).float(), dim=-1)
-        txt = torch.nn.functional.normalize(clip.text_forward(tokens).float(), dim=-1)
-    check = float(np.abs((img * txt).sum(-1).numpy() - np.array(outputs[0]["clip_score"], dtype=np.float32)).max())
+    img, txt = bare(pixels[: len(batch["uid"])], tokens)
+    img, txt = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (img, txt))
+    check = float(np.abs((img * txt).sum(-1) - np.array(outputs[0]["clip_score"], dtype=np.float32)).max())
+    engines = float(max(abs(a - b) for out, ref in zip(outputs[: len(batches)], outputs_torch[: len(batches)])
+                        for a, b in zip(out["clip_score"], ref["clip_score"])))
 
     total = n_images * rounds
     rate = {k: total / t.wall_s for k, t in timers.items()}
     overhead = rate["stage"] / rate["bare"]
     vs_stock = rate["stage"] / rate["stock"]
+    vs_torch = rate["stage"] / rate["stage on torch"]
     forwards = sum(len(p) for _, p, _ in batches) / n_images
     per_sample = {"with": _part_bytes(outputs[: len(batches)]) / n_images,
                   "without": _part_bytes(outputs_off[: len(batches)]) / n_images}
     keep_cost = rate["stage"] / rate["no-embeddings"]
-    result.rows.append(Ratio(NAME, "stage img/s / bare forward img/s (same tensors)", overhead, "x", f">= {TARGET:g}",
-                             overhead >= TARGET, f"{rate['stage']:.2f} vs {rate['bare']:.2f} img/s, {threads} thread(s)"))
-    result.rows.append(Ratio(NAME, "stage img/s / stock open_clip forward (77-token text)", vs_stock, "x", "", None,
-                             "text forward trimmed to the longest caption (exact)"))
+    result.rows.append(Ratio(NAME, "stage img/s / bare forward img/s (same inputs)", overhead, "x", f">= {TARGET:g}",
+                             overhead >= TARGET, f"{rate['stage']:.2f} vs {rate['bare']:.2f} img/s, {threads} thread(s), onnxruntime"))
+    result.rows.append(Ratio(NAME, "stage img/s on onnxruntime / on torch (clip.engine)", vs_torch, "x", "", None,
+                             f"{rate['stage']:.2f} vs {rate['stage on torch']:.2f} img/s; scores differ by at most {engines:.1e}"))
+    result.rows.append(Ratio(NAME, "stage img/s / stock open_clip forward (torch, 77-token text)", vs_stock, "x", "", None,
+                             "onnxruntime, and the text forward trimmed to the longest caption (exact)"))
     dim = len(next(e for e in outputs[0]["image_embedding"] if e is not None))
     result.rows.append(Ratio(NAME, "stage img/s keep_embeddings on / off", keep_cost, "x", "", None,
                              f"{rate['stage']:.2f} vs {rate['no-embeddings']:.2f} img/s"))
@@ -135,22 +153,25 @@ def run(ctx: Context, threads: int = 1) -> BenchResult:
                              f"(2 x {dim} float16 = {4 * dim} B raw), zstd Parquet"))
     med = {k: statistics.median(t.laps) for k, t in timers.items()}
     result.data = {"images": n_images, "rounds": rounds, "threads": threads, "batch_size": size,
-                   "model": clip.description, "trim_text": clip.trim_text, "image_forwards_per_sample": forwards,
+                   "model": clip.description, "engine": clip.engine, "image_forwards_per_sample": forwards,
                    "images_per_s": rate, "cpu_s_per_image": {k: t.cpu_s / total for k, t in timers.items()},
                    "median_batch_s": med, "max_abs_score_diff_stage_vs_bare": check,
+                   "max_abs_score_diff_onnxruntime_vs_torch": engines,
                    "part_bytes_per_sample": per_sample, "embedding_dim": dim}
     result.markdown = "\n".join([
-        f"{n_images} embedded images x {rounds} rounds, batches of {size}, {threads} torch thread(s) (a replica's "
+        f"{n_images} embedded images x {rounds} rounds, batches of {size}, {threads} thread(s) (a replica's "
         f"CPUs in the DAG), {clip.description}, {forwards:.2f} image forwards per sample (originals + text-masked).",
         "",
         "| side | images/s | CPU s / image | median s / batch |",
         "|---|---:|---:|---:|",
         *[f"| {k} | {rate[k]:.2f} | {t.cpu_s / total:.4f} | {med[k]:.3f} |" for k, t in timers.items()],
         "",
-        "`stage`: `ClipScoreStage.process_batch` (mask, preprocess, tokenize, forward, rows); `bare`: the same "
-        "forward code on the stage's tensors made beforehand; `stock`: open_clip's own `encode_text` over the full "
-        f"context instead of the trimmed text forward. Stage scores vs cosines of the bare embeddings: max abs "
-        f"difference {check:.1e} (the same tensors). `no-embeddings`: the stage with `clip.keep_embeddings = false`.",
+        "`stage`: `ClipScoreStage.process_batch` (mask, preprocess, tokenize, forward, rows) with the shipped "
+        "engine, open_clip's model exported to onnxruntime (`clip.engine = \"auto\"` on a CPU); `stage on torch`: "
+        "the same with `clip.engine = \"torch\"`; `bare`: the exported towers alone on the stage's inputs made "
+        "beforehand; `stock`: open_clip's own `encode_image` and `encode_text` (full context) on torch. Stage scores "
+        f"vs cosines of the bare embeddings: max abs difference {check:.1e}; onnxruntime vs torch stage scores: "
+        f"{engines:.1e}. `no-embeddings`: the stage with `clip.keep_embeddings = false`.",
         "",
         f"Embeddings kept (`[clip] keep_embeddings`, the default): the clip_score part holds "
         f"{per_sample['with']:.0f} bytes per sample instead of {per_sample['without']:.0f} "

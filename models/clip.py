@@ -83,6 +83,7 @@ class ClipModel:
     meaningful: bool
     batch_size: int = 32
     trim_text: bool = False  # text forward over the batch's longest caption, not the whole context
+    engine: str = "torch"  # what runs the forward (models/clip_onnx.py: "onnxruntime")
 
     def _autocast(self) -> Any:
         import torch
@@ -106,7 +107,7 @@ class ClipModel:
         for pixels in self.pixel_batches(images):
             with torch.inference_mode(), self._autocast():
                 emb = self.model.encode_image(pixels)
-            chunks.append(_normalise(emb))
+            chunks.append(unit_rows(emb))
         return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
     def pixel_batches(self, images: Sequence[np.ndarray]) -> Iterator[Any]:
@@ -128,7 +129,7 @@ class ClipModel:
             tokens = self.tokenizer([c or "" for c in captions[start : start + self.batch_size]])
             with torch.inference_mode(), self._autocast():
                 emb = self.text_forward(tokens.to(self.device))
-            chunks.append(_normalise(emb))
+            chunks.append(unit_rows(emb))
         return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
     def text_forward(self, tokens: Any) -> Any:
@@ -170,17 +171,25 @@ def can_trim_text(model: Any) -> bool:
 def encode_text_trimmed(model: Any, tokens: Any) -> Any:
     """open_clip's ``CLIP.encode_text`` run only up to the batch's last non-padding token.
 
-    The same modules in the same order as ``encode_text``; the positional embedding and the
-    causal mask are cut to the kept length. The tokenizer pads with 0 after the EOT token, so the
-    kept length is the last non-zero position + 1. On this project's captions (~15 tokens of a
-    77-token context) the text forward costs about a quarter.
+    The tokenizer pads with 0 after the EOT token, so the kept length is the last non-zero
+    position + 1. On this project's captions (~15 tokens of a 77-token context) the text forward
+    costs about a quarter.
     """
     import torch
-    from open_clip.transformer import text_global_pool
 
     positions = torch.arange(tokens.shape[1], device=tokens.device)
     length = max(1, int(((tokens != 0) * (positions + 1)).max().item()))
-    text = tokens[:, :length]
+    return text_forward_at_length(model, tokens[:, :length])
+
+
+def text_forward_at_length(model: Any, text: Any) -> Any:
+    """``encode_text``'s modules in its order on tokens of any length (``text.shape[1]``, at most the
+    context): the positional embedding and the causal mask cut to it. What the ONNX text tower
+    is exported from (models/clip_onnx.py), so the length stays an input there."""
+    import torch
+    from open_clip.transformer import text_global_pool
+
+    length = text.shape[1]
     cast_dtype = model.transformer.get_cast_dtype()
     x = model.token_embedding(text).to(cast_dtype)
     x = x + model.positional_embedding[:length].to(cast_dtype)
@@ -215,9 +224,10 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.clip(np.einsum("ij,ij->i", a, b), -1.0, 1.0).astype(np.float32)
 
 
-def _normalise(emb: Any) -> np.ndarray:
-    """To float32 first, then unit length: fp16 outputs are re-normalised at full precision."""
-    x = emb.float().cpu().numpy()
+def unit_rows(emb: Any) -> np.ndarray:
+    """Embeddings (a torch tensor or an array) to float32 first, then unit length: fp16 outputs are
+    re-normalised at full precision."""
+    x = emb.float().cpu().numpy() if hasattr(emb, "detach") else np.asarray(emb, np.float32)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return (x / np.maximum(norms, 1e-12)).astype(np.float32)
 
@@ -229,7 +239,7 @@ def relative_image_cost(model: str) -> float:
     hub names) count as ViT-B-32 (4x). Sizing actor pools needs only this rough ratio between
     stages (stages/clip_score.py ``cost_per_image``), not a benchmark per model.
     """
-    vision = (_model_config(model) or {}).get("vision_cfg", {}) if ":" not in model else {}
+    vision = (model_config(model) or {}).get("vision_cfg", {}) if ":" not in model else {}
     layers, width, patch, size = (vision.get(k) for k in ("layers", "width", "patch_size", "image_size"))
     if not all(isinstance(v, int) for v in (layers, width, patch)) or not isinstance(size, (int, list, tuple)):
         return 4.0
@@ -238,7 +248,7 @@ def relative_image_cost(model: str) -> float:
     return layers * tokens * width**2 / (12 * 50 * 384**2)
 
 
-def _model_config(model: str) -> dict | None:
+def model_config(model: str) -> dict | None:
     """The model's config as ``open_clip.get_model_config`` gives it (a JSON file named after the
     model, in this project's configs or open_clip's), read without importing open_clip: the
     driver sizes the actor pools with it, and importing open_clip (torch, torchvision) there cost
@@ -284,6 +294,14 @@ def weights_description(model: str, pretrained: str, seed: int) -> tuple[str, bo
     return f"{model} {pretrained}", True
 
 
+def warn_if_random(meaningful: bool) -> None:
+    """``RandomWeightsWarning``, once per process, for weights that are a seeded random init."""
+    global _warned_random
+    if not meaningful and not _warned_random:
+        _warned_random = True
+        warnings.warn(RANDOM_WEIGHTS_MESSAGE, RandomWeightsWarning, stacklevel=3)
+
+
 def load_clip(
     model: str,
     pretrained: str,
@@ -299,7 +317,6 @@ def load_clip(
     sets torch's intra-op threads to the replica's CPU share, since torch would otherwise use
     every core of the node and oversubscribe it when several actors share a machine.
     """
-    global _warned_random
     import open_clip
     import torch
 
@@ -327,9 +344,7 @@ def load_clip(
     net.eval().requires_grad_(False)
 
     description, meaningful = weights_description(model, pretrained, seed)
-    if not meaningful and not _warned_random:
-        _warned_random = True
-        warnings.warn(RANDOM_WEIGHTS_MESSAGE, RandomWeightsWarning, stacklevel=2)
+    warn_if_random(meaningful)
 
     if precision == "amp" and device.startswith("cuda"):
         actual = "amp-bf16" if torch.cuda.is_bf16_supported() else "amp-fp16"

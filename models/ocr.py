@@ -37,7 +37,6 @@ Quads are returned in the pixel coordinates of the image that was passed in.
 from __future__ import annotations
 
 import importlib.util
-import io
 import logging
 import math
 import re
@@ -486,44 +485,18 @@ def quantize_craft(model_bytes: bytes, reduce_range: bool | None = None) -> byte
 
 
 def _export_craft_onnx(net: Any) -> bytes:
-    """Export CRAFT with dynamic batch/height/width to ONNX bytes.
-
-    torch's TorchScript exporter imports the ``onnx`` package only to splice custom onnxscript
-    functions into the model; CRAFT has none. When ``onnx`` is not installed we skip that step
-    (the exported bytes are then exactly what torch's C++ exporter wrote); the caller validates
-    the result numerically and falls back to torch on any failure.
-    """
-    import importlib.util
-
+    """Export CRAFT with dynamic batch/height/width to ONNX bytes (the caller validates the result
+    numerically and falls back to torch on any failure)."""
     import torch
 
-    example = torch.zeros((1, 3, 64, 64), dtype=torch.float32)
-    buf = io.BytesIO()
-    kwargs: dict[str, Any] = dict(
-        input_names=["image"],
-        output_names=["y", "feature"],
-        dynamic_axes={
-            "image": {0: "n", 2: "h", 3: "w"},
-            "y": {0: "n", 1: "h2", 2: "w2"},
-            "feature": {0: "n", 2: "h2", 3: "w2"},
-        },
-        opset_version=17,
-        dynamo=False,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if importlib.util.find_spec("onnx") is not None:
-            torch.onnx.export(net, (example,), buf, **kwargs)
-        else:
-            from torch.onnx._internal.torchscript_exporter import onnx_proto_utils
+    from models.onnx_export import export_onnx
 
-            original = onnx_proto_utils._add_onnxscript_fn
-            onnx_proto_utils._add_onnxscript_fn = lambda model_bytes, custom_opsets: model_bytes
-            try:
-                torch.onnx.export(net, (example,), buf, **kwargs)
-            finally:
-                onnx_proto_utils._add_onnxscript_fn = original
-    return buf.getvalue()
+    example = torch.zeros((1, 3, 64, 64), dtype=torch.float32)
+    return export_onnx(net, (example,), ["image"], ["y", "feature"], {
+        "image": {0: "n", 2: "h", 3: "w"},
+        "y": {0: "n", 1: "h2", 2: "w2"},
+        "feature": {0: "n", 2: "h2", 3: "w2"},
+    })
 
 
 def _craft_weights(reader: Any) -> Any:

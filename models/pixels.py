@@ -44,7 +44,7 @@ DCT_SCALES = (8, 4, 2)  # libjpeg's scaled decodes Pillow's JPEG draft offers (1
 
 
 @dataclass(frozen=True)
-class _Recipe:
+class Recipe:
     """What a recognised open_clip transform does, as numbers."""
 
     out_hw: tuple[int, int]  # output (height, width)
@@ -56,7 +56,7 @@ class _Recipe:
     ratio: tuple[float, float] | None = None  # train: its aspect range
 
 
-def _recognise(transform: Any) -> _Recipe | None:
+def _recognise(transform: Any) -> Recipe | None:
     """The recipe of open_clip's eval or train transform, or None for anything else."""
     import torchvision.transforms as T
     import torchvision.transforms.functional as F
@@ -80,7 +80,7 @@ def _recognise(transform: Any) -> _Recipe | None:
         resample = F.pil_modes_mapping.get(crop.interpolation)
         if resample is None or crop.antialias is False:
             return None
-        return _Recipe(tuple(crop.size), resample, mean, std, scale=tuple(crop.scale), ratio=tuple(crop.ratio))
+        return Recipe(tuple(crop.size), resample, mean, std, scale=tuple(crop.scale), ratio=tuple(crop.ratio))
     if len(steps) == 2 and isinstance(steps[0], T.Resize) and isinstance(steps[1], T.CenterCrop):
         resize, centre = steps
         size = resize.size if isinstance(resize.size, int) else (resize.size[0] if len(resize.size) == 1 else None)
@@ -90,7 +90,7 @@ def _recognise(transform: Any) -> _Recipe | None:
         out = tuple(centre.size)
         if out[0] > size or out[1] > size:
             return None  # the crop would pad: leave it to torchvision
-        return _Recipe(out, resample, mean, std, resize=size)
+        return Recipe(out, resample, mean, std, resize=size)
     return None
 
 
@@ -134,9 +134,12 @@ class Pixels:
     whole per image (``fast`` is False), and ``to_model`` then only moves the batch.
     """
 
-    def __init__(self, transform: Any) -> None:
+    def __init__(self, transform: Any, recipe: Recipe | None = None) -> None:
+        """``transform``: open_clip's (recognised here, which imports torchvision); or None and the
+        ``recipe`` it was recognised as before (models/clip_onnx.py keeps it beside an exported
+        model, so its actor needs neither torch nor torchvision)."""
         self.transform = transform
-        self.recipe = _recognise(transform)
+        self.recipe = recipe if transform is None else _recognise(transform)
         self.fast = self.recipe is not None
         self._norm: dict[str, tuple[Any, Any]] = {}
         self._rng: random.Random | None = None  # the crops' draws, made in the process that decodes
@@ -228,16 +231,20 @@ class Pixels:
 
         if not self.fast:
             return torch.stack(list(items))
+        if not normalise:
+            return torch.from_numpy(np.ascontiguousarray(np.stack(items).transpose(0, 3, 1, 2)))
+        return torch.from_numpy(self.normalised(items))
+
+    def normalised(self, items: Sequence[np.ndarray]) -> np.ndarray:
+        """HxWx3 uint8 images as the model's float32 NCHW input, in numpy (no torch): the float32
+        operations of ``ToTensor`` and ``Normalize``, in their order, so the same values."""
         recipe = self.recipe
         assert recipe is not None
-        batch = np.stack(items).transpose(0, 3, 1, 2)
-        if not normalise:
-            return torch.from_numpy(np.ascontiguousarray(batch))
-        x = batch.astype(np.float32, order="C")
-        x /= np.float32(255)  # the float32 operations of ToTensor and Normalize, in their order: the same values
+        x = np.stack(items).transpose(0, 3, 1, 2).astype(np.float32, order="C")
+        x /= np.float32(255)
         x -= np.asarray(recipe.mean, np.float32).reshape(1, 3, 1, 1)
         x /= np.asarray(recipe.std, np.float32).reshape(1, 3, 1, 1)
-        return torch.from_numpy(x)
+        return x
 
     def to_model(self, batch: Any, device: str = "cpu") -> Any:
         """The model's input on ``device``: a uint8 batch normalised there (``ToTensor`` + ``Normalize``),
