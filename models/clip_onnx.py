@@ -267,6 +267,7 @@ def export_clip(clip: ClipModel, folder: Path, key: dict[str, Any]) -> None:
     meta = {"key": key, "description": clip.description, "meaningful": clip.meaningful,
             "recipe": asdict(recipe), "context_length": tokenizer.context_length,
             "probe_tokens": probe_tokens.tolist(), "probe_image": want_image.tolist(), "probe_text": want_text.tolist()}
+    _sweep_dead_builds(folder)
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -282,6 +283,25 @@ def export_clip(clip: ClipModel, folder: Path, key: dict[str, Any]) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sweep_dead_builds(folder: Path) -> None:
+    """Remove the temporary folders of builds whose process is gone (an actor killed mid-export
+    leaves one of ~250 MB; a live one, another actor building now, is left alone)."""
+    for tmp in folder.parent.glob(f".{folder.name}.*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if not pid.isdigit() or not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 # -- load (no torch) -----------------------------------------------------------------------------

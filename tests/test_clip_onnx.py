@@ -91,10 +91,17 @@ def test_onnx_scores_equal_open_clips(cache, model) -> None:
 
 
 def test_a_cached_model_loads_without_torch_and_a_bad_one_is_rebuilt(cache, caplog) -> None:
-    """The second actor (a fresh process) reads the build and never imports torch; a build that
-    fails its probe check is rebuilt, never used."""
+    """A build sweeps what dead builds left; the second actor (a fresh process) reads the build and
+    never imports torch; a build that fails its probe check is rebuilt, never used."""
+    folder = cache_folder(cache_key("curation-tiny", "", 0))
+    dead = folder.with_name(f".{folder.name}.999999999.tmp")  # an actor killed mid-export left its half-built folder
+    live = folder.with_name(f".{folder.name}.{os.getppid()}.tmp")  # a process that is alive: another build now
+    for tmp in (dead, live):
+        tmp.mkdir(parents=True)
+        (tmp / "image.onnx").write_bytes(b"half")
     first = load_clip_scorer("curation-tiny", "", device="cpu", precision="fp32", seed=0)
     assert isinstance(first, OnnxClip)
+    assert not dead.exists() and live.exists()  # swept, and another process's build in progress left alone
     code = ("import sys; from models.clip_onnx import load_clip_scorer; "
             "s = load_clip_scorer('curation-tiny', '', device='cpu', precision='fp32', seed=0); "
             "print(type(s).__name__, 'torch' in sys.modules)")
@@ -103,7 +110,6 @@ def test_a_cached_model_loads_without_torch_and_a_bad_one_is_rebuilt(cache, capl
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["OnnxClip", "False"], done.stdout
 
-    folder = cache_folder(cache_key("curation-tiny", "", 0))
     meta = json.loads((folder / "meta.json").read_text())
     meta["probe_image"][0][0] += 0.01  # as if the model on disk no longer computed what torch did
     (folder / "meta.json").write_text(json.dumps(meta))
