@@ -330,15 +330,13 @@ def eval_embeddings(eval_set: EvalSet, clip_config: Any, description: str) -> np
     if not encoded:  # hashes came from the cache: read the bytes again
         encoded = tuple(d for _, d in (eval_set.builtin.files() if eval_set.name == BUILTIN
                                        else _read_files(eval_set.name)))
-    from core.devices import resolve_device
-    from models.clip import load_clip
+    from core.devices import cuda_visible, resolve_device
+    from models.clip_onnx import load_clip_scorer
 
-    cfg = clip_config
-    import torch
-
-    device = resolve_device(cfg.device, torch.cuda.is_available(), "clip.device")
-    clip = load_clip(cfg.model, cfg.pretrained, device=device,
-                     precision=cfg.precision, seed=cfg.seed, batch_size=cfg.batch_for(device))
+    cfg = clip_config  # the engine the pool's embeddings came from (stages/clip_score.py): the same arithmetic
+    device = resolve_device(cfg.device, cuda_visible(), "clip.device")
+    clip = load_clip_scorer(cfg.model, cfg.pretrained, device=device, precision=cfg.precision, seed=cfg.seed,
+                            engine=cfg.engine, batch_size=cfg.batch_for(device))
     vectors = clip.encode_images([_decode_rgb(d) for d in encoded]).astype(np.float32)
     write_atomic(path, lambda f: np.save(f, vectors))
     return vectors
