@@ -70,8 +70,21 @@ def file_sha256(path: str) -> str:
     return sha256_of(Path(path))
 
 
+class PairScores:
+    """The CLIP score of (image, caption) pairs, for any model with ``encode_images`` and
+    ``encode_texts`` (``ClipModel`` here, ``OnnxClip`` in models/clip_onnx.py)."""
+
+    def encode_pairs(self, images: Sequence[np.ndarray], captions: Sequence[str]) -> np.ndarray:
+        """Cosine similarity of each image with its own caption (the CLIP score), float32."""
+        if len(images) != len(captions):
+            raise ValueError(f"{len(images)} images but {len(captions)} captions")
+        if not images:
+            return np.zeros(0, np.float32)
+        return cosine_rows(self.encode_images(images), self.encode_texts(captions))  # type: ignore[attr-defined]
+
+
 @dataclass
-class ClipModel:
+class ClipModel(PairScores):
     """A loaded open_clip model with what is needed to score (image, caption) pairs."""
 
     model: Any  # open_clip CLIP / CustomTextCLIP, eval mode, no grads
@@ -137,14 +150,6 @@ class ClipModel:
         if self.trim_text:
             return encode_text_trimmed(self.model, tokens)
         return self.model.encode_text(tokens)
-
-    def encode_pairs(self, images: Sequence[np.ndarray], captions: Sequence[str]) -> np.ndarray:
-        """Cosine similarity of each image with its own caption (the CLIP score), float32."""
-        if len(images) != len(captions):
-            raise ValueError(f"{len(images)} images but {len(captions)} captions")
-        if not images:
-            return np.zeros(0, np.float32)
-        return cosine_rows(self.encode_images(images), self.encode_texts(captions))
 
 
 def can_trim_text(model: Any) -> bool:

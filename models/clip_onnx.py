@@ -48,7 +48,7 @@ from core.cache import cache_dir, file_sha256
 from core.errors import ConfigError
 from core.images import as_rgb
 from models.clip import (
-    ClipModel, can_trim_text, cosine_rows, load_clip, model_config, text_forward_at_length, unit_rows, warn_if_random,
+    ClipModel, PairScores, can_trim_text, load_clip, model_config, text_forward_at_length, unit_rows, warn_if_random,
 )
 from models.clip_tokens import ClipTokenizer
 from models.pixels import Pixels, Recipe
@@ -72,7 +72,7 @@ class UnsupportedExport(Exception):
 
 
 @dataclass
-class OnnxClip:
+class OnnxClip(PairScores):
     """An exported CLIP on onnxruntime, with ``ClipModel``'s scoring interface (CPU, fp32)."""
 
     image: Any  # onnxruntime.InferenceSession: float32 NCHW pixels -> image embeddings
@@ -108,14 +108,6 @@ class OnnxClip:
             tokens = self.tokenizer([c or "" for c in captions[start : start + self.batch_size]])
             chunks.append(unit_rows(self.text.run(None, {"tokens": trimmed(tokens)})[0]))
         return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
-
-    def encode_pairs(self, images: Sequence[np.ndarray], captions: Sequence[str]) -> np.ndarray:
-        """Cosine similarity of each image with its own caption (the CLIP score), float32."""
-        if len(images) != len(captions):
-            raise ValueError(f"{len(images)} images but {len(captions)} captions")
-        if not images:
-            return np.zeros(0, np.float32)
-        return cosine_rows(self.encode_images(images), self.encode_texts(captions))
 
 
 def trimmed(tokens: np.ndarray) -> np.ndarray:
@@ -224,9 +216,10 @@ def _check_exportable(clip: ClipModel) -> Recipe:
     return recipe
 
 
-def export_clip(clip: ClipModel, folder: Path, key: dict[str, Any]) -> None:
+def export_clip(clip: ClipModel, folder: Path, key: dict[str, Any], num_threads: int = 1, batch_size: int = 32) -> OnnxClip:
     """Export ``clip``'s towers to ``folder`` with the probe references, checked before it is put in
-    place (a temporary folder, then a rename: two actors building at once leave one whole folder)."""
+    place (a temporary folder, then a rename: two actors building at once leave one whole folder);
+    the checked model, its sessions already in memory."""
     import torch
 
     from models.onnx_export import export_onnx
@@ -275,7 +268,7 @@ def export_clip(clip: ClipModel, folder: Path, key: dict[str, Any]) -> None:
         (tmp / "image.onnx").write_bytes(image_bytes)
         (tmp / "text.onnx").write_bytes(text_bytes)
         (tmp / "meta.json").write_text(json.dumps(meta))
-        load_onnx_clip(tmp, num_threads=1)  # the probe check, before anyone can read it
+        checked = load_onnx_clip(tmp, num_threads, batch_size)  # the probe check, before anyone can read it
         try:
             os.replace(tmp, folder)
         except OSError:
@@ -283,6 +276,7 @@ def export_clip(clip: ClipModel, folder: Path, key: dict[str, Any]) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return checked
 
 
 def _sweep_dead_builds(folder: Path) -> None:
@@ -377,8 +371,7 @@ def load_clip_scorer(
             shutil.rmtree(folder, ignore_errors=True)
     clip = torch_model()
     try:
-        export_clip(clip, folder, key)
-        return load_onnx_clip(folder, threads, batch_size)
+        return export_clip(clip, folder, key, threads, batch_size)
     except UnsupportedExport as err:
         if engine == "onnx":
             raise ConfigError(f"clip.engine 'onnx' cannot run {model}: {err} (use engine 'auto' or 'torch')") from err

@@ -7,7 +7,8 @@ This is the same algorithm over the same vocabulary file (open_clip's
 gives CLIP models by default: ``clean="lower"`` (ftfy, HTML entities twice, whitespace collapsed,
 lower case), the start and end tokens, truncation to the context with the end token kept last,
 zeros after. Any other tokenizer (a Hugging Face one, another cleaning, a reduction mask) is not
-this one: the engine then stays on torch (``clip_onnx.tokenizer_is_simple``).
+this one: the engine then stays on torch (``clip_onnx._check_exportable``, and the export's
+probe comparison with open_clip's ids).
 
 Equality with open_clip is tested on real alt-text captions (tests/test_clip_onnx.py) and checked
 again whenever a model is exported.
