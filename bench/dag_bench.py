@@ -279,10 +279,28 @@ def _cli_run(pool: Any, shards: list[str], root: Path) -> dict[str, Any]:
         raise RuntimeError(f"every one of the {n} images came out in the first batch: no steady rate to measure")
     return {
         "images": n, "shards": len(shards), "seconds": wall, "milestones": milestones,
-        "model_load_s": {k: v["model_loaded"] - v["actor_start"] for k, v in by_stage.items()},
+        "model_load_s": _load_seconds(events),
         "first_rows": rows, "steady_images_per_s": (n - rows) / steady_s, "images_per_s": n / wall,
         "cpu_seconds": memory.cpu_seconds, "peak_rss_mib": mib(memory.peak),
     }
+
+
+def _load_seconds(events: list[dict[str, Any]]) -> dict[str, float]:
+    """Each stage's set-up in its pool's first actor: from the actor's start, or, for a stage that
+    rides in the actor of the one before it (pipeline.sample_runner.pools), from that one's end."""
+    starts: dict[tuple[str, int], float] = {}
+    loads: dict[str, dict] = {}
+    for e in events:
+        if e["event"] == "actor_start":
+            starts.setdefault((e["stage"], e["pid"]), e["t"])
+        elif e["event"] == "model_loaded":
+            loads.setdefault(e["stage"], e)
+    out = {}
+    for stage, loaded in loads.items():
+        began = starts[(stage, loaded["pid"])]
+        before = [x["t"] for x in loads.values() if x["pid"] == loaded["pid"] and began <= x["t"] < loaded["t"]]
+        out[stage] = loaded["t"] - max([began, *before])
+    return out
 
 
 def _stock_run(samples: list[dict[str, Any]], folder: Path) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from pipeline.dag import (
 )
 from pipeline.download_runner import DownloadReport, plan_download, run_download
 from pipeline.policy_runner import POOL_PART, SelectionReport, run_pool_step, select_policies
-from pipeline.ray_runtime import ray_session
+from pipeline.ray_runtime import RayStart, ray_session
 from pipeline.sample_runner import SampleReport, run_per_sample, shards_missing
 from sources import DatasetSource
 from stages.decontaminate import check_eval_sets
@@ -140,11 +140,17 @@ def curate(
 
     with contextlib.ExitStack() as stack:
         ray_up = False
+        starting: RayStart | None = None
+        sample_steps = tuple(s for s in SAMPLE_STEPS if s.name in chosen and s.enabled(config))
+        if work.todo or (sample_steps and shards_missing(layout, sample_steps)):
+            # work that needs Ray: start it now, under the rest of the planning (RayStart)
+            starting = RayStart(address)
+            stack.callback(starting.abandon)
 
         def ensure_ray() -> None:
             nonlocal ray_up
             if not ray_up:
-                where = stack.enter_context(ray_session(address))
+                where = stack.enter_context(ray_session(address, started=starting))
                 print(f"curate {source.config.name} -> {layout.root}  ({where})", file=sys.stderr)
                 ray_up = True
 

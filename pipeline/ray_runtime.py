@@ -29,20 +29,10 @@ from core import timeline
 RAY_SYSTEM_CONFIG: dict = {"kill_idle_workers_interval_ms": 0}
 
 
-@contextlib.contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[str]:
-    """Connect to (or start) Ray for the block; reuse a session that is already up (tests, notebooks).
-
-    Yields a one-line description of where the work runs, for the summary.
-    """
-    import ray
-
-    if ray.is_initialized():
-        yield _describe(ray)
-        return
+def _init_args(address: str | None, num_cpus: int | None) -> tuple[str | None, dict]:
+    """``ray.init``'s address and keyword arguments for a run (see ``ray_session``)."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True}
-    quiet_known_noise()
     if address is None:
         # "local": a Ray of this run's own, as --help says, also when another Ray runs on this machine
         # (`ray start --head`): without it ray.init joins that one and refuses num_cpus with a
@@ -54,11 +44,104 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         # (NO_ALBUMENTATIONS_UPDATE among it, as core/__init__.py sets it), and a job runtime_env, even
         # one of env_vars only, keeps Ray from handing the workers it pre-started to the first
         # actors: 1-1.7 s more before each actor started (issue 27).
+    return address, kwargs
+
+
+class RayStart:
+    """``ray.init`` begun on a thread while the driver goes on planning, for a run that will need
+    Ray: its ~3 s start is mostly waiting on the processes it spawns (GCS, dashboard, raylet,
+    agents), which the planning's CPU work overlaps. ``ray_session(started=...)`` takes it over;
+    ``abandon`` (a run that stopped first) waits for it and shuts it down. Nothing starts when a
+    Ray is already up in this process (tests, notebooks): the session reuses that one.
+
+    The thread lives until Ray is shut down: Ray starts its processes with the parent-death
+    signal, which Linux sends when the *thread* that spawned them ends (they were killed, and the
+    driver exited 1 a minute later, "Failed to connect to GCS").
+    """
+
+    def __init__(self, address: str | None = None, num_cpus: int | None = None) -> None:
+        import ray
+
+        self.error: BaseException | None = None
+        self.taken = False
+        self._thread: threading.Thread | None = None
+        self._up = threading.Event()
+        self._down = threading.Event()
+        if ray.is_initialized():
+            return
+        address, kwargs = _init_args(address, num_cpus)
+        quiet_known_noise()
+        timeline.absolute()
+        timeline.mark("ray_start")
+        self._thread = threading.Thread(target=self._hold, args=(address, kwargs), name="ray-start", daemon=True)
+        self._thread.start()
+
+    def _hold(self, address: str, kwargs: dict) -> None:
+        import ray
+
+        try:
+            ray.init(address=address, **kwargs)
+            timeline.mark("ray_ready")
+        except BaseException as err:  # noqa: BLE001 - handed to the thread that waits (wait)
+            self.error = err
+            return
+        finally:
+            self._up.set()
+        self._down.wait()  # Ray's processes die with this thread
+
+    def wait(self) -> bool:
+        """Block until Ray is up (raising what ``ray.init`` raised); whether this start began it."""
+        if self._thread is None:
+            return False
+        self._up.wait()
+        if self.error is not None:
+            raise self.error
+        return True
+
+    def release(self) -> None:
+        """After ``ray.shutdown``: let the thread end."""
+        self._down.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def abandon(self) -> None:
+        """A run that ends before its session took this Ray over: wait for the start, shut it down."""
+        if self._thread is None or self.taken:
+            return
+        self._up.wait()
+        if self.error is None:
+            import ray
+
+            ray.shutdown()
+        self.release()
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None,
+                started: RayStart | None = None) -> Iterator[str]:
+    """Connect to (or start) Ray for the block; reuse a session that is already up (tests, notebooks).
+
+    ``started``: a ``RayStart`` begun earlier (same address), taken over rather than starting again.
+    Yields a one-line description of where the work runs, for the summary.
+    """
+    import ray
+
+    if started is not None:
+        started.taken = True
+        began = started.wait()
+    else:
+        began = False
+    if ray.is_initialized() and not began:
+        yield _describe(ray)
+        return
     on_term = signal.getsignal(signal.SIGTERM)
-    timeline.absolute()
-    timeline.mark("ray_start")
-    ray.init(address=address, **kwargs)
-    timeline.mark("ray_ready")
+    if not began:
+        address, kwargs = _init_args(address, num_cpus)
+        quiet_known_noise()
+        timeline.absolute()
+        timeline.mark("ray_start")
+        ray.init(address=address, **kwargs)
+        timeline.mark("ray_ready")
     if on_term is not None and threading.current_thread() is threading.main_thread():
         # ray.init replaces the SIGTERM handler (its core worker then aborts the process with a
         # stack dump, exit 134): keep the caller's, so SIGTERM stops a run like Ctrl-C.
@@ -68,6 +151,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
             yield _describe(ray)
     finally:
         ray.shutdown()
+        if started is not None:
+            started.release()
 
 
 # Lines Ray's C++ core writes to the driver's stderr (file descriptor 2, not Python's logging)
@@ -127,21 +212,31 @@ def quiet_known_noise() -> None:
     so taking the key here, once, is how to say "already said".
 
     Ray also warns on every start of a local cluster that it enabled token authentication (its
-    default, which we keep): that line is dropped, and any other of that logger's warnings kept.
+    default, which we keep): that line is dropped, and any other of that logger's warnings kept;
+    so is its note that a ``ray.init`` on a thread (``RayStart``) set no SIGTERM handler.
     (Setting RAY_AUTH_MODE=token, which also silences it, made ray.init fail with InvalidAuthToken
     when another local Ray had written a different token.)
     """
     from ray.util.debug import log_once
 
     log_once("ray_data_progress_manager_disabled")
-    auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    if not any(isinstance(f, _DropTokenAuthNotice) for f in auth.filters):
-        auth.addFilter(_DropTokenAuthNotice())
+    for name, notice in (("ray._private.authentication.authentication_token_setup",
+                          "Token authentication is enabled for this Ray cluster"),
+                         # RayStart runs ray.init on a thread, where Ray leaves the SIGTERM handler
+                         # alone, and says so: ours is the one the run keeps anyway (ray_session)
+                         ("ray._private.worker", "SIGTERM handler is not set because current thread")):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotice) and f.notice == notice for f in logger.filters):
+            logger.addFilter(_DropNotice(notice))
 
 
-class _DropTokenAuthNotice(logging.Filter):
+class _DropNotice(logging.Filter):
+    def __init__(self, notice: str) -> None:
+        super().__init__()
+        self.notice = notice
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+        return not record.getMessage().startswith(self.notice)
 
 
 def _describe(ray) -> str:  # noqa: ANN001 - the ray module

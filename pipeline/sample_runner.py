@@ -3,8 +3,8 @@
 Each downloaded shard is read once and each image decoded once; model stages run as actor pools
 (``map_batches`` with the CPUs, GPUs, batch size and replicas the stage declares), so a model
 loads once per replica. A pool declared ``replicas = "auto"`` is sized from the cluster and what
-each stage costs per image (:func:`size_pools`): on 2 cores, two one-thread OCR replicas and one
-of each cheap stage, so that both cores work. Only small result columns come back to the driver, which writes one
+each stage costs per image (:func:`size_pools`), so that every core works; a stage without a
+model (parrot, dedup) runs in the actor of the CPU stage before it (:func:`pools`). Only small result columns come back to the driver, which writes one
 manifest part per shard per stage, atomically, as soon as the shard's last sample arrives. Shards
 whose parts exist are skipped; a shard missing only some stages runs only those.
 
@@ -20,6 +20,7 @@ import dataclasses
 import io
 import logging
 import os
+import re
 import sys
 import tarfile
 import threading
@@ -121,6 +122,9 @@ def read_shard(item: dict[str, Any]) -> list[dict[str, Any]]:
     return sorted(rows.values(), key=lambda r: r["key"])  # the tar's order: batches as before
 
 
+OBJECT_AT = re.compile(r" object at 0x[0-9a-fA-F]+>")
+
+
 def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
     """Decode each image once, to RGB uint8; a failure is a row with a reason, not an exception."""
     from PIL import Image
@@ -133,7 +137,8 @@ def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
             errors.append(None)
         except Exception as err:  # noqa: BLE001 - any decode failure is recorded per row
             images.append(_NO_IMAGE)
-            errors.append(f"decode failed: {type(err).__name__}: {err}")
+            # without the object's address PIL names (<_io.BytesIO object at 0x...>): the same bytes, the same reason
+            errors.append(f"decode failed: {type(err).__name__}: {OBJECT_AT.sub('>', str(err))}")
     out = {k: v for k, v in batch.items() if k != "jpg"}
     out["image"] = images
     out["decode_error"] = errors
@@ -162,50 +167,83 @@ ACTOR_INIT_DEATHS_TOLERATED = 4
 
 
 class StageActor:
-    """One replica of a stage in a Ray Data actor pool: set up once, then called per batch.
+    """One replica of a Ray Data actor pool: its stage, and the light stages that ride along after
+    it (:func:`pools`), each set up once, then called per batch in order.
 
-    The stage gets ``uid`` and what it declares it reads; what it returns must be exactly its
-    output schema's columns (checked on every batch: a missing column is named, never filled in).
+    A stage gets ``uid`` and every column before it (what it declares it reads among them); what
+    it returns must be exactly its output schema's columns (checked on every batch: a missing
+    column is named, never filled in). Within one actor a stage's output goes to the next as the
+    stage wrote it, without Ray's conversions in between.
     """
 
-    def __init__(self, step: Step, config: Config, keep_image: bool = True) -> None:
-        timeline.mark("actor_start", stage=step.name)  # the worker process is up and has imported this module
+    def __init__(self, steps: Step | tuple[Step, ...], config: Config, keep_image: bool = True) -> None:
+        steps = (steps,) if isinstance(steps, Step) else tuple(steps)
+        for step in steps:
+            timeline.mark("actor_start", stage=step.name)  # the worker process is up and has imported this module
         if os.environ.get(BROKEN_NODE_HOOK):
-            raise RuntimeError(f"{step.name}: cannot set up on this node ({BROKEN_NODE_HOOK} is set: a test's broken node)")
-        self.stage: Stage = step.make(config, None)
-        with warnings.catch_warnings():  # the driver said these once (run_per_sample); not once per replica
-            for category in self.stage.announced_warnings:
-                warnings.simplefilter("ignore", category)
-            self.stage.setup()
-        timeline.mark("model_loaded", stage=step.name)
+            raise RuntimeError(f"{steps[0].name}: cannot set up on this node ({BROKEN_NODE_HOOK} is set: a test's broken node)")
+        self.stages: list[Stage] = []
+        for step in steps:
+            stage = step.make(config, None)
+            with warnings.catch_warnings():  # the driver said these once (run_per_sample); not once per replica
+                for category in stage.announced_warnings:
+                    warnings.simplefilter("ignore", category)
+                stage.setup()
+            timeline.mark("model_loaded", stage=step.name)
+            self.stages.append(stage)
         self.keep_image = keep_image  # the last stage that reads pixels drops them: only small columns go on
         self.batches = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        if os.environ.get(HANG_HOOK) == self.stage.name:  # tests only: a model call that never returns
-            threading.Event().wait()
-        columns = {k: (v if k == IMAGE else _from_ray(v)) for k, v in batch.items()}
-        inputs = {k: list(v) for k, v in columns.items() if k != IMAGE}
-        if IMAGE in batch:
-            inputs[IMAGE] = [None if a is None or a.size == 0 else a for a in batch[IMAGE]]
-        produced = self.stage.process_batch(inputs)
-        self.stage.check_output(produced)
-        if not self.batches:
-            timeline.mark("first_batch_done", stage=self.stage.name, rows=len(inputs["uid"]))
+        columns: dict[str, Any] = {k: (v if k == IMAGE else _from_ray(v)) for k, v in batch.items()}
+        for stage in self.stages:
+            if os.environ.get(HANG_HOOK) == stage.name:  # tests only: a model call that never returns
+                threading.Event().wait()
+            inputs = {k: list(v) for k, v in columns.items() if k != IMAGE}
+            if IMAGE in columns:
+                inputs[IMAGE] = [None if a is None or a.size == 0 else a for a in columns[IMAGE]]
+            produced = stage.process_batch(inputs)
+            stage.check_output(produced)
+            if not self.batches:
+                timeline.mark("first_batch_done", stage=stage.name, rows=len(inputs["uid"]))
+            columns.update((column, values) for column, values in produced.items() if column != "uid")
         self.batches += 1
-        out: dict[str, Any] = {
-            k: (v if k == IMAGE or v.dtype != object else _plain(v))
-            for k, v in columns.items()
-            if k != IMAGE or self.keep_image
-        }
-        for column, values in produced.items():
-            if column != "uid":
-                # vectors (CLIP's embeddings) as plain lists: Ray makes a block whose vectors are all
-                # present a tensor column and one with a None (a failed row) an object column, and
-                # a later operator cannot concatenate the two (ArrowConversionError, found when
-                # batches of 8 put a failed row in a block of its own)
-                out[column] = _plain(values) if any(isinstance(v, np.ndarray) for v in values) else values
+        out = {k: _outgoing(v) for k, v in columns.items() if k != IMAGE}
+        if IMAGE in columns and self.keep_image:
+            out[IMAGE] = columns[IMAGE]  # as Ray gave it: one array per image
         return out
+
+
+def _outgoing(values: Any) -> Any:
+    """A column as it leaves the actor. Ray's numpy columns go back as they came, save object
+    columns as plain values; a stage's list goes as it is, save one holding vectors (CLIP's
+    embeddings): as plain lists, since Ray makes a block whose vectors are all present a tensor
+    column and one with a None (a failed row) an object column, and a later operator cannot
+    concatenate the two (ArrowConversionError, found when batches of 8 put a failed row in a block
+    of its own)."""
+    if isinstance(values, np.ndarray):
+        return values if values.dtype != object else _plain(values)
+    return _plain(values) if any(isinstance(v, np.ndarray) for v in values) else values
+
+
+def pools(steps: list[Step], declared: dict[str, Resources]) -> list[tuple[Step, ...]]:
+    """The actor pools of one streaming pipeline, each the stages its actors run, in order.
+
+    A stage that ``rides_along`` (no model, ~ms a sample: parrot, dedup) runs in the actor of the
+    stage before it when that stage runs on CPU only, as Ray Data fuses its own operators: a
+    worker process fewer to start (~1.5 CPU-s each: Ray, Ray Data and our modules imported), and
+    no hop through the object store. After a GPU stage it keeps a pool of its own, so that the
+    GPU actor's loop stays the model's. Every other stage is a pool of its own.
+    """
+    chains: list[list[Step]] = []
+    for step in steps:
+        host = chains[-1][0] if chains else None
+        if (host is not None and step.stage.rides_along and declared[step.name].gpus == 0
+                and declared[host.name].gpus == 0):
+            chains[-1].append(step)
+        else:
+            chains.append([step])
+    return [tuple(chain) for chain in chains]
 
 
 READ_CPUS = 0.25  # reading a tar and decoding JPEGs is light next to the model stages
@@ -288,8 +326,10 @@ def fit_to_cluster(declared: dict[str, Any], cluster_cpus: float) -> float:
 def _typed(column: pa.ChunkedArray, target: pa.DataType) -> pa.ChunkedArray:
     """Cast a column to its schema type. Ray turns a column with missing values into floats with
     NaN on its way through a later actor (all-null strings too, which would cast to the text
-    "nan"); where the schema says int or string, those NaNs are the missing values: nulls."""
-    if pa.types.is_floating(column.type) and not pa.types.is_floating(target):
+    "nan"). No stage writes NaN, so every NaN is a missing value: a null, also where the schema
+    says float (a failed row's clip_score, which came out NaN when dedup's actor followed CLIP's;
+    DuckDB sorts NaN above every number, so ``clip_score >= 0.3`` kept it)."""
+    if pa.types.is_floating(column.type):
         column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
     return column.cast(target)
 
@@ -464,16 +504,19 @@ def _streaming_dataset(
     ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(read_shard, num_cpus=READ_CPUS)
     if read_images:
         ds = ds.map_batches(decode_batch, batch_size=16, batch_format="numpy", num_cpus=READ_CPUS)
-    declared = pool_sizes(config, run_steps, cluster)
+    sized = pool_sizes(config, run_steps, cluster)
+    chains = pools(run_steps, sized)
+    declared = {chain[0].name: sized[chain[0].name] for chain in chains}  # riders ask for nothing of their own
     scale = fit_to_cluster(declared, cluster.get("CPU", 1))
     requests: dict[str, dict[str, float]] = {}
-    for i, s in enumerate(run_steps):
-        res: Resources = declared[s.name]
-        requests[s.name] = {"CPU": res.cpus * scale, "GPU": res.gpus, "replicas": float(res.replicas)}
-        keep_image = any(IMAGE in later.stage.reads for later in run_steps[i + 1:])  # else the pixels stop here
+    for chain in chains:
+        res: Resources = declared[chain[0].name]
+        requests[chain[0].name] = {"CPU": res.cpus * scale, "GPU": res.gpus, "replicas": float(res.replicas)}
+        later = run_steps[run_steps.index(chain[-1]) + 1:]
+        keep_image = any(IMAGE in s.stage.reads for s in later)  # else the pixels stop here
         ds = ds.map_batches(
             StageActor,
-            fn_constructor_args=(s, config, keep_image),
+            fn_constructor_args=(chain, config, keep_image),
             batch_size=res.batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=res.replicas),

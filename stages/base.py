@@ -55,6 +55,9 @@ class Stage(ABC):
     reads: ClassVar[tuple[str, ...]]
     output_schema: ClassVar[pa.Schema]
     status_column: ClassVar[str | None] = None
+    # No model and ~ms a sample: on CPU the runner runs it in the actor of the stage before it
+    # rather than in a pool of its own (pipeline.sample_runner.pools).
+    rides_along: ClassVar[bool] = False
 
     @abstractmethod
     def resources(self, gpus_available: bool) -> Resources:

@@ -200,6 +200,7 @@ class DedupStage(BatchStage):
     reads = ("image",)
     output_schema = schema_for("dedup")
     status_column = "dedup_status"
+    rides_along = True  # runs in the actor before it, on CPU (pipeline.sample_runner.pools)
 
     def __init__(self, config: DedupConfig) -> None:
         self.config = config

@@ -268,6 +268,7 @@ class ParrotStage(BatchStage):
     reads = ("caption", "ocr_status", "texts", "ocr_text")  # text only: a parrot-only rerun decodes no image
     output_schema = schema_for("parrot")
     status_column = "parrot_status"
+    rides_along = True  # runs in the actor before it, on CPU (pipeline.sample_runner.pools)
 
     def __init__(self, config: ParrotConfig) -> None:
         self.config = config

@@ -11,12 +11,14 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 import pipeline  # noqa: F401
 from pipeline.config import load_config
 from pipeline.dag import SAMPLE_STEPS
-from pipeline.sample_runner import StageActor, decode_batch
+from pipeline.sample_runner import StageActor, _stage_table, decode_batch, pools
+from stages.base import Resources
 
 
 def _jpeg(seed: int) -> bytes:
@@ -65,3 +67,47 @@ def test_a_block_of_embeddings_merges_with_one_holding_a_failed_row(ray_local):
     assert [r["clip_status"] for r in rows] == ["ok"] * 7 + ["failed"]
     assert rows[7]["image_embedding"] is None
     assert all(len(r["image_embedding"]) == len(rows[0]["text_embedding"]) > 0 for r in rows[:7])
+
+
+def test_a_light_stage_in_the_actor_before_it_gives_the_rows_of_its_own_pool(ray_local):
+    """dedup riding in CLIP's actor (the stage's output handed over in memory) gives the rows it
+    gives in a pool of its own (through Ray's conversions), a failed row included."""
+    import dataclasses
+
+    clip, dedup = (next(s for s in SAMPLE_STEPS if s.name == name) for name in ("clip_score", "dedup"))
+    config = load_config()
+    config = dataclasses.replace(config, clip=dataclasses.replace(config.clip, model="curation-tiny", device="cpu"))
+    items = [{"uid": f"u{i}", "jpg": _jpeg(i), "caption": f"photo {i}", "ocr_status": "ok"} for i in range(7)]
+    items += [{"uid": "u7", "jpg": b"not a jpeg", "caption": "broken", "ocr_status": "failed"}]
+
+    def run(chains: list[tuple]) -> list[dict]:
+        ds = ray_local.data.from_items(items, override_num_blocks=2).map_batches(decode_batch, batch_size=4)
+        for k, chain in enumerate(chains):
+            ds = ds.map_batches(StageActor, fn_constructor_args=(chain, config, k < len(chains) - 1), batch_size=4,
+                                compute=ray_local.data.ActorPoolStrategy(size=1))
+        ds = ds.map_batches(lambda batch: batch, batch_size=8, batch_format="pyarrow")
+        return sorted(ds.take_all(), key=lambda r: r["uid"])
+
+    together, apart = run([(clip, dedup)]), run([(clip,), (dedup,)])
+    assert "image" not in together[0]
+    assert [r["dedup_status"] for r in together] == ["ok"] * 7 + ["failed"]
+    assert all(len(r["image_embedding"]) > 0 for r in together[:7]) and together[7]["image_embedding"] is None
+    # in its own pool the failed row's clip_score came through Ray's conversions as NaN; the
+    # driver's parts (what the manifests hold) are the same either way, the score a null
+    parts = [{s.stage.name: _stage_table(pa.Table.from_pylist(rows), s.stage) for s in (clip, dedup)}
+             for rows in (together, apart)]
+    for name in ("clip_score", "dedup"):
+        assert parts[0][name].equals(parts[1][name]), name
+    assert parts[1]["clip_score"].column("clip_score").null_count == 1
+
+
+def test_light_stages_ride_along_only_after_a_cpu_stage():
+    steps = {s.name: s for s in SAMPLE_STEPS}
+    cpu = {name: Resources(cpus=1.0) for name in steps}
+    names = ["ocr", "parrot", "caption", "clip_score", "dedup"]
+    chains = pools([steps[n] for n in names], cpu)
+    assert [[s.name for s in chain] for chain in chains] == [["ocr", "parrot"], ["caption"], ["clip_score", "dedup"]]
+    on_gpu = {**cpu, "ocr": Resources(cpus=1.0, gpus=0.5), "clip_score": Resources(cpus=1.0, gpus=0.5)}
+    assert [[s.name for s in chain] for chain in pools([steps[n] for n in names], on_gpu)] == [[n] for n in names]
+    # a rerun of parrot alone: nothing before it to ride in
+    assert [[s.name for s in chain] for chain in pools([steps["parrot"]], cpu)] == [["parrot"]]

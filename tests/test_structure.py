@@ -276,3 +276,12 @@ def test_policy_params_are_named_once_and_checked(tmp_path):
     path.write_text('[policies.x]\nrules = { a = "clip_score > {floor}" }\nparams = { floor = true }\n')
     with pytest.raises(ConfigError, match="policies.x.params.floor.float must be float"):
         load_config(path)
+
+
+def test_make_compiles_every_package_that_pip_installs():
+    """`make`'s bytecode step names each package the editable install ships (pyproject's list):
+    one left out would be compiled again by every Ray worker at every start where
+    PYTHONDONTWRITEBYTECODE is set."""
+    line = next(x for x in (ROOT / "Makefile").read_text().splitlines() if "-m compileall" in x)
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert set(line.split("-q", 1)[1].split()) == {p.rstrip("*") for p in include} == set(PACKAGES)
