@@ -47,6 +47,18 @@ def _init_args(address: str | None, num_cpus: int | None) -> tuple[str | None, d
     return address, kwargs
 
 
+def _init(address: str | None, num_cpus: int | None) -> None:
+    """``ray.init`` for a run, its start and end on the timeline (``RayStart`` and ``ray_session``)."""
+    import ray
+
+    address, kwargs = _init_args(address, num_cpus)
+    quiet_known_noise()
+    timeline.absolute()
+    timeline.mark("ray_start")
+    ray.init(address=address, **kwargs)
+    timeline.mark("ray_ready")
+
+
 class RayStart:
     """``ray.init`` begun on a thread while the driver goes on planning, for a run that will need
     Ray: its ~3 s start is mostly waiting on the processes it spawns (GCS, dashboard, raylet,
@@ -69,19 +81,12 @@ class RayStart:
         self._down = threading.Event()
         if ray.is_initialized():
             return
-        address, kwargs = _init_args(address, num_cpus)
-        quiet_known_noise()
-        timeline.absolute()
-        timeline.mark("ray_start")
-        self._thread = threading.Thread(target=self._hold, args=(address, kwargs), name="ray-start", daemon=True)
+        self._thread = threading.Thread(target=self._hold, args=(address, num_cpus), name="ray-start", daemon=True)
         self._thread.start()
 
-    def _hold(self, address: str, kwargs: dict) -> None:
-        import ray
-
+    def _hold(self, address: str | None, num_cpus: int | None) -> None:
         try:
-            ray.init(address=address, **kwargs)
-            timeline.mark("ray_ready")
+            _init(address, num_cpus)
         except BaseException as err:  # noqa: BLE001 - handed to the thread that waits (wait)
             self.error = err
             return
@@ -136,12 +141,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None,
         return
     on_term = signal.getsignal(signal.SIGTERM)
     if not began:
-        address, kwargs = _init_args(address, num_cpus)
-        quiet_known_noise()
-        timeline.absolute()
-        timeline.mark("ray_start")
-        ray.init(address=address, **kwargs)
-        timeline.mark("ray_ready")
+        _init(address, num_cpus)
     if on_term is not None and threading.current_thread() is threading.main_thread():
         # ray.init replaces the SIGTERM handler (its core worker then aborts the process with a
         # stack dump, exit 134): keep the caller's, so SIGTERM stops a run like Ctrl-C.
