@@ -229,3 +229,52 @@ def test_train_refuses_a_bad_config_before_any_work(shards, tmp_path):
     with pytest.raises(ConfigError, match="train.masking"):
         train(shards, tmp_path, dataclasses.replace(TINY, masking="blocks"), progress=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_cpu_training_loader_worker_runs_below_the_training_threads(shards):
+    """On a CPU the DataLoader worker is niced to the lowest priority, so that it decodes in the gaps
+    the model's threads leave instead of taking a core from one of them (bench: train rows)."""
+    import open_clip
+    import psutil
+
+    from models.pixels import Pixels
+    from training.train import LOADER_NICENESS, CuratedShards, _batches
+
+    _, preprocess, _ = _create("curation-tiny")
+    cfg = dataclasses.replace(TINY, workers=1)
+    loader = iter(_batches(CuratedShards(shard_urls(shards)), Pixels(preprocess), open_clip.get_tokenizer("curation-tiny"),
+                           cfg, 0, "cpu"))
+    images, _ = next(loader)
+    assert images.shape[0] == cfg.batch_size
+    niceness = {p.pid: p.nice() for p in psutil.Process().children()}  # the worker process
+    del loader
+    assert LOADER_NICENESS in niceness.values(), niceness
+
+
+def test_the_train_command_lets_idle_openmp_threads_sleep_before_torch_loads(tmp_path):
+    """``train`` sets OMP_WAIT_POLICY=PASSIVE before it imports torch (libgomp reads it once, at load);
+    a policy the user set is kept; once torch is loaded the call changes nothing."""
+    import os
+    import subprocess
+    import sys
+
+    run = ("import os, sys\n"
+           "from pipeline.cli import main\n"
+           "try:\n"
+           "    main(['train', '--output', sys.argv[1], '--no-progress'])\n"
+           "except SystemExit:\n"
+           "    pass\n"
+           "print('policy', os.environ.get('OMP_WAIT_POLICY'))\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    done = subprocess.run([sys.executable, "-c", run, str(tmp_path / "empty")], env=env, capture_output=True, text=True)
+    assert "no finished curated shards" in done.stdout + done.stderr  # the command ran and refused: nothing to train
+    assert done.stdout.strip().splitlines()[-1] == "policy PASSIVE"
+
+    mine = subprocess.run([sys.executable, "-c", run, str(tmp_path / "empty")], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                          capture_output=True, text=True)
+    assert mine.stdout.strip().splitlines()[-1] == "policy ACTIVE"
+
+    late = subprocess.run([sys.executable, "-c", "import os, torch\nfrom training.train import sleeping_omp_threads\n"
+                           "sleeping_omp_threads()\nprint('policy', os.environ.get('OMP_WAIT_POLICY'))"],
+                          env=env, capture_output=True, text=True)
+    assert late.stdout.strip().splitlines()[-1] == "policy None"

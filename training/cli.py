@@ -82,6 +82,9 @@ def _with_train(config: Config, **changes: object) -> Config:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from training.train import sleeping_omp_threads
+
+    sleeping_omp_threads()  # before torch loads: the loader worker gets the cores the model's threads leave
     from manifests.store import RunLayout
     from training.ablation import train_on_policy
 
@@ -106,6 +109,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_ablation(args: argparse.Namespace) -> int:
+    from training.train import sleeping_omp_threads
+
+    sleeping_omp_threads()  # before torch loads (see cmd_train)
     from training.ablation import format_result, run_ablation
 
     config = _with_train(load_config(args.config), steps=args.steps)
