@@ -142,9 +142,10 @@ def curate(
         ray_up = False
         starting: RayStart | None = None
         sample_steps = tuple(s for s in SAMPLE_STEPS if s.name in chosen and s.enabled(config))
-        if work.todo or (sample_steps and shards_missing(layout, sample_steps)):
+        streaming = bool(sample_steps) and bool(work.todo or shards_missing(layout, sample_steps))
+        if work.todo or streaming:
             # work that needs Ray: start it now, under the rest of the planning (RayStart)
-            starting = RayStart(address)
+            starting = RayStart(address, preload=("ray.data",) if streaming else ())
             stack.callback(starting.abandon)
 
         def ensure_ray() -> None:

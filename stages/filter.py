@@ -98,16 +98,19 @@ def _parse(statement: str) -> dict:
     return json.loads(_parsed_text(statement))
 
 
+# The texts are inlined as SQL literals, not passed as ``?`` parameters: to type a parameter,
+# DuckDB's Python binding imports pandas (0.3 s), and `curate` parses the policies while it plans,
+# before Ray starts (issue 27).
 @functools.lru_cache(maxsize=256)
 def _parsed_text(statement: str) -> str:
     with _PARSER_LOCK:
-        return _parser().execute("select json_serialize_sql(?)", [statement]).fetchone()[0]
+        return _parser().execute(f"select json_serialize_sql({sql_string(statement)})").fetchone()[0]
 
 
 def _unparse(tree: dict) -> str:
     """A syntax tree (:func:`_parse`) back to SQL text."""
     with _PARSER_LOCK:
-        return _parser().execute("select json_deserialize_sql(?::json)", [json.dumps(tree)]).fetchone()[0]
+        return _parser().execute(f"select json_deserialize_sql({sql_string(json.dumps(tree))}::json)").fetchone()[0]
 
 
 @functools.cache

@@ -21,17 +21,21 @@ def test_a_ray_started_on_a_thread_serves_the_run_after_the_thread_would_have_en
     """The processes Ray spawns die with the thread that spawned them (the parent-death signal):
     the session must still run tasks well after ray.init returned, then shut down."""
     out = _run(
-        "import time, ray\n"
+        "import sys, time, ray\n"
         "from pipeline.ray_runtime import RayStart, ray_session\n"
-        "start = RayStart(num_cpus=2)\n"
+        "start = RayStart(num_cpus=2, preload=('ray.data',))\n"
+        "print('ray.data before', 'ray.data' in sys.modules, flush=True)\n"
         "with ray_session(started=start) as where:\n"
+        "    print('ray.data in the session', 'ray.data' in sys.modules, flush=True)\n"
         "    time.sleep(3)\n"
         "    print(where, ray.get(ray.remote(lambda: 41 + 1).remote()), flush=True)\n"
         "print('after', ray.is_initialized(), start._thread.is_alive() if start._thread else None)\n"
     )
     lines = out.splitlines()
-    assert lines[0].startswith("Ray ") and lines[0].endswith(" 42"), out
-    assert lines[1] == "after False False", out  # shut down, and the thread that held it has ended
+    # the module the run needs next was imported by the waiting thread, not left for after the start
+    assert lines[:2] == ["ray.data before False", "ray.data in the session True"], out
+    assert lines[2].startswith("Ray ") and lines[2].endswith(" 42"), out
+    assert lines[3] == "after False False", out  # shut down, and the thread that held it has ended
 
 
 def test_a_run_that_stops_before_its_session_shuts_the_early_ray_down():
