@@ -30,7 +30,7 @@ into a loop with checkpoints, a log and resume.
   cores. torch's idle OpenMP threads sleep instead of spinning (:func:`sleeping_omp_threads`, which the
   train and ablation commands call first), and the workers run at the lowest priority
   (:func:`_below_the_training`), so they decode in the gaps the model leaves rather than taking a
-  core from it: 0.80x -> 0.89x of the in-memory rate on 2 cores (``make bench --only train``).
+  core from it: 0.80x -> 0.88-0.91x of the in-memory rate on 2 cores (``make bench --only train``).
 """
 
 from __future__ import annotations
