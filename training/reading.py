@@ -303,8 +303,12 @@ def _stream(draws: _Draws, workers: int, first: int = 0) -> Iterator[tuple[Any, 
                 yield draws.batch(number)
                 number += stride
 
+    from training.train import below_the_training
+
+    # the drawing workers share the CPU with the tower's threads: they run below them (train.py)
     loader = torch.utils.data.DataLoader(Batches(), batch_size=None, num_workers=workers,
-                                         prefetch_factor=4 if workers else None, persistent_workers=False)
+                                         prefetch_factor=4 if workers else None, persistent_workers=False,
+                                         worker_init_fn=below_the_training if workers else None)
     return iter(loader)
 
 
@@ -489,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="TOML whose [reading] section to use (default: the shipped)")
     parser.add_argument("--ship", action="store_true", help="write the start into training/reading_starts/")
     args = parser.parse_args(argv)
+    from training.train import sleeping_omp_threads
+
+    sleeping_omp_threads()  # before torch loads: the drawing workers get the cores the tower's threads leave
     cfg = load_config(args.config).reading
     for model in args.models:
         print(reading_start(model, cfg).summary())

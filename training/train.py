@@ -29,7 +29,7 @@ into a loop with checkpoints, a log and resume.
 - **Sharing a CPU with the loader**: on a CPU the DataLoader workers and torch's threads share the
   cores. torch's idle OpenMP threads sleep instead of spinning (:func:`sleeping_omp_threads`, which the
   train and ablation commands call first), and the workers run at the lowest priority
-  (:func:`_below_the_training`), so they decode in the gaps the model leaves rather than taking a
+  (:func:`below_the_training`), so they decode in the gaps the model leaves rather than taking a
   core from it: 0.80x -> 0.88-0.91x of the in-memory rate on 2 cores (``make bench --only train``).
 """
 
@@ -279,7 +279,7 @@ def sleeping_omp_threads() -> None:
         os.environ.setdefault(OMP_WAIT_POLICY, "PASSIVE")
 
 
-def _below_the_training(worker_id: int) -> None:
+def below_the_training(worker_id: int) -> None:
     """A CPU training's DataLoader worker runs at the lowest priority (``LOADER_NICENESS``): the
     model's threads keep the cores, and the worker decodes when they wait (between parallel regions,
     in the optimiser's Python), a batch or two ahead. Otherwise it takes a core from one of the two
@@ -380,7 +380,7 @@ def _batches(source: SampleSource, pixels: Pixels, tokenizer: Any, cfg: TrainCon
         num_workers=cfg.workers,
         pin_memory=device == "cuda",
         generator=torch.Generator().manual_seed(seed),  # the workers' torch seeds: the random crops
-        worker_init_fn=_below_the_training if device == "cpu" else None,  # on a GPU node the loader has cores of its own
+        worker_init_fn=below_the_training if device == "cpu" else None,  # on a GPU node the loader has cores of its own
     )
 
 
