@@ -272,18 +272,20 @@ def sleeping_omp_threads() -> None:
     libgomp's threads spin between parallel regions by default, on cores that a CPU training's
     DataLoader worker needs; asleep they leave them to it (2 cores: from shards 0.80x -> 0.86x of
     the in-memory rate alone, 0.89x with the worker niced; the in-memory step was no slower).
-    libgomp reads the variable once, when torch loads, so the train and ablation commands call this
-    before anything imports torch; once torch is loaded it changes nothing. Child processes (loader
+    libgomp reads the variable once, when torch loads, so the train and ablation commands and
+    ``python -m training.reading`` call this before anything imports torch; once torch is loaded it
+    changes nothing. Child processes (loader
     workers, a Ray started afterwards) inherit it."""
     if "torch" not in sys.modules:
         os.environ.setdefault(OMP_WAIT_POLICY, "PASSIVE")
 
 
 def below_the_training(worker_id: int) -> None:
-    """A CPU training's DataLoader worker runs at the lowest priority (``LOADER_NICENESS``): the
-    model's threads keep the cores, and the worker decodes when they wait (between parallel regions,
-    in the optimiser's Python), a batch or two ahead. Otherwise it takes a core from one of the two
-    threads, and the other waits for it at every parallel region."""
+    """A CPU training's DataLoader worker (and the reading start's drawing worker) runs at the
+    lowest priority (``LOADER_NICENESS``): the model's threads keep the cores, and the worker
+    decodes when they wait (between parallel regions, in the optimiser's Python), a batch or two
+    ahead. Otherwise it takes a core from one of the two threads, and the other waits for it at
+    every parallel region."""
     os.nice(LOADER_NICENESS)
 
 
