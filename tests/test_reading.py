@@ -202,8 +202,30 @@ def test_probe_reads_the_eval_sets_through_the_word_head(tmp_path, monkeypatch):
     assert all(0.0 <= v <= 1.0 for v in read.values())
 
 
+def test_precision_is_recorded_keys_the_start_and_the_checkpoint_is_in_the_standard_layout(tmp_path, monkeypatch):
+    import torch
+
+    from training.reading import computes_in_bf16, reading_start
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    assert computes_in_bf16("bf16") and not computes_in_bf16("fp32")
+    assert computes_in_bf16("auto") == torch.ops.mkldnn._is_mkldnn_bf16_supported()  # native bf16 only
+    built = {p: reading_start(MODEL, dataclasses.replace(TINY, precision=p), progress=False) for p in ("bf16", "fp32")}
+    assert built["bf16"].folder != built["fp32"].folder  # another precision, another start
+    weights = {}
+    for precision, start in built.items():
+        assert json.loads((Path(start.folder) / "reading.json").read_text())["precision"] == precision
+        state = torch.load(start.checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+        convs = {k: v for k, v in state.items() if k.startswith("visual.") and v.ndim == 4}
+        assert all(v.is_contiguous() for v in convs.values())  # trained channels-last, saved as every loader expects
+        weights[precision] = convs
+    # the same seed and draws: the bf16 build computed in bf16 (its weights differ from the fp32 build's)
+    assert any(not torch.equal(weights["bf16"][k], weights["fp32"][k]) for k in weights["fp32"])
+
+
 @pytest.mark.parametrize("toml, expected", [
     ("[reading]\nsteps = 0\n", "reading.steps must be >= 1"),
+    ("[reading]\nprecision = \"fp16\"\n", "reading.precision must be 'auto', 'bf16' or 'fp32', not 'fp16'"),
     ("[ablation]\nstart = \"pretrained\"\n", "ablation.start must be scratch or reading"),
 ])
 def test_bad_reading_config_is_one_message(tmp_path, toml, expected):
