@@ -75,7 +75,7 @@ class ReadingConfig:
     ablation gives every variant this same start and asks what each policy's data then teaches it.
     """
 
-    steps: int = 6_000  # optimisation steps (batch_size renders each, a fresh draw every step): ~21 min on 2 cores, once
+    steps: int = 10_000  # optimisation steps (batch_size renders each, a fresh draw every step): ~38 min on 2 cores, once
     batch_size: int = 64
     lr: float = 1e-3  # peak learning rate of the warmup + cosine schedule
     weight_decay: float = 0.05
