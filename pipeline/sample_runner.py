@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import logging
+import math
 import os
 import re
 import sys
@@ -28,7 +30,7 @@ import time
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -120,6 +122,22 @@ def read_shard(item: dict[str, Any]) -> list[dict[str, Any]]:
             if row is not None:
                 row.update(values)
     return sorted(rows.values(), key=lambda r: r["key"])  # the tar's order: batches as before
+
+
+def read_shards(batch: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
+    """Each shard item of the batch (JSON, :func:`read_shard`'s ``item``): its rows, ``DECODE_BATCH``
+    at a time, images decoded when it has a tar. One operator, so one worker process reads and
+    decodes (a read operator and a decode operator were two, each a worker that imports Ray Data
+    before the first image), and rows go on as they are decoded, not once per shard."""
+    for text in batch["item"]:
+        item = json.loads(str(text))
+        timeline.mark("shard_read_start", shard=item["shard"])
+        rows = read_shard(item)
+        columns = list(dict.fromkeys(k for row in rows for k in row))  # a uid missing from a part: None there
+        for lo in range(0, len(rows), DECODE_BATCH):
+            chunk = {k: [row.get(k) for row in rows[lo:lo + DECODE_BATCH]] for k in columns}
+            yield decode_batch(chunk) if item.get("tar") else chunk
+        timeline.mark("shard_read_end", shard=item["shard"])
 
 
 OBJECT_AT = re.compile(r" object at 0x[0-9a-fA-F]+>")
@@ -247,6 +265,7 @@ def pools(steps: list[Step], declared: dict[str, Resources]) -> list[tuple[Step,
 
 
 READ_CPUS = 0.25  # reading a tar and decoding JPEGs is light next to the model stages
+DECODE_BATCH = 16  # images a read task decodes before it hands them on
 AUTO = "auto"  # a stage's ``replicas`` when the runner is to size its pool (size_pools)
 MAX_REFITS = 3  # times one stage's pools are sized again after nodes left, before the run gives up
 READ_COST = 0.01  # CPU-s per image of reading the tar and decoding the JPEG (512 px)
@@ -299,8 +318,27 @@ def pool_sizes(config: Config, steps: list[Step], cluster: dict[str, float]) -> 
     gpus = cluster.get("GPU", 0)
     stages = {s.name: s.make(config, None) for s in steps if s.enabled(config)}  # a switched-off step has no pool
     declared = {name: stage.resources(gpus > 0) for name, stage in stages.items()}
-    costs = {name: stage.cost_per_image() for name, stage in stages.items()}
-    return size_pools(declared, costs, cluster.get("CPU", 1), gpus)
+    return size_pools(declared, stage_costs(config, steps), cluster.get("CPU", 1), gpus)
+
+
+def stage_costs(config: Config, steps: list[Step]) -> dict[str, float]:
+    """Each enabled step's CPU-seconds per sample (``cost_per_image``): what the pools are sized by."""
+    return {s.name: s.make(config, None).cost_per_image() for s in steps if s.enabled(config)}
+
+
+def read_tasks(config: Config, steps: list[Step], sized: dict[str, Resources]) -> int | None:
+    """How many read tasks may run at once: twice what reading and decoding need (``READ_COST`` a
+    sample) at the pace of the slowest pool (its replicas over the cost per sample of the stages it
+    runs), in whole tasks, at least one: 1 on 2 cores, where each task more is a worker process
+    that imports Ray Data (~1.4 CPU-s) while the models load; 7 on 64. None (Ray Data's own
+    limit) with a pool on GPUs, whose pace the CPU costs do not give."""
+    chains = pools(steps, sized)
+    if any(sized[chain[0].name].gpus for chain in chains):
+        return None
+    each = stage_costs(config, steps)
+    pace = min(sized[chain[0].name].replicas * max(1.0, sized[chain[0].name].cpus)
+               / max(sum(each[s.name] for s in chain), 1e-6) for chain in chains)
+    return max(1, math.ceil(2 * pace * READ_COST))
 
 
 def fit_to_cluster(declared: dict[str, Any], cluster_cpus: float) -> float:
@@ -501,10 +539,12 @@ def _streaming_dataset(
         }
         for shard in shards
     ]
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(read_shard, num_cpus=READ_CPUS)
-    if read_images:
-        ds = ds.map_batches(decode_batch, batch_size=16, batch_format="numpy", num_cpus=READ_CPUS)
     sized = pool_sizes(config, run_steps, cluster)
+    # one item per shard, as text: Arrow would have to type each shard's list of parts
+    shard_items = [{"item": json.dumps(item)} for item in items]
+    ds = ray.data.from_items(shard_items, override_num_blocks=len(items)).map_batches(
+        read_shards, batch_size=1, batch_format="numpy", num_cpus=READ_CPUS,
+        compute=ray.data.TaskPoolStrategy(size=read_tasks(config, run_steps, sized)))
     chains = pools(run_steps, sized)
     declared = {chain[0].name: sized[chain[0].name] for chain in chains}  # riders ask for nothing of their own
     scale = fit_to_cluster(declared, cluster.get("CPU", 1))

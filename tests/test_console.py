@@ -4,6 +4,7 @@ the summary; no traceback, abort or Ray-internal line."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -60,11 +61,29 @@ def test_a_clean_run_prints_bars_warnings_once_and_the_summary(tmp_path):
     assert pids["ocr"] != {e["pid"] for e in events if "stage" not in e}
     # the light stages ride in the actor of the stage before them (on CPU): no process of their own
     assert pids["parrot"] == pids["ocr"] and pids["dedup"] == pids["clip_score"], pids
+    # reading and decoding run as one operator, at most as many shards at once as its pace needs
+    # (one on a small machine: each task more is a worker process that imports Ray Data)
+    reads = sorted((e["t"], +1 if e["event"] == "shard_read_start" else -1) for e in events
+                   if e["event"] in ("shard_read_start", "shard_read_end"))
+    assert len(reads) == 2 * SAMPLES // SHARD_SIZE, reads
+    at_once = max(itertools.accumulate(step for _, step in reads))
+    assert at_once <= _read_tasks_here(config), reads
     unexplained = [line for line in lines if not (
         line.startswith(("curate embedded", "download:", "ocr+parrot+caption+clip_score+dedup:", "reshard all:", "warning: "))
         or line.startswith(("==", " "))
     )]
     assert not unexplained, unexplained[:10]
+
+
+def _read_tasks_here(config_path: Path) -> int:
+    """The read tasks a run of the test's config gets on this machine's cores."""
+    from pipeline.config import load_config
+    from pipeline.dag import step
+    from pipeline.sample_runner import pool_sizes, read_tasks
+
+    config = load_config(config_path)
+    steps = [step(n) for n in ("ocr", "parrot", "caption", "clip_score", "dedup")]
+    return read_tasks(config, steps, pool_sizes(config, steps, {"CPU": os.cpu_count() or 1})) or SAMPLES
 
 
 def test_the_timeline_is_written_only_when_asked_for(tmp_path, monkeypatch):

@@ -111,3 +111,53 @@ def test_light_stages_ride_along_only_after_a_cpu_stage():
     assert [[s.name for s in chain] for chain in pools([steps[n] for n in names], on_gpu)] == [[n] for n in names]
     # a rerun of parrot alone: nothing before it to ride in
     assert [[s.name for s in chain] for chain in pools([steps["parrot"]], cpu)] == [["parrot"]]
+
+
+def test_read_shards_hands_on_a_shards_rows_decoded_a_batch_at_a_time(tmp_path):
+    """One read operator reads the tar and decodes: rows in the tar's order, DECODE_BATCH at a
+    time, a corrupt image a row with its reason, a done stage's columns joined (None for a uid its
+    part lacks), and no tar opened when no stage reads pixels."""
+    import json
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    from pipeline.sample_runner import DECODE_BATCH, read_shards
+
+    keys = [f"{k:09d}" for k in range(DECODE_BATCH + 5)]
+    pq.write_table(pa.table({"uid": [f"u{k}" for k in range(len(keys))] + ["gone"], "key": keys + [None],
+                             "caption": [f"c{k}" for k in range(len(keys))] + ["x"],
+                             "status": ["ok"] * len(keys) + ["failed"]}), tmp_path / "download.parquet")
+    pq.write_table(pa.table({"uid": ["u0", "u2"], "ocr_text": ["STOP", "SALE"]}), tmp_path / "ocr.parquet")
+    with tarfile.open(tmp_path / "shard.tar", "w") as tar:
+        for k, key in enumerate(keys):
+            data = b"not a jpeg" if k == 3 else _jpeg(k)
+            member = tarfile.TarInfo(f"{key}.jpg")
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    item = {"shard": "000000", "download_part": str(tmp_path / "download.parquet"), "tar": str(tmp_path / "shard.tar"),
+            "parts": [[str(tmp_path / "ocr.parquet"), ["ocr_text"]]]}
+    batches = list(read_shards({"item": np.array([json.dumps(item)])}))
+    assert [len(b["uid"]) for b in batches] == [DECODE_BATCH, 5]
+    rows = [dict(zip(b, values)) for b in batches for values in zip(*b.values())]
+    assert [r["key"] for r in rows] == keys and "jpg" not in rows[0]
+    assert rows[0]["image"].shape == (32, 32, 3) and rows[0]["decode_error"] is None
+    assert rows[3]["image"].size == 0 and rows[3]["decode_error"].startswith("decode failed")
+    assert [r["ocr_text"] for r in rows[:3]] == ["STOP", None, "SALE"]
+    # a run whose stages read no pixels: the same rows, no tar opened, nothing decoded
+    texts = list(read_shards({"item": np.array([json.dumps({**item, "tar": None})])}))
+    assert sum(len(b["uid"]) for b in texts) == len(keys) and "image" not in texts[0] and "jpg" not in texts[0]
+
+
+def test_reading_takes_the_tasks_its_pace_needs_one_on_a_small_machine():
+    import dataclasses
+
+    from pipeline.dag import step
+    from pipeline.sample_runner import pool_sizes, read_tasks
+
+    config, steps = load_config(), [step(n) for n in ("ocr", "parrot", "clip_score")]
+    assert read_tasks(config, steps, pool_sizes(config, steps, {"CPU": 2})) == 1  # each task more: a process importing Ray Data
+    assert 1 < read_tasks(config, steps, pool_sizes(config, steps, {"CPU": 64})) < 64  # keeps up with 44 OCR replicas
+    on_gpu = dataclasses.replace(config, ocr=dataclasses.replace(config.ocr, engine="easyocr", device="cuda"))
+    sized = pool_sizes(on_gpu, steps, {"CPU": 16, "GPU": 1})
+    assert sized["ocr"].gpus > 0 and read_tasks(on_gpu, steps, sized) is None  # a GPU pool's pace: not in the CPU costs
