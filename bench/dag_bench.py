@@ -237,6 +237,21 @@ STARTUP_RUNS = 3  # starts of the command timed per size (the full run and 2 sto
 TARGET_STEADY_VS_STOCK = 3.0  # the DAG's steady img/s over the stock loop's, at F1 >= stock's
 
 
+def _curate_command(pool: Any, shards: list[str], root: Path) -> tuple[list[str], dict[str, str], Path]:
+    """The curate command the benchmark times, its environment (the shipped Ray settings, worker
+    niceness among them, and a timeline file) and that file's path, on a run root holding ``shards``."""
+    from bench.common import POOL_SHARD_SIZE, user_environment
+    from core.timeline import TIMELINE_ENV
+
+    pool.subset(shards, root)
+    path = root / "timeline.jsonl"
+    env = {**user_environment(), TIMELINE_ENV: str(path)}
+    command = [sys.executable, "-m", "pipeline", "curate", "--output", str(root), "--samples", str(pool.samples),
+               "--shard-size", str(POOL_SHARD_SIZE), "--port", str(pool.port), "--stages", "ocr,parrot,clip_score",
+               "--no-progress"]
+    return command, env, path
+
+
 def _cli_run(pool: Any, shards: list[str], root: Path) -> dict[str, Any]:
     """``python -m pipeline curate --stages ocr,parrot,clip_score`` as a user runs it (the steps
     issue 27 timed; caption and dedup are light and left out), in a fresh process with every
@@ -244,15 +259,10 @@ def _cli_run(pool: Any, shards: list[str], root: Path) -> dict[str, Any]:
     downloaded output finds them); its start-up timeline. The benchmark's own Ray is down meanwhile."""
     import subprocess
 
-    from bench.common import POOL_SHARD_SIZE, ROOT, user_environment
-    from core.timeline import TIMELINE_ENV, read
+    from bench.common import ROOT
+    from core.timeline import read
 
-    pool.subset(shards, root)
-    path = root / "timeline.jsonl"
-    env = {**user_environment(), TIMELINE_ENV: str(path)}  # the shipped Ray settings (worker niceness among them)
-    command = [sys.executable, "-m", "pipeline", "curate", "--output", str(root), "--samples", str(pool.samples),
-               "--shard-size", str(POOL_SHARD_SIZE), "--port", str(pool.port), "--stages", "ocr,parrot,clip_score",
-               "--no-progress"]
+    command, env, path = _curate_command(pool, shards, root)
     spawned = time.time()
     with TreeMemorySampler() as memory:
         done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
@@ -296,18 +306,15 @@ def _first_image_s(pool: Any, shards: list[str], root: Path) -> float:
     import signal
     import subprocess
 
-    from bench.common import POOL_SHARD_SIZE, ROOT, user_environment
-    from core.timeline import TIMELINE_ENV, read
+    from bench.common import ROOT
+    from core.timeline import read
 
-    pool.subset(shards, root)
-    path = root / "timeline.jsonl"
-    env = {**user_environment(), TIMELINE_ENV: str(path)}
-    command = [sys.executable, "-m", "pipeline", "curate", "--output", str(root), "--samples", str(pool.samples),
-               "--shard-size", str(POOL_SHARD_SIZE), "--port", str(pool.port), "--stages", "ocr,parrot,clip_score",
-               "--no-progress"]
+    command, env, path = _curate_command(pool, shards, root)
+    stderr_path = root / "curate.stderr.log"  # a file, not a pipe nobody drains while the command runs
     spawned = time.time()
-    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
+    with open(stderr_path, "w") as stderr:
+        process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr,
+                                   start_new_session=True)
     try:
         while process.poll() is None and time.time() - spawned < 300:
             if path.is_file() and '"first_images_out"' in path.read_text():
@@ -324,7 +331,7 @@ def _first_image_s(pool: Any, shards: list[str], root: Path) -> float:
             os.killpg(process.pid, signal.SIGKILL)
     firsts = [e["t"] for e in read(str(path)) if e["event"] == "first_images_out"] if path.is_file() else []
     if not firsts:
-        raise RuntimeError(f"curate gave no first images within 300 s: {process.stderr.read()[-2000:] if process.stderr else ''}")
+        raise RuntimeError(f"curate gave no first images within 300 s: {stderr_path.read_text()[-2000:]}")
     return min(firsts) - spawned
 
 

@@ -316,14 +316,20 @@ def size_pools(declared: dict[str, Resources], costs: dict[str, float], cluster_
 def pool_sizes(config: Config, steps: list[Step], cluster: dict[str, float]) -> dict[str, Resources]:
     """Each step's resources on this cluster (``ray.cluster_resources()``), auto pools sized."""
     gpus = cluster.get("GPU", 0)
-    stages = {s.name: s.make(config, None) for s in steps if s.enabled(config)}  # a switched-off step has no pool
+    stages = _enabled_stages(config, steps)  # a switched-off step has no pool
     declared = {name: stage.resources(gpus > 0) for name, stage in stages.items()}
-    return size_pools(declared, stage_costs(config, steps), cluster.get("CPU", 1), gpus)
+    costs = {name: stage.cost_per_image() for name, stage in stages.items()}
+    return size_pools(declared, costs, cluster.get("CPU", 1), gpus)
+
+
+def _enabled_stages(config: Config, steps: list[Step]) -> dict[str, Any]:
+    """Each enabled step's stage object, made without a model (its declarations only)."""
+    return {s.name: s.make(config, None) for s in steps if s.enabled(config)}
 
 
 def stage_costs(config: Config, steps: list[Step]) -> dict[str, float]:
     """Each enabled step's CPU-seconds per sample (``cost_per_image``): what the pools are sized by."""
-    return {s.name: s.make(config, None).cost_per_image() for s in steps if s.enabled(config)}
+    return {name: stage.cost_per_image() for name, stage in _enabled_stages(config, steps).items()}
 
 
 def read_tasks(config: Config, steps: list[Step], sized: dict[str, Resources]) -> int | None:

@@ -66,6 +66,9 @@ class TrainConfig:
         return problems
 
 
+SCHEDULES = ("const-cooldown", "cosine")  # the reading start's learning-rate schedules (open_clip_train.scheduler)
+
+
 @config_section
 class ReadingConfig:
     """The reading start (training/reading.py): the image tower pretrained, supervised, to name the
@@ -75,9 +78,11 @@ class ReadingConfig:
     ablation gives every variant this same start and asks what each policy's data then teaches it.
     """
 
-    steps: int = 10_000  # optimisation steps (batch_size renders each, a fresh draw every step): ~38 min on 2 cores, once
+    steps: int = 7_000  # optimisation steps (batch_size renders each, a fresh draw every step): ~23 min on 2 cores, once
     batch_size: int = 64
-    lr: float = 1e-3  # peak learning rate of the warmup + cosine schedule
+    lr: float = 1e-3  # peak learning rate, reached after warmup_steps
+    schedule: str = "const-cooldown"  # open_clip's names: "const-cooldown" (warmup-stable-decay) or "cosine"
+    cooldown_share: float = 0.2  # const-cooldown: the last share of the steps, over which the rate falls linearly to 0
     weight_decay: float = 0.05
     warmup_steps: int = 50
     seed: int = 0  # model init and the draws; the held-out renders come from seed + 1
@@ -94,6 +99,9 @@ class ReadingConfig:
              f"reading.precision must be 'auto', 'bf16' or 'fp32', not {self.precision!r}"),
             (self.batch_size >= 2, "reading.batch_size must be >= 2"),
             (self.lr > 0, "reading.lr must be > 0"),
+            (self.schedule in SCHEDULES,
+             f"reading.schedule must be {' or '.join(map(repr, SCHEDULES))}, not {self.schedule!r}"),
+            (0 < self.cooldown_share <= 1, "reading.cooldown_share must be above 0 and at most 1"),
             (self.weight_decay >= 0, "reading.weight_decay must be >= 0"),
             (0 <= self.warmup_steps < self.steps, "reading.warmup_steps must be >= 0 and below reading.steps"),
             (self.held_out >= 1, "reading.held_out must be >= 1"),

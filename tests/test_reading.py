@@ -223,8 +223,31 @@ def test_precision_is_recorded_keys_the_start_and_the_checkpoint_is_in_the_stand
     assert any(not torch.equal(weights["bf16"][k], weights["fp32"][k]) for k in weights["fp32"])
 
 
+def test_the_default_rate_warms_up_holds_then_falls_linearly_to_zero():
+    """open_clip's const-cooldown (warmup-stable-decay), the shipped default; cosine on request."""
+    import torch
+
+    from training.reading import learning_rate
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    shipped = ReadingConfig()
+    assert (shipped.schedule, shipped.cooldown_share, shipped.steps) == ("const-cooldown", 0.2, 7000)
+    cfg = ReadingConfig(steps=100, warmup_steps=10, lr=1e-3)
+    rate = learning_rate(optimizer, cfg)
+    rates = [rate(step) for step in range(cfg.steps)]
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)  # linear warmup
+    assert rates[10:80] == [1e-3] * 70  # held at the peak
+    assert rates[80] == pytest.approx(1e-3) and rates[90] == pytest.approx(5e-4) and rates[99] == pytest.approx(5e-5)
+    assert optimizer.param_groups[0]["lr"] == rates[-1]  # set on the optimiser, not only returned
+    cosine = learning_rate(optimizer, dataclasses.replace(cfg, schedule="cosine"))
+    assert cosine(55) == pytest.approx(5e-4)  # halfway through the cosine's steps after warmup
+    assert cosine(30) < 1e-3 and cosine(30) > cosine(55)
+
+
 @pytest.mark.parametrize("toml, expected", [
     ("[reading]\nsteps = 0\n", "reading.steps must be >= 1"),
+    ("[reading]\nschedule = \"linear\"\n", "reading.schedule must be 'const-cooldown' or 'cosine', not 'linear'"),
+    ("[reading]\ncooldown_share = 0\n", "reading.cooldown_share must be above 0 and at most 1"),
     ("[reading]\nprecision = \"fp16\"\n", "reading.precision must be 'auto', 'bf16' or 'fp32', not 'fp16'"),
     ("[ablation]\nstart = \"pretrained\"\n", "ablation.start must be scratch or reading"),
 ])

@@ -42,7 +42,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from core.cache import cache_dir, write_atomic
 from manifests.store import sha256_of
@@ -352,9 +352,23 @@ def _write_start(folder: Path, model: Any, heads: Any, start: ReadingStart, cfg:
     write_atomic(folder / INFO_FILE, lambda f: f.write((json.dumps(info, indent=1) + "\n").encode()))
 
 
+def learning_rate(optimizer: Any, cfg: ReadingConfig) -> Callable[[int], float]:
+    """The build's rate, step -> lr (set on ``optimizer``), from open_clip's own schedules.
+
+    ``const-cooldown`` (warmup-stable-decay) is the default because the tower leaves chance only
+    after ~1,500 steps: a cosine has spent much of its rate by then, while a held rate keeps it
+    learning and the linear fall at the end settles it (7,000 such steps read as well as 10,000
+    cosine ones: docs/ablation.md)."""
+    from open_clip_train.scheduler import const_lr_cooldown, cosine_lr
+
+    if cfg.schedule == "cosine":
+        return cosine_lr(optimizer, cfg.lr, cfg.warmup_steps, cfg.steps)
+    cooldown = max(1, round(cfg.steps * cfg.cooldown_share))
+    return const_lr_cooldown(optimizer, cfg.lr, cfg.warmup_steps, cfg.steps, cooldown)
+
+
 def _build(model_name: str, cfg: ReadingConfig, folder: Path, progress: bool) -> ReadingStart:
     import torch
-    from open_clip_train.scheduler import cosine_lr
     from tqdm import tqdm
 
     from training.train import adamw, intra_op_threads, truncate_log
@@ -368,7 +382,7 @@ def _build(model_name: str, cfg: ReadingConfig, folder: Path, progress: bool) ->
     bags = ngram_bags(words)
     trained = torch.nn.ModuleDict({"visual": model.visual, "heads": heads})
     optimizer = adamw(trained, cfg)
-    schedule = cosine_lr(optimizer, cfg.lr, cfg.warmup_steps, cfg.steps)
+    schedule = learning_rate(optimizer, cfg)
     held = _Draws(cfg.seed + 1, cfg.held_out, side, preprocess).batch(0)  # unseen draws: another seed
     folder.mkdir(parents=True, exist_ok=True)
     (folder / INFO_FILE).unlink(missing_ok=True)  # the marker of a start that did not pass its check goes first
