@@ -171,6 +171,9 @@ def test_claims_are_judged_on_the_means_over_seeds(tmp_path):
     verdicts = [(c.claim, c.held) for c in claims(result)]
     assert verdicts[0] == ("the unfiltered CLIP learns to read (text-only top-1 >= 0.5)", True)
     assert verdicts[1][1] is True  # drop 0.25 >= 0.15, attack success 0.45 >= 2 x 0.125
+    # the evidence says how far past chance, and how many of the errors the attack made (0.45 of 0.65 wrong)
+    assert "attack success 0.450 (3.60x chance); 0.69 of its errors under the attack name the written class " \
+        "(at random: 0.14)" in claims(result)[1].evidence
     by_claim = dict(verdicts)
     assert by_claim["no-text drops at most a third as much under the attack"] is True
     assert by_claim["no-text keeps clean zero-shot (within 0.05 of unfiltered, or better)"] is True

@@ -479,6 +479,16 @@ class Claim:
     evidence: str
 
 
+def _fooled_share(metrics: dict[str, float], chance: float) -> str:
+    """How many of the attacked images a model gets wrong go to the written class, against a wrong
+    guess at random (1 in classes - 1): how far its errors are the attack's, whatever their number."""
+    wrong = 1.0 - metrics["typographic_top1"]
+    if wrong <= 0 or chance <= 0:
+        return ""
+    return (f"; {metrics['attack_success_rate'] / wrong:.2f} of its errors under the attack name the written class "
+            f"(at random: {chance / (1 - chance):.2f})")
+
+
 def claims(result: AblationResult) -> list[Claim]:
     """The issue-17 targets, each stated as the paper's claim and checked on this run's means."""
     stats = summarise(result)
@@ -494,7 +504,8 @@ def claims(result: AblationResult) -> list[Claim]:
         "it falls for the typographic attack (top-1 >= 0.15 below clean; written class predicted >= 2x chance)",
         base["typographic_drop"] >= 0.15 and base["attack_success_rate"] >= 2 * chance,
         f"{SCORER_POLICY}: clean {base['clean_top1']:.3f} -> typographic {base['typographic_top1']:.3f} "
-        f"(drop {base['typographic_drop']:.3f}); attack success {base['attack_success_rate']:.3f}"))
+        f"(drop {base['typographic_drop']:.3f}); attack success {base['attack_success_rate']:.3f} "
+        f"({base['attack_success_rate'] / chance:.2f}x chance){_fooled_share(base, chance)}"))
     base_drop = base["typographic_drop"]
     attacked = out[-1].held  # a filter can only remove an attack the unfiltered model falls for
     for policy in FILTERED + ("no-parrot-tmars",):
