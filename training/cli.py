@@ -56,7 +56,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "unfiltered model, re-score CLIP with it, train one model per policy for the same [train].steps, "
         "evaluate every model, and write <output>/ablation/ (ablation.md, ablation.csv, per_class.csv, "
         "PNG plots) and a section of <output>/report/index.html. With [ablation] start = \"reading\" (configs/"
-        "ablation-reading.toml) every model starts from a tower taught first to read 1,000 written words ([reading]; "
+        "ablation-reading.toml, the preset `make ablation` runs) every model starts from a tower taught first to read 1,000 written words ([reading]; "
         "a start carried into training/reading_starts/ for its settings, else built once and cached in "
         "~/.cache/clip-curation/reading/). Resumable at every step.",
     )
