@@ -327,8 +327,11 @@ def _first_image_s(pool: Any, shards: list[str], root: Path) -> float:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     finally:
-        if process.poll() is None:
+        try:  # whatever of its session is left (Ray's processes among them), even after a clean exit
             os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
     firsts = [e["t"] for e in read(str(path)) if e["event"] == "first_images_out"] if path.is_file() else []
     if not firsts:
         raise RuntimeError(f"curate gave no first images within 300 s: {stderr_path.read_text()[-2000:]}")

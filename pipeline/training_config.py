@@ -91,6 +91,10 @@ class ReadingConfig:
     workers: int = 1  # processes drawing the words (about 2-4 ms per image each)
     precision: str = "auto"  # "auto": bf16 autocast where the CPU computes bf16 natively, else fp32; "bf16"; "fp32"
 
+    def cooldown_steps(self) -> int:
+        """The last steps over which ``const-cooldown`` lowers the rate to 0 (at least one)."""
+        return max(1, round(self.steps * self.cooldown_share))
+
     def problems(self) -> list[str]:
         """What types cannot say: ranges, as readable messages (empty when fine)."""
         return require(
@@ -101,7 +105,10 @@ class ReadingConfig:
             (self.lr > 0, "reading.lr must be > 0"),
             (self.schedule in SCHEDULES,
              f"reading.schedule must be {' or '.join(map(repr, SCHEDULES))}, not {self.schedule!r}"),
-            (0 < self.cooldown_share <= 1, "reading.cooldown_share must be above 0 and at most 1"),
+            (0 < self.cooldown_share <= 1, f"reading.cooldown_share must be above 0 and at most 1, not {self.cooldown_share!r}"),
+            (self.schedule != "const-cooldown" or self.warmup_steps + self.cooldown_steps() <= self.steps,
+             f"reading.warmup_steps ({self.warmup_steps}) and the cooldown (reading.cooldown_share x steps = "
+             f"{self.cooldown_steps()} steps) must fit in reading.steps ({self.steps})"),
             (self.weight_decay >= 0, "reading.weight_decay must be >= 0"),
             (0 <= self.warmup_steps < self.steps, "reading.warmup_steps must be >= 0 and below reading.steps"),
             (self.held_out >= 1, "reading.held_out must be >= 1"),

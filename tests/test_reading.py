@@ -247,7 +247,10 @@ def test_the_default_rate_warms_up_holds_then_falls_linearly_to_zero():
 @pytest.mark.parametrize("toml, expected", [
     ("[reading]\nsteps = 0\n", "reading.steps must be >= 1"),
     ("[reading]\nschedule = \"linear\"\n", "reading.schedule must be 'const-cooldown' or 'cosine', not 'linear'"),
-    ("[reading]\ncooldown_share = 0\n", "reading.cooldown_share must be above 0 and at most 1"),
+    ("[reading]\ncooldown_share = 0\n", "reading.cooldown_share must be above 0 and at most 1, not 0"),
+    ("[reading]\nsteps = 100\nwarmup_steps = 90\n",
+     r"reading.warmup_steps \(90\) and the cooldown \(reading.cooldown_share x steps = 20 steps\) must fit in "
+     r"reading.steps \(100\)"),
     ("[reading]\nprecision = \"fp16\"\n", "reading.precision must be 'auto', 'bf16' or 'fp32', not 'fp16'"),
     ("[ablation]\nstart = \"pretrained\"\n", "ablation.start must be scratch or reading"),
 ])

@@ -133,7 +133,8 @@ def test_default_toml_states_the_same_defaults_as_the_classes():
         data = tomllib.load(f)
     shipped = load_config()
     plain = Config()
-    for section in ("download", "ocr", "parrot", "caption", "clip", "dedup", "faces", "reshard", "train", "ablation"):
+    for section in ("download", "ocr", "parrot", "caption", "clip", "dedup", "faces", "reshard", "train", "ablation",
+                    "reading", "decontaminate", "watchdog"):
         cls = type(getattr(plain, section))
         assert set(data[section]) == {f for f in cls.__dataclass_fields__}, f"[{section}] must list every key once"
         assert getattr(shipped, section) == getattr(plain, section), f"[{section}] in default.toml differs from {cls.__name__}"

@@ -363,8 +363,7 @@ def learning_rate(optimizer: Any, cfg: ReadingConfig) -> Callable[[int], float]:
 
     if cfg.schedule == "cosine":
         return cosine_lr(optimizer, cfg.lr, cfg.warmup_steps, cfg.steps)
-    cooldown = max(1, round(cfg.steps * cfg.cooldown_share))
-    return const_lr_cooldown(optimizer, cfg.lr, cfg.warmup_steps, cfg.steps, cooldown)
+    return const_lr_cooldown(optimizer, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.cooldown_steps())
 
 
 def _build(model_name: str, cfg: ReadingConfig, folder: Path, progress: bool) -> ReadingStart:
