@@ -324,8 +324,7 @@ def _first_image_s(pool: Any, shards: list[str], root: Path) -> float:
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            pass  # killed below, with its process group
     finally:
         try:  # whatever of its session is left (Ray's processes among them), even after a clean exit
             os.killpg(process.pid, signal.SIGKILL)
