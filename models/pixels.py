@@ -14,10 +14,12 @@ recognises the transform and does the same steps more cheaply:
   step, from Python's RNG seeded by the process's torch seed: same distribution, a tenth of the
   cost), then the JPEG is decoded with libjpeg's DCT scaling (``Image.draft``) at the coarsest of
   1/2, 1/4, 1/8 that still leaves the crop at least the output size, and the crop is resized from
-  there. The embedded 512x320 photos cropped to 96 px decode at 1/2: 0.79 instead of 1.57 ms. The
-  pixels differ from a full decode by the DCT's box-like downscale (0.2-2.8 grey levels mean
-  absolute difference, ``tests/test_pixels.py``); the crop's region and output size are the same,
-  and the image is never upsampled. Other formats take torchvision's exact steps.
+  there (:func:`draft_at`: any side, odd ones too, as web photos stored at 512 have them). The
+  embedded 512x320 photos cropped to 96 px decode at 1/2: 0.79 instead of 1.57 ms. The pixels
+  differ from a full decode by the DCT's box-like downscale (0.2-2.8 grey levels mean absolute
+  difference on the embedded photos, up to 3.8 on real ones, ``tests/test_pixels.py``); the crop's
+  region and output size are the same, and the image is never upsampled. Other formats take
+  torchvision's exact steps.
 - **Float once per batch, in numpy.** ``collate(normalise=True)`` stacks the uint8 images and
   converts and normalises the batch at once with the same float32 operations as ``ToTensor`` +
   ``Normalize`` (the same values bit for bit), on one thread: on a busy 2-core machine two torch
@@ -101,6 +103,22 @@ def dct_factor(box: tuple[float, float, float, float], out_hw: tuple[int, int]) 
     return next((s for s in DCT_SCALES if s <= room), 1)
 
 
+def draft_at(image: Any, factor: int) -> float:
+    """Sets a JPEG (opened, not yet loaded) to decode at ``1/factor`` of its size (1, 2, 4 or 8);
+    returns the scale from source to decoded pixels.
+
+    Pillow's ``draft`` picks ``min(width // asked_width, height // asked_height)``, rounded down to a
+    power of two, so the size asked for is the floor of size / factor: asking for the ceiling gives an
+    odd side (a 385x512 photo) a full decode. The scale is exactly ``1/factor`` (libjpeg scales whole
+    8x8 blocks; a partial last block only adds a part-pixel on the far edge), not the ratio of the
+    decoded to the source size, which that part-pixel skews."""
+    if factor <= 1:
+        return 1.0
+    width, height = image.size
+    drafted = image.draft("RGB", (max(1, width // factor), max(1, height // factor)))
+    return 1.0 if drafted is None else drafted[1][2] / width  # draft's box: the source in decoded pixels
+
+
 def random_crop_box(
     width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float], rng: random.Random
 ) -> tuple[int, int, int, int]:
@@ -177,15 +195,12 @@ class Pixels:
         else:
             top, left, h, w = self._random_crop(width, height)
             box = (left, top, left + w, top + h)
-        factor = dct_factor(box, recipe.out_hw)
-        if factor > 1:
-            image.draft("RGB", (math.ceil(width / factor), math.ceil(height / factor)))
-        scale_x, scale_y = image.size[0] / width, image.size[1] / height
+        scale = draft_at(image, dct_factor(box, recipe.out_hw))
         if image.mode != "RGB":
             image = image.convert("RGB")
-        if (scale_x, scale_y) == (1.0, 1.0) and recipe.resize is None:
+        if scale == 1.0 and recipe.resize is None:
             return self._resized(image.crop(box), (0, 0, box[2] - box[0], box[3] - box[1]))  # torchvision's own steps
-        return self._resized(image, (box[0] * scale_x, box[1] * scale_y, box[2] * scale_x, box[3] * scale_y))
+        return self._resized(image, tuple(v * scale for v in box))
 
     def _resized(self, image: Any, box: tuple[float, float, float, float]) -> np.ndarray:
         recipe = self.recipe

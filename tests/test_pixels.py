@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from models.clip import register_model_configs
-from models.pixels import Pixels, dct_factor, random_crop_box
+from models.pixels import Pixels, dct_factor, draft_at, random_crop_box
 from sources.embedded import generate
 
 
@@ -95,6 +95,46 @@ def test_train_jpeg_decoded_at_half_scale_is_nearly_the_full_decode(transforms, 
         assert float(levels) < 4.0, k  # mean absolute difference in grey levels (0-255)
         differences.append(float(levels))
     assert max(differences) > 0.1  # decoded smaller for real (a full decode is the same pixels, as for the PNG)
+
+
+def _jpeg_of_size(data: bytes, size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    _decoded(data).resize(size, Image.Resampling.LANCZOS).save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("size", [(385, 512), (512, 341), (333, 257), (512, 384)])
+def test_draft_decodes_any_side_at_the_factor(jpegs, size):
+    """A web photo stored with its largest side 512 has an odd other side as often as not (512x341):
+    it is decoded at 1/2, 1/4, 1/8 like any other, not in full, and its scale is the factor's."""
+    data = _jpeg_of_size(jpegs[2], size)
+    for factor in (1, 2, 4, 8):
+        image = Image.open(io.BytesIO(data))
+        scale = draft_at(image, factor)
+        image.load()
+        assert scale == 1 / factor
+        assert image.size == (-(-size[0] // factor), -(-size[1] // factor)), factor
+
+
+def test_train_jpeg_of_odd_sides_is_decoded_smaller_and_nearly_the_full_decode(transforms, jpegs):
+    """Photos of odd sizes (as the download stores web images) through the training path: within a few
+    grey levels of the stock transform on a full decode, and decoded smaller for real."""
+    train, _ = transforms
+    pixels = Pixels(train)
+    std = torch.tensor(pixels.recipe.std).view(3, 1, 1)
+    differences = []
+    for k, size in enumerate([(385, 512), (512, 341), (512, 293), (447, 512)]):
+        data = _jpeg_of_size(jpegs[k], size)
+        image = _decoded(data)
+        pixels._rng = random.Random(k)
+        got = pixels.from_encoded(data)
+        box = random_crop_box(*image.size, (0.9, 1.0), (3 / 4, 4 / 3), random.Random(k))
+        assert dct_factor((box[1], box[0], box[1] + box[3], box[0] + box[2]), (96, 96)) >= 2  # decoded smaller
+        want = _stock_crop(train, image, box)
+        levels = float(((want - pixels.collate([got], normalise=True)[0]).abs() * std * 255).mean())
+        assert levels < 4.0, size
+        differences.append(levels)
+    assert min(differences) > 0.05  # every one decoded at its factor (a full decode gives ~0.01)
 
 
 def test_random_crop_box_draws_what_random_resized_crop_allows():
