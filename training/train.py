@@ -54,6 +54,7 @@ from core.errors import ConfigError
 from manifests.store import SIZES_FILE, tmp_sibling, write_json_atomic
 from models.pixels import Pixels
 from pipeline.training_config import TrainConfig  # the [train] section, declared below pipeline/config.py
+from training.tar_members import tar_file_expander
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +153,8 @@ class CuratedShards(SampleSource):
 
         # worker_seed=, not seed=: webdataset 0.2.86 (the version open_clip_train requires) has no seed
         draws = wds.ResampledShards(self.urls, worker_seed=functools.partial(_worker_seed, seed), deterministic=True)
-        return [draws, wds.tarfile_to_samples()]
+        # wds.tarfile_to_samples() with its tarfile-based expander swapped for ours (training/tar_members.py)
+        return [draws, wds.tariterators.url_opener, tar_file_expander, wds.tariterators.group_by_keys]
 
 
 def train(shards: Shards | SampleSource, out_dir: Path, cfg: TrainConfig, progress: bool = True) -> TrainResult:
