@@ -94,12 +94,18 @@ def tar_members(stream: BinaryIO, name: str = "tar") -> Iterator[tuple[str, byte
             raise TarError(f"{name}: not a tar, or a corrupt one (bad header checksum at byte {offset})")
         offset += BLOCK
         flag = header[156:157]
-        size = int(pax["size"]) if "size" in pax else _number(header[124:136])
+        try:
+            size = int(pax["size"]) if "size" in pax else _number(header[124:136])
+        except ValueError:
+            raise TarError(f"{name}: a member's size is not a number (header at byte {offset - BLOCK})") from None
         padded = -size % BLOCK
         if flag in (b"x", b"g", b"L", b"K"):
             data = read(size + padded)[:size]
             if flag == b"x":
-                pax = _pax_records(data)
+                try:
+                    pax = _pax_records(data)
+                except ValueError:
+                    raise TarError(f"{name}: a malformed pax header at byte {offset - size - padded - BLOCK}") from None
             elif flag == b"L":
                 long_name = _text(data)
             continue  # a global pax header ("g") and GNU long link names ("K") name nothing we read
