@@ -58,7 +58,6 @@ ROUNDS, CHUNK, SKIP = 6, 12, 2  # rounds of CHUNK steps a side; the first SKIP o
 
 
 REAL_SHARDS, REAL_PER_SHARD = 4, 64
-CAPTIONS = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "laion_captions10k" / "test_10000.parquet"
 
 
 def real_photo_shards(ctx: Context) -> list[str] | None:
@@ -72,6 +71,7 @@ def real_photo_shards(ctx: Context) -> list[str] | None:
     import webdataset as wds
 
     from bench.dedup_quality import real_photos
+    from bench.parrot_real_bench import CAPTIONS
     from bench.realdata import as_downloaded
     from stages.reshard import TAR_MODE, TAR_MTIME, TAR_OWNER
 

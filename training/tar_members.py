@@ -135,9 +135,7 @@ def tar_file_expander(sources: Iterable[dict[str, Any]]) -> Iterator[dict[str, A
         url, stream = source["url"], source["stream"]
         try:
             for fname, data in tar_members(stream, name=str(url)):
-                if "/" not in fname and fname.startswith("__") and fname.endswith("__"):
-                    continue
-                if SKIP_META.match(fname):
+                if SKIP_META.match(fname):  # also covers webdataset's "__...__" metadata-name check
                     continue
                 yield {"fname": fname, "data": data, "__url__": url}
         finally:
